@@ -1,0 +1,9 @@
+"""Paged sparse-attention ops: layout, pure-torch reference (CPU path and oracle), Triton kernels.
+
+Installed as ``vllm_sparse.kernels``. Never imports vLLM: it runs on GPU machines where vLLM
+is not installed.
+"""
+
+from .layout import PagedKVCache, cache_rows_per_block
+
+__all__ = ["PagedKVCache", "cache_rows_per_block"]

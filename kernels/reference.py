@@ -1,0 +1,359 @@
+"""Pure-torch reference of every op on the paged layout (:mod:`.layout`).
+
+These functions are the test oracle of the Triton kernels **and** the CPU execution
+path of the vLLM backend, so they are batched and vectorised (no per-token Python
+loops) while staying plainly readable. All arithmetic is float32; outputs come back in
+the query dtype.
+
+The decode pipeline (Quest's named stages):
+
+1. :func:`write_kv` — append K/V by ``slot_mapping`` and refresh the page min/max.
+2. :func:`select_topk` — per (request, KV head) pick ``attended[b]`` token positions:
+   sinks + local window always, the rest by score; ``selection="token"`` scores every
+   key exactly, ``selection="page"`` first ranks pages by the min/max upper bound and
+   scores only the tokens of the best pages.
+3. :func:`sparse_attention` — softmax attention over the selected positions only.
+
+:func:`paged_attention` is the dense causal op for prefill / chunked prefill / decode.
+
+Score of a token for a KV head (``granularity="kv_head"``): the maximum over the GQA
+group's query heads of ``scale · q·k``; with ``granularity="query_head"`` every query
+head selects its own tokens. Conventions: query head ``h`` reads KV head
+``h // (num_heads // num_kv_heads)``; positions are request-local; ``-1`` pads index
+buffers and slot mappings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .layout import PagedKVCache
+
+__all__ = [
+    "write_kv",
+    "paged_attention",
+    "dense_decode",
+    "select_topk",
+    "sparse_attention",
+    "sparse_decode",
+    "gather_tokens",
+]
+
+_NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------------------
+# 1. KV write
+# --------------------------------------------------------------------------------------
+def write_kv(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, cache: PagedKVCache) -> None:
+    """Write ``key``/``value`` rows into ``cache`` and refresh the touched pages' min/max.
+
+    Args:
+        key, value: ``[num_tokens, num_kv_heads, head_size]``, cache dtype or castable.
+        slot_mapping: ``[num_tokens]`` int, ``block_id * block_size + offset``; ``< 0`` skipped.
+        cache: the layer's :class:`PagedKVCache` (updated in place).
+
+    Page summary semantics: a touched page's min/max is recomputed over its rows
+    ``[0, last offset written by this call]`` (pages fill in order, so that is exactly the
+    page's valid tokens).
+    """
+    # key: [T, H, D]
+    n = min(key.shape[0], slot_mapping.shape[0])
+    slots = slot_mapping[:n].long()
+    keep = slots >= 0
+    if not bool(keep.any()):
+        return
+    slots = slots[keep]
+    bs, ps = cache.block_size, cache.page_size
+    blk, off = slots // bs, slots % bs
+    cache.key_cache[blk, off] = key[:n][keep].to(cache.dtype)
+    cache.value_cache[blk, off] = value[:n][keep].to(cache.dtype)
+
+    # Unique touched pages and the last offset written into each.
+    page_global = slots // ps  # = blk * ppb + off // ps
+    last_in_page = slots % ps
+    pages, inv = torch.unique(page_global, return_inverse=True)
+    last = torch.full((pages.numel(),), -1, dtype=torch.long, device=slots.device)
+    last = last.scatter_reduce(0, inv, last_in_page, reduce="amax")
+    ppb = cache.pages_per_block
+    pblk, pidx = pages // ppb, pages % ppb
+    # rows of every touched page: [U, ps, H, D]
+    rows = cache.key_cache.unflatten(1, (ppb, ps))[pblk, pidx].float()
+    valid = (torch.arange(ps, device=rows.device)[None, :] <= last[:, None])[:, :, None, None]
+    cache.key_min[pblk, pidx] = torch.where(valid, rows, math.inf).amin(1).to(cache.dtype)
+    cache.key_max[pblk, pidx] = torch.where(valid, rows, -math.inf).amax(1).to(cache.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# 2. Dense attention
+# --------------------------------------------------------------------------------------
+def paged_attention(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Dense causal attention of a (chunked-)prefill/decode batch over the paged cache.
+
+    Request ``b`` owns query rows ``query_start_loc[b]:query_start_loc[b+1]`` (``q_len``
+    rows); they are the *last* ``q_len`` positions of its ``seq_lens[b]`` tokens, so row
+    ``i`` sits at position ``seq_lens[b] - q_len + i`` and attends positions ``0..`` that
+    one (cached context plus itself). The batch's K/V must already be in the cache.
+
+    Args:
+        query: ``[num_tokens, num_heads, head_size]``.
+        block_table: ``[B, max_blocks]`` int.
+        seq_lens: ``[B]`` int, context length including this step's tokens.
+        query_start_loc: ``[B + 1]`` int, cumulative query lengths.
+    Returns:
+        ``[num_tokens, num_heads, head_size]`` in ``query.dtype``.
+    """
+    out = torch.empty_like(query)
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    num_heads = query.shape[1]
+    if all(qsl[b + 1] - qsl[b] == 1 for b in range(len(lens))):
+        return dense_decode(query[: qsl[-1]], cache, block_table, seq_lens, scale, out=out)
+    for b, n in enumerate(lens):
+        q0, q1 = qsl[b], qsl[b + 1]
+        if q1 == q0:
+            continue
+        k, v = cache.gather(block_table[b : b + 1], n)  # [1, n, Hkv, D]
+        # SDPA layout: [1, H, T, D]
+        q = query[q0:q1].float().transpose(0, 1)[None]
+        k = k.float().transpose(1, 2)
+        v = v.float().transpose(1, 2)
+        q_len = q1 - q0
+        qpos = torch.arange(n - q_len, n, device=query.device)
+        mask = torch.arange(n, device=query.device)[None, :] <= qpos[:, None]  # [q_len, n]
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != k.shape[1]
+        )
+        out[q0:q1] = o[0].transpose(0, 1).to(query.dtype)
+    return out
+
+
+def dense_decode(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense single-token decode, vectorised over the batch.
+
+    Args:
+        query: ``[B, num_heads, head_size]`` (one query per request, at position
+            ``seq_lens[b] - 1``).
+    Returns:
+        ``[B, num_heads, head_size]`` in ``query.dtype``.
+    """
+    b, num_heads, d = query.shape
+    n_max = int(seq_lens.max())
+    k, v = cache.gather(block_table, n_max)  # [B, N, Hkv, D]
+    hkv = k.shape[2]
+    q = query.float().view(b, hkv, num_heads // hkv, d)
+    logits = torch.einsum("bhgd,bnhd->bhgn", q, k.float()) * scale
+    invalid = torch.arange(n_max, device=query.device)[None, :] >= seq_lens[:, None]  # [B, N]
+    logits.masked_fill_(invalid[:, None, None, :], _NEG_INF)
+    p = torch.softmax(logits, dim=-1)
+    v = v.float().masked_fill(invalid[:, :, None, None], 0.0)  # rows past seq_lens may hold anything
+    o = torch.einsum("bhgn,bnhd->bhgd", p, v).reshape(b, num_heads, d)
+    if out is None:
+        return o.to(query.dtype)
+    out[:b] = o.to(out.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# 3. Selection
+# --------------------------------------------------------------------------------------
+def gather_tokens(
+    tensor: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor, kv_head: torch.Tensor
+) -> torch.Tensor:
+    """Rows of a paged ``[num_blocks, block_size, num_kv_heads, head_size]`` tensor.
+
+    Args:
+        positions: ``[B, S, L]`` request-local positions (``-1`` allowed: returns block 0 rows).
+        kv_head: ``[S]`` the KV head each of the ``S`` selection heads reads.
+    Returns:
+        ``[B, S, L, head_size]``.
+    """
+    b, s, l = positions.shape
+    bs = tensor.shape[1]
+    pos = positions.clamp_min(0)
+    blk = block_table.long().gather(1, (pos // bs).view(b, s * l)).view(b, s, l).clamp_min(0)
+    return tensor[blk, pos % bs, kv_head.view(1, s, 1).expand(b, s, l)]
+
+
+def _selection_heads(num_heads: int, num_kv_heads: int, granularity: str, device) -> torch.Tensor:
+    """KV head read by each selection head: ``[num_kv_heads]`` or ``[num_heads]``."""
+    if granularity == "kv_head":
+        return torch.arange(num_kv_heads, device=device)
+    if granularity == "query_head":
+        return torch.arange(num_heads, device=device) // (num_heads // num_kv_heads)
+    raise ValueError(f"granularity={granularity!r}; allowed: 'kv_head', 'query_head'")
+
+
+def _group_max(x: torch.Tensor, s: int) -> torch.Tensor:
+    """``[B, num_heads, ...]`` -> ``[B, s, ...]`` by max over each group of query heads."""
+    b, h = x.shape[:2]
+    return x.view(b, s, h // s, *x.shape[2:]).amax(2)
+
+
+def _topk_positions(scores: torch.Tensor, positions: torch.Tensor, count: torch.Tensor, width: int) -> torch.Tensor:
+    """Top-``count[b]`` of ``scores`` ``[B, S, L]`` (``-inf`` never chosen) -> positions ``[B, S, width]``, −1 padded, sorted."""
+    width = min(width, scores.shape[-1])
+    val, idx = scores.topk(width, dim=-1)
+    pos = positions.gather(-1, idx)
+    rank = torch.arange(width, device=scores.device)
+    keep = (rank[None, None, :] < count[:, None, None]) & (val > _NEG_INF)
+    pos = torch.where(keep, pos, torch.full_like(pos, torch.iinfo(pos.dtype).max))
+    pos = pos.sort(dim=-1).values
+    return torch.where(pos == torch.iinfo(pos.dtype).max, -1, pos)
+
+
+def select_topk(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    attended: torch.Tensor,
+    scale: float,
+    sink_tokens: int = 0,
+    local_window: int = 0,
+    selection: str = "token",
+    granularity: str = "kv_head",
+    candidate_factor: float = 4.0,
+) -> torch.Tensor:
+    """Choose the positions each (request, selection head) attends in this decode step.
+
+    Args:
+        query: ``[B, num_heads, head_size]``, the step's query (position ``seq_lens[b] - 1``).
+        seq_lens: ``[B]`` int context lengths (≥ 1).
+        attended: ``[B]`` int tokens to keep per head — from
+            :func:`vllm_sparse.policies.budget.attended_tokens`, sinks and window included.
+        sink_tokens, local_window: first / last positions always kept.
+        selection: ``"token"`` (exact ``q·k`` of every key) or ``"page"`` (rank pages by the
+            min/max upper bound, keep ``ceil(candidate_factor · attended / page_size)`` of
+            them plus the sink/window pages, then score their tokens exactly).
+        granularity: ``"kv_head"`` (one set per KV head, score = max over its query group)
+            or ``"query_head"`` (one set per query head).
+    Returns:
+        ``[B, S, max(attended)]`` int64 positions, ascending, ``-1`` padded, where ``S`` is
+        ``num_kv_heads`` or ``num_heads``. Row ``b`` holds exactly ``min(attended[b],
+        seq_lens[b])`` valid positions, all ``< seq_lens[b]``.
+    """
+    b, num_heads, d = query.shape
+    dev = query.device
+    heads = _selection_heads(num_heads, cache.num_kv_heads, granularity, dev)
+    s = heads.numel()
+    seq_lens = seq_lens.long()
+    count = torch.minimum(attended.long(), seq_lens)
+    width = int(count.max())
+    q = query.float()
+
+    if selection == "token":
+        n_max = int(seq_lens.max())
+        pos = torch.arange(n_max, device=dev).expand(b, s, n_max)
+    elif selection == "page":
+        pos = _candidate_positions(q, cache, block_table, seq_lens, count, heads, scale,
+                                   sink_tokens, local_window, candidate_factor)
+    else:
+        raise ValueError(f"selection={selection!r}; allowed: 'token', 'page'")
+
+    k = gather_tokens(cache.key_cache, block_table, pos, heads).float()  # [B, S, L, D]
+    # logits per query head: [B, num_heads, L], each head reads its selection head's rows
+    g = num_heads // s
+    logits = torch.einsum("bsgd,bsld->bsgl", q.view(b, s, g, d), k) * scale
+    scores = logits.amax(2)  # [B, S, L]
+    n = seq_lens[:, None, None]
+    scores = scores.masked_fill((pos < 0) | (pos >= n), _NEG_INF)
+    forced = (pos >= 0) & ((pos < sink_tokens) | (pos >= n - local_window)) & (pos < n)
+    scores = scores.masked_fill(forced, math.inf)
+    return _topk_positions(scores, pos, count, width)
+
+
+def _candidate_positions(q, cache, block_table, seq_lens, count, heads, scale, sink_tokens,
+                         local_window, candidate_factor) -> torch.Tensor:
+    """Stage 1 of page selection: token positions of the best pages, ``[B, S, C·page_size]``, −1 padded."""
+    b, num_heads, d = q.shape
+    s, ps, dev = heads.numel(), cache.page_size, q.device
+    num_pages = (seq_lens + ps - 1) // ps  # [B]
+    p_max = int(num_pages.max())
+    kmin, kmax = cache.gather_page_summaries(block_table, p_max)  # [B, P, Hkv, D]
+    kmin = kmin.float()[:, :, heads]  # [B, P, S, D]
+    kmax = kmax.float()[:, :, heads]
+    qs = q.view(b, s, num_heads // s, d)
+    # upper bound of q·k over the page: sum_d max(q_d·min_d, q_d·max_d)
+    ub = torch.maximum(
+        torch.einsum("bsgd,bpsd->bsgpd", qs, kmin), torch.einsum("bsgd,bpsd->bsgpd", qs, kmax)
+    ).sum(-1).amax(2) * scale  # [B, S, P]
+    page = torch.arange(p_max, device=dev)
+    first_window_page = (seq_lens - local_window).clamp_min(0) // ps
+    forced = (page[None, :] < -(-sink_tokens // ps)) | (
+        (page[None, :] >= first_window_page[:, None]) & (local_window > 0)
+    )
+    valid = page[None, :] < num_pages[:, None]
+    forced = forced & valid
+    ub = ub.masked_fill(~valid[:, None, :], _NEG_INF).masked_fill(forced[:, None, :], math.inf)
+    wanted = torch.ceil(candidate_factor * count.double() / ps).long() + forced.sum(1)
+    n_cand = torch.minimum(wanted, num_pages)  # [B]
+    c_max = int(n_cand.max())
+    top = ub.topk(c_max, dim=-1).indices  # [B, S, C]
+    top = torch.where(torch.arange(c_max, device=dev)[None, None, :] < n_cand[:, None, None], top, -1)
+    pos = top[..., None] * ps + torch.arange(ps, device=dev)  # [B, S, C, ps]
+    pos = torch.where(top[..., None] < 0, -1, pos)
+    return pos.flatten(2)
+
+
+# --------------------------------------------------------------------------------------
+# 4. Sparse attention
+# --------------------------------------------------------------------------------------
+def sparse_attention(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Softmax attention of one decode query per request over selected positions only.
+
+    Args:
+        query: ``[B, num_heads, head_size]``.
+        indices: ``[B, S, L]`` positions from :func:`select_topk` (``-1`` = skip), with
+            ``S = num_kv_heads`` (the group shares the set) or ``S = num_heads``.
+    Returns:
+        ``[B, num_heads, head_size]`` in ``query.dtype``.
+    """
+    b, num_heads, d = query.shape
+    s = indices.shape[1]
+    heads = _selection_heads(num_heads, cache.num_kv_heads, "query_head" if s == num_heads else "kv_head", query.device)
+    k = gather_tokens(cache.key_cache, block_table, indices, heads).float()  # [B, S, L, D]
+    v = gather_tokens(cache.value_cache, block_table, indices, heads).float()
+    g = num_heads // s
+    logits = torch.einsum("bsgd,bsld->bsgl", query.float().view(b, s, g, d), k) * scale
+    logits = logits.masked_fill((indices < 0)[:, :, None, :], _NEG_INF)
+    p = torch.softmax(logits, dim=-1)
+    v = v.masked_fill((indices < 0)[..., None], 0.0)
+    return torch.einsum("bsgl,bsld->bsgd", p, v).reshape(b, num_heads, d).to(query.dtype)
+
+
+def sparse_decode(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    attended: torch.Tensor,
+    scale: float,
+    **select_kwargs,
+) -> torch.Tensor:
+    """:func:`select_topk` then :func:`sparse_attention`; returns ``[B, num_heads, head_size]``."""
+    idx = select_topk(query, cache, block_table, seq_lens, attended, scale, **select_kwargs)
+    return sparse_attention(query, cache, block_table, idx, scale)

@@ -1,0 +1,126 @@
+"""SparseConfig: defaults, construction from vLLM's additional_config, and one named error per bad value."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vllm_sparse.config import SparseConfig
+from vllm_sparse.policies import BudgetPolicy, FixedKPolicy, NAlphaPolicy, register_policy
+
+
+def test_defaults_are_valid_and_consistent():
+    cfg = SparseConfig()
+    assert cfg.min_budget >= cfg.sink_tokens + cfg.local_window
+    assert isinstance(cfg.budget_policy, NAlphaPolicy)
+    assert cfg.budget_policy.k == cfg.k and cfg.budget_policy.alpha == cfg.alpha
+
+
+def test_from_additional_config():
+    cfg = SparseConfig.from_additional_config({"vllm_sparse": {"alpha": 0.7, "k": 2, "policy": "fixed_k",
+                                                               "policy_args": {"budget_tokens": 300}}})
+    assert cfg.alpha == 0.7 and cfg.k == 2
+    assert isinstance(cfg.budget_policy, FixedKPolicy) and cfg.budget_policy.budget_tokens == 300
+    assert SparseConfig.from_additional_config(None) == SparseConfig()
+    assert SparseConfig.from_additional_config({"other_plugin": 1}) == SparseConfig()
+    assert SparseConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "settings, key",
+    [
+        ({"alpha": 0}, "alpha"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"alpha": -0.2}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"alpha": "0.5"}, "alpha"),
+        ({"k": 0}, "k"),
+        ({"k": -1}, "k"),
+        ({"k": float("inf")}, "k"),
+        ({"k": True}, "k"),
+        ({"min_budget": 10}, "min_budget"),  # below sink_tokens + local_window = 68
+        ({"min_budget": 200.0}, "min_budget"),
+        ({"max_budget": 100}, "max_budget"),  # below min_budget
+        ({"sink_tokens": -1}, "sink_tokens"),
+        ({"local_window": 1.5}, "local_window"),
+        ({"dense_below": -5}, "dense_below"),
+        ({"page_size": 12}, "page_size"),
+        ({"page_size": 0}, "page_size"),
+        ({"selection": "quest"}, "selection"),
+        ({"granularity": "layer"}, "granularity"),
+        ({"candidate_factor": 0.5}, "candidate_factor"),
+        ({"policy": "nope"}, "policy"),
+        ({"policy_args": [1]}, "policy_args"),
+    ],
+)
+def test_bad_value_names_key_value_and_allowed(settings, key):
+    with pytest.raises(ValueError) as e:
+        SparseConfig.from_dict(settings)
+    msg = str(e.value)
+    assert f"{key}=" in msg and repr(settings[key]) in msg and "allowed" in msg
+
+
+def test_unknown_key_is_named_with_the_allowed_keys():
+    with pytest.raises(ValueError, match=r"unknown vllm_sparse setting\(s\) \['alpah'\].*allowed keys.*'alpha'"):
+        SparseConfig.from_dict({"alpah": 0.5})
+
+
+def test_policy_args_are_validated_by_the_policy():
+    with pytest.raises(ValueError, match=r"policy_args \['budget'\] not understood by policy 'fixed_k'.*budget_tokens"):
+        SparseConfig.from_dict({"policy": "fixed_k", "policy_args": {"budget": 5}})
+    with pytest.raises(ValueError, match=r"policy_args \['x'\].*'n_alpha'; allowed: none"):
+        SparseConfig.from_dict({"policy_args": {"x": 1}})
+    with pytest.raises(ValueError, match=r"budget_tokens=0"):
+        SparseConfig.from_dict({"policy": "fixed_k", "policy_args": {"budget_tokens": 0}})
+
+
+def test_not_a_dict():
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        SparseConfig.from_dict("alpha=0.5")
+
+
+def test_config_is_frozen():
+    cfg = SparseConfig()
+    with pytest.raises(Exception):
+        cfg.alpha = 0.9  # type: ignore[misc]
+
+
+def test_attended_dense_below_and_policies():
+    n = torch.tensor([1, 100, 1023, 1024, 4096, 100_000])
+    cfg = SparseConfig()  # k=8, alpha=0.5, min 128, dense below 1024
+    att = cfg.attended(n)
+    assert att[:3].tolist() == [1, 100, 1023]  # dense below the threshold
+    assert att[3] == 256 and att[4] == 512 and att[5] == 2530  # ceil(8 * sqrt(n))
+    dense = SparseConfig(policy="dense").attended(n)
+    assert torch.equal(dense, n)
+    fixed = SparseConfig(policy="fixed_k", policy_args={"budget_tokens": 300}, dense_below=0).attended(n)
+    assert fixed.tolist() == [1, 100, 300, 300, 300, 300]
+
+
+def test_third_party_policy_registers_and_validates():
+    import dataclasses
+    from typing import ClassVar
+
+    @register_policy
+    @dataclasses.dataclass(frozen=True)
+    class HalfPolicy(BudgetPolicy):
+        name: ClassVar[str] = "half_for_test"
+        fraction: float = 0.5
+
+        def budget(self, seq_lens):
+            return (seq_lens * self.fraction).ceil().long()
+
+    cfg = SparseConfig(policy="half_for_test", policy_args={"fraction": 0.25}, dense_below=0, min_budget=68)
+    assert cfg.attended(torch.tensor([4000])).item() == 1000
+    with pytest.raises(TypeError):
+        register_policy(int)
+
+
+def test_importing_the_package_does_not_import_vllm():
+    code = (
+        "import sys, vllm_sparse, vllm_sparse.config, vllm_sparse.kernels, vllm_sparse.kernels.reference, "
+        "vllm_sparse.policies; assert 'vllm' not in sys.modules, 'vllm imported'; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr

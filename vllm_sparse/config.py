@@ -1,0 +1,153 @@
+"""The plugin's settings: one frozen, validated object.
+
+Users pass a plain dict through vLLM — ``LLM(additional_config={"vllm_sparse": {...}})`` or
+``--additional-config '{"vllm_sparse": {...}}'`` — and :meth:`SparseConfig.from_dict` turns it
+into a :class:`SparseConfig`. Unknown keys and out-of-range values raise one ``ValueError``
+that names the key, the value and what is allowed.
+
+Defaults (see README "Choosing the defaults" and docs/paper-experiment.md for the evidence):
+
+============== ========= ==============================================================
+key            default   meaning
+============== ========= ==============================================================
+policy         n_alpha   budget policy: ``n_alpha`` (k·n^α), ``fixed_k``, ``dense``, or a
+                         registered third-party name
+policy_args    {}        extra arguments of the policy (``fixed_k``: ``budget_tokens``)
+alpha          0.5       exponent α of k·n^α, 0 < α ≤ 1
+k              8.0       coefficient k of k·n^α, > 0
+min_budget     128       lower clamp of the budget, ≥ sink_tokens + local_window
+max_budget     None      upper clamp of the budget (None: no clamp)
+sink_tokens    4         first tokens always attended (inside the budget)
+local_window   64        most recent tokens always attended (inside the budget)
+page_size      16        tokens per selection page (its key min/max is the page summary);
+                         a power of two dividing vLLM's block size
+selection      token     ``token``: exact q·k of every key; ``page``: rank pages by their
+                         min/max upper bound, then score the best pages' tokens
+candidate_factor 4.0     ``page`` mode: candidate pages hold this many times the budget
+granularity    kv_head   ``kv_head``: one token set per KV head (GQA group shares it);
+                         ``query_head``: one set per query head
+dense_below    1024      sequences shorter than this decode densely
+============== ========= ==============================================================
+
+The budget (policy ``n_alpha``) is the *total* number of tokens attended per head at
+length n, sinks and window included: ``min(n, clamp(ceil(k·n^α), min_budget, max_budget))``
+— see :mod:`vllm_sparse.policies.budget`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import torch
+
+from vllm_sparse.policies import BudgetPolicy, available_policies, get_policy_class
+
+__all__ = ["SparseConfig", "CONFIG_KEY"]
+
+#: the key under vLLM's ``additional_config`` that holds these settings
+CONFIG_KEY = "vllm_sparse"
+
+_SELECTIONS = ("token", "page")
+_GRANULARITIES = ("kv_head", "query_head")
+
+
+def _err(key: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"vllm_sparse setting {key}={value!r} is invalid; allowed: {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """Validated settings of the sparse-attention backend (see the module docstring)."""
+
+    policy: str = "n_alpha"
+    policy_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    alpha: float = 0.5
+    k: float = 8.0
+    min_budget: int = 128
+    max_budget: int | None = None
+    sink_tokens: int = 4
+    local_window: int = 64
+    page_size: int = 16
+    selection: str = "token"
+    candidate_factor: float = 4.0
+    granularity: str = "kv_head"
+    dense_below: int = 1024
+
+    def __post_init__(self) -> None:
+        self._validate()
+        # the policy object is derived state: built once, never mutated
+        object.__setattr__(self, "policy_args", dict(self.policy_args))
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        object.__setattr__(self, "_policy", get_policy_class(self.policy).from_settings(settings, self.policy_args))
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any] | None) -> "SparseConfig":
+        """Build from the plain dict stored under ``additional_config["vllm_sparse"]``."""
+        if settings is None:
+            return cls()
+        if not isinstance(settings, Mapping):
+            raise ValueError(
+                f"additional_config[{CONFIG_KEY!r}] must be a JSON object (dict) of settings; got {settings!r}"
+            )
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(settings) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown vllm_sparse setting(s) {unknown}; allowed keys: {allowed}")
+        return cls(**settings)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "SparseConfig":
+        """Read the ``"vllm_sparse"`` entry of vLLM's ``additional_config`` (defaults if absent)."""
+        return cls.from_dict((additional_config or {}).get(CONFIG_KEY))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    # -- derived ----------------------------------------------------------------------
+    @property
+    def budget_policy(self) -> BudgetPolicy:
+        return self._policy  # type: ignore[attr-defined]
+
+    def attended(self, seq_lens: torch.Tensor) -> torch.Tensor:
+        """Tokens each request attends at its current length, ``[B]`` int64 (dense below ``dense_below``)."""
+        return self.budget_policy.attended(seq_lens, self.sink_tokens, self.local_window, self.dense_below)
+
+    # -- validation -------------------------------------------------------------------
+    def _validate(self) -> None:
+        if not isinstance(self.policy, str) or self.policy not in available_policies():
+            raise _err("policy", self.policy, f"one of {available_policies()}")
+        if not isinstance(self.policy_args, Mapping):
+            raise _err("policy_args", self.policy_args, "a dict of the policy's arguments")
+        if not _is_real(self.alpha) or not 0 < self.alpha <= 1:
+            raise _err("alpha", self.alpha, "a number with 0 < alpha <= 1")
+        if not _is_real(self.k) or self.k <= 0:
+            raise _err("k", self.k, "a number > 0")
+        for key in ("sink_tokens", "local_window", "dense_below"):
+            v = getattr(self, key)
+            if not _is_int(v) or v < 0:
+                raise _err(key, v, "an integer >= 0")
+        floor = max(1, self.sink_tokens + self.local_window)
+        if not _is_int(self.min_budget) or self.min_budget < floor:
+            raise _err("min_budget", self.min_budget, f"an integer >= max(1, sink_tokens + local_window) = {floor}")
+        if self.max_budget is not None and (not _is_int(self.max_budget) or self.max_budget < self.min_budget):
+            raise _err("max_budget", self.max_budget, f"null or an integer >= min_budget ({self.min_budget})")
+        ps = self.page_size
+        if not _is_int(ps) or ps < 1 or ps & (ps - 1):
+            raise _err("page_size", ps, "a power of two >= 1 that divides the KV block size")
+        if self.selection not in _SELECTIONS:
+            raise _err("selection", self.selection, f"one of {list(_SELECTIONS)}")
+        if self.granularity not in _GRANULARITIES:
+            raise _err("granularity", self.granularity, f"one of {list(_GRANULARITIES)}")
+        if not _is_real(self.candidate_factor) or self.candidate_factor < 1:
+            raise _err("candidate_factor", self.candidate_factor, "a number >= 1")

@@ -4,6 +4,6 @@ Installed as ``vllm_sparse.kernels``. Never imports vLLM: it runs on GPU machine
 is not installed.
 """
 
-from .layout import PagedKVCache, cache_rows_per_block
+from .layout import PagedKVCache, meta_slots
 
-__all__ = ["PagedKVCache", "cache_rows_per_block"]
+__all__ = ["PagedKVCache", "meta_slots"]

@@ -1,24 +1,27 @@
 """The paged KV layout this plugin owns.
 
-One vLLM KV block of ``block_size`` tokens holds, for every KV head:
+It is vLLM's own per-layer cache view, ``[num_blocks, head_slots, block_size, 2 * head_size]``
+(vLLM's logical ``[B, H, N, C]`` page with head-major block interiors, ``KVCacheLayout.LBHNC``),
+with two uses of it:
 
-* ``block_size`` key rows and ``block_size`` value rows, and
-* per-page selection metadata: the element-wise **min and max of the keys** of each
-  page of ``page_size`` tokens (Quest's page summary). ``pages_per_block =
-  block_size // page_size``.
+* head slots ``[0, num_kv_heads)`` hold each KV head's ``block_size`` token rows as
+  ``[key | value]`` (``C = 2 * head_size``);
+* ``meta_slots = ceil(num_kv_heads / page_size)`` extra head slots hold the per-page
+  **selection metadata**: the element-wise min and max of the keys of every page of
+  ``page_size`` tokens (Quest's page summary), as rows ``[key min | key max]``, one row per
+  (KV head, page) — row ``h * pages_per_block + p`` of the extra slots' rows.
 
-In memory a block is one contiguous record of ``rows = 2 * block_size + 2 *
-pages_per_block`` rows of ``[num_kv_heads, head_size]`` elements, in the model dtype::
+The backend asks vLLM for ``num_kv_heads + meta_slots`` head slots per block (see
+``vllm_sparse.backend``), so the metadata lives in vLLM's paged blocks and is freed and
+reused with them. Overhead: ``meta_slots / num_kv_heads`` of the KV memory (1/16 for
+16 KV heads with 16-token pages, 1/3 for SmolLM2's 3 KV heads).
 
-    rows [0, bs)                    keys      key_cache[blk, t]
-    rows [bs, 2 bs)                 values    value_cache[blk, t]
-    rows [2 bs, 2 bs + ppb)         key min   key_min[blk, p]
-    rows [2 bs + ppb, 2 bs + 2 ppb) key max   key_max[blk, p]
+:class:`PagedKVCache` exposes the four parts as strided views::
 
-so the whole per-layer cache is a ``[num_blocks, rows, num_kv_heads, head_size]`` tensor
-and the four named tensors are strided views into it. Every op in this package takes the
-views and their strides, never assumes contiguity, and so also works on other layouts
-(for example the views the vLLM backend builds over vLLM's own allocation).
+    key_cache, value_cache  [num_blocks, block_size, num_kv_heads, head_size]
+    key_min, key_max        [num_blocks, pages_per_block, num_kv_heads, head_size]
+
+Every op in this package takes the views and their strides and never assumes contiguity.
 
 Metadata invariant (maintained by ``write_kv``): for every page that has been written,
 ``key_min``/``key_max`` equal the min/max over the page's rows ``[0, last written
@@ -36,13 +39,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PagedKVCache", "cache_rows_per_block"]
+__all__ = ["PagedKVCache", "meta_slots"]
 
 
-def cache_rows_per_block(block_size: int, page_size: int) -> int:
-    """Rows of ``[num_kv_heads, head_size]`` one block record occupies."""
+def meta_slots(num_kv_heads: int, block_size: int, page_size: int) -> int:
+    """Extra head slots a block needs for the page min/max of ``num_kv_heads`` heads."""
     _check_page_size(block_size, page_size)
-    return 2 * block_size + 2 * (block_size // page_size)
+    return -(-num_kv_heads // page_size)
 
 
 def _check_page_size(block_size: int, page_size: int) -> None:
@@ -111,22 +114,41 @@ class PagedKVCache:
 
     # -- construction ----------------------------------------------------------------
     @classmethod
-    def from_raw(cls, raw: torch.Tensor, block_size: int, page_size: int) -> "PagedKVCache":
-        """Views over a ``[num_blocks, rows, num_kv_heads, head_size]`` block-record tensor."""
-        rows = cache_rows_per_block(block_size, page_size)
-        if raw.dim() != 4 or raw.shape[1] != rows:
+    def from_raw(cls, raw: torch.Tensor, num_kv_heads: int, page_size: int) -> "PagedKVCache":
+        """Views over a ``[num_blocks, num_kv_heads + meta_slots, block_size, 2 * head_size]`` cache.
+
+        ``raw`` may be any strided tensor (e.g. vLLM's per-layer view) as long as the extra
+        slots' (slot, token) dims merge, i.e. the block interior is head-major.
+        """
+        nb, slots, bs, c = raw.shape if raw.dim() == 4 else (None,) * 4
+        if raw.dim() != 4 or c % 2:
+            raise ValueError(f"cache must be [num_blocks, head_slots, block_size, 2*head_size]; got {tuple(raw.shape)}")
+        extra = meta_slots(num_kv_heads, bs, page_size)
+        if slots != num_kv_heads + extra:
             raise ValueError(
-                f"raw cache must be [num_blocks, {rows}, num_kv_heads, head_size] for "
-                f"block_size={block_size}, page_size={page_size}; got {tuple(raw.shape)}"
+                f"cache has {slots} head slots; num_kv_heads={num_kv_heads} with block_size={bs} and "
+                f"page_size={page_size} needs {num_kv_heads} + {extra}"
             )
-        bs, ppb = block_size, block_size // page_size
+        d, h, ppb = c // 2, num_kv_heads, bs // page_size
+        try:
+            meta = raw[:, h:].flatten(1, 2)  # [NB, extra * bs, 2D], a view only for head-major blocks
+        except RuntimeError as e:  # pragma: no cover - depends on vLLM's resolved layout
+            raise ValueError(f"cache blocks must be head-major (KVCacheLayout.LBHNC); strides {raw.stride()}") from e
+        if meta.data_ptr() != raw[:, h:].data_ptr() or meta.stride(1) != raw.stride(2):
+            raise ValueError(f"cache blocks must be head-major (KVCacheLayout.LBHNC); strides {raw.stride()}")
+        meta = meta[:, : h * ppb].unflatten(1, (h, ppb)).transpose(1, 2)  # [NB, ppb, H, 2D]
         return cls(
-            key_cache=raw[:, :bs],
-            value_cache=raw[:, bs : 2 * bs],
-            key_min=raw[:, 2 * bs : 2 * bs + ppb],
-            key_max=raw[:, 2 * bs + ppb :],
+            key_cache=raw[:, :h, :, :d].transpose(1, 2),
+            value_cache=raw[:, :h, :, d:].transpose(1, 2),
+            key_min=meta[..., :d],
+            key_max=meta[..., d:],
             page_size=page_size,
         )
+
+    @staticmethod
+    def raw_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, page_size: int) -> tuple:
+        """Shape of the whole per-layer cache tensor."""
+        return (num_blocks, num_kv_heads + meta_slots(num_kv_heads, block_size, page_size), block_size, 2 * head_size)
 
     @classmethod
     def allocate(
@@ -140,10 +162,10 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         fill: float = float("nan"),
     ) -> "PagedKVCache":
-        """Allocate a cache (NaN-poisoned by default so unwritten reads show up)."""
-        rows = cache_rows_per_block(block_size, page_size)
-        raw = torch.full((num_blocks, rows, num_kv_heads, head_size), fill, dtype=dtype, device=device)
-        return cls.from_raw(raw, block_size, page_size)
+        """Allocate a cache (NaN-poisoned by default so reads of unwritten rows show up)."""
+        shape = cls.raw_shape(num_blocks, block_size, num_kv_heads, head_size, page_size)
+        raw = torch.full(shape, fill, dtype=dtype, device=device)
+        return cls.from_raw(raw, num_kv_heads, page_size)
 
     # -- gathers used by the reference ops -------------------------------------------
     def gather(self, block_table: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

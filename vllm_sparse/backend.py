@@ -1,0 +1,244 @@
+"""The vLLM attention backend: dense prefill, k·n^α-sparse decode, on the plugin's own paged layout.
+
+Selected with ``--attention-backend CUSTOM`` (registered by :mod:`vllm_sparse.plugin`);
+settings come from ``additional_config={"vllm_sparse": {...}}`` (:class:`~vllm_sparse.config.SparseConfig`).
+
+Per step (plan, in :class:`SparseMetadataBuilder.build`, once for all layers): split the
+batch into decodes (query length 1, ordered first by vLLM because
+``reorder_batch_threshold = 1``) and prefills; compute each decode request's attended
+token count with the configured policy (dense below ``dense_below``).
+
+Per layer (run, in :class:`SparseAttentionImpl`): ``do_kv_cache_update`` writes K/V and the
+page key min/max into the layout of :mod:`vllm_sparse.kernels.layout`; ``forward`` runs
+:func:`~vllm_sparse.kernels.ops.sparse_decode` (or dense decode where the budget covers the
+context) for decodes and dense causal :func:`~vllm_sparse.kernels.ops.paged_attention` for
+(chunked) prefills. CPU tensors take the torch reference path, CUDA tensors the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from vllm_sparse import stats
+from vllm_sparse.config import SparseConfig
+from vllm_sparse.kernels import PagedKVCache, meta_slots
+from vllm_sparse.kernels import reference as ops  # TODO: kernels.ops dispatch
+
+logger = init_logger(__name__)
+
+
+def _sparse_config(vllm_config: VllmConfig | None = None) -> SparseConfig:
+    cfg = vllm_config if vllm_config is not None else get_current_vllm_config()
+    sparse = SparseConfig.from_additional_config(cfg.additional_config)
+    # the layers are built before vLLM asks for KV-cache specs, and customize_spec gets no config
+    SparseAttentionBackend.process_config = sparse
+    return sparse
+
+
+class SparseAttentionBackend(AttentionBackend):
+    """Dense-model attention backend that is sparse inside (``is_sparse()`` stays False)."""
+
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+    #: this process's settings, recorded when the attention layers are built
+    process_config: ClassVar[SparseConfig | None] = None
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type["SparseAttentionImpl"]:
+        return SparseAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["SparseMetadataBuilder"]:
+        return SparseMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [64, 128, 256]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # the page-metadata view needs head-major block interiors (see kernels/layout.py)
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Ask vLLM for extra head slots per block: they hold the page key min/max."""
+        if spec.num_head_slots is not None or spec.state_content_bytes is not None:
+            raise ValueError(f"vllm-sparse cannot combine with a packed KV-cache spec ({spec})")
+        if cls.process_config is None:
+            raise RuntimeError("vllm-sparse: KV-cache spec requested before any attention layer was built")
+        page_size = cls.process_config.page_size
+        extra = meta_slots(spec.num_kv_heads, spec.block_size, page_size)
+        return dataclasses.replace(spec, num_head_slots=spec.num_kv_heads + extra)
+
+
+@dataclass
+class SparseAttentionMetadata:
+    """One step's plan, shared by every layer. Decode requests come first."""
+
+    num_actual_tokens: int
+    num_decodes: int
+    num_decode_tokens: int
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor  # [num_reqs] int32
+    block_table: torch.Tensor  # [num_reqs, max_blocks] int32
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    # decode plan (None when the step has no decode requests)
+    decode_attended: torch.Tensor | None  # [num_decodes] int64, tokens attended per request
+    decode_is_dense: bool  # every decode request attends its whole context
+
+
+class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
+    # Decode-step index buffers are not yet fixed-capacity on this path: no CUDA graphs.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    reorder_batch_threshold: int = 1
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.config = _sparse_config(vllm_config)
+        self._init_reorder_batch_threshold(1)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> SparseAttentionMetadata:
+        cm = common_attn_metadata
+        num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
+        if num_decode_tokens != num_decodes:  # zero-length padded requests: take the general path
+            num_decodes = num_decode_tokens = 0
+        attended, dense = None, True
+        if num_decodes:
+            seq = cm.seq_lens[:num_decodes]
+            attended = self.config.attended(seq)
+            dense = bool((attended >= seq).all())
+            stats.record_step(num_decodes, int(attended.sum()), int(seq.sum()))
+        return SparseAttentionMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens,
+            query_start_loc=cm.query_start_loc,
+            seq_lens=cm.seq_lens,
+            block_table=cm.block_table_tensor,
+            slot_mapping=cm.slot_mapping,
+            decode_attended=attended,
+            decode_is_dense=dense,
+        )
+
+
+class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **kwargs,
+    ) -> None:
+        unsupported = {
+            "alibi_slopes": alibi_slopes is not None,
+            "sliding_window": sliding_window is not None,
+            "logits_soft_cap": bool(logits_soft_cap),
+            "attention sinks": kwargs.get("sinks") is not None,
+            f"attn_type={attn_type}": attn_type != AttentionType.DECODER,
+            f"kv_cache_dtype={kv_cache_dtype}": kv_cache_dtype not in SparseAttentionBackend.supported_kv_cache_dtypes,
+        }
+        bad = [name for name, hit in unsupported.items() if hit]
+        if bad:
+            raise NotImplementedError(
+                f"vllm-sparse (attention backend CUSTOM) does not support {', '.join(bad)} on this model's "
+                "attention layers; use another backend (or AttentionConfig.backend_per_kind to keep such "
+                "layers on a stock backend)."
+            )
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.config = _sparse_config()
+        self._views: tuple[int, PagedKVCache] | None = None
+
+    def _cache(self, kv_cache: torch.Tensor) -> PagedKVCache:
+        """Strided views of this layer's cache (built once per cache tensor)."""
+        key = kv_cache.data_ptr()
+        if self._views is None or self._views[0] != key:
+            self._views = (key, PagedKVCache.from_raw(kv_cache, self.num_kv_heads, self.config.page_size))
+        return self._views[1]
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        if self.kv_sharing_target_layer_name is not None:
+            return  # this layer reads another layer's cache
+        ops.write_kv(key, value, slot_mapping, self._cache(kv_cache))
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: SparseAttentionMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """query: [num_tokens, num_heads, head_size]; output: [num_tokens, num_heads, head_size]."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("vllm-sparse does not support fused output quantization")
+        if attn_metadata is None:  # memory-profiling run
+            return output
+        md, cfg = attn_metadata, self.config
+        cache = self._cache(kv_cache)
+        nd, ndt, n = md.num_decodes, md.num_decode_tokens, md.num_actual_tokens
+        if nd:
+            q = query[:ndt]
+            seq, bt = md.seq_lens[:nd], md.block_table[:nd]
+            if md.decode_is_dense:
+                output[:ndt] = ops.dense_decode(q, cache, bt, seq, self.scale)
+            else:
+                output[:ndt] = ops.sparse_decode(
+                    q, cache, bt, seq, md.decode_attended, self.scale,
+                    sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, selection=cfg.selection,
+                    granularity=cfg.granularity, candidate_factor=cfg.candidate_factor,
+                )
+        if n > ndt:
+            qsl = md.query_start_loc[nd:] - ndt
+            output[ndt:n] = ops.paged_attention(query[ndt:n], cache, md.block_table[nd:], md.seq_lens[nd:],
+                                                qsl, self.scale)
+        return output

@@ -1,0 +1,31 @@
+"""vLLM's CPU platform, plus one thing: an explicitly selected ``CUSTOM`` attention backend is honoured.
+
+The stock :class:`vllm.platforms.cpu.CpuPlatform` always answers with ``CPU_ATTN``. Here an
+explicit ``CUSTOM`` selection is validated like the CUDA platform does (a ``ValueError``
+listing the reasons when the model/config is unsupported) and returned; every other
+selection goes to the stock code unchanged.
+"""
+
+from __future__ import annotations
+
+from vllm.logger import init_logger
+from vllm.platforms.cpu import CpuPlatform
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+logger = init_logger(__name__)
+
+
+class SparseCpuPlatform(CpuPlatform):
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
+        if selected_backend != AttentionBackendEnum.CUSTOM:
+            return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
+        backend_cls = AttentionBackendEnum.CUSTOM.get_class()
+        reasons = backend_cls.validate_configuration(device_capability=None, **attn_selector_config._asdict())
+        if reasons:
+            raise ValueError(
+                f"Selected backend {selected_backend} ({backend_cls.__name__}) is not valid for this "
+                f"configuration. Reason: {reasons}"
+            )
+        logger.info_once("Using %s backend (vllm-sparse).", selected_backend)
+        return AttentionBackendEnum.CUSTOM.get_path()

@@ -8,6 +8,10 @@ PY     := $(VENV)/bin/python
 VLLM_EXTRA := $(shell nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP  := $(VENV)/.installed-$(VLLM_EXTRA)-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# settings of the sparse backend for `make serve` (JSON; {} = the documented defaults)
+SPARSE ?= {}
 
 # vLLM on the CPU platform needs an explicit KV-cache size (GiB); see README.
 export VLLM_CPU_KVCACHE_SPACE ?= 4
@@ -33,6 +37,20 @@ assets: venv
 
 test: assets
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The main job: OpenAI-compatible server, default model, sparse attention on.
+serve: assets
+	@( for i in $$(seq 1 150); do \
+	     if curl -sf http://$(HOST):$(PORT)/health >/dev/null 2>&1; then \
+	       echo; echo "vllm-sparse is serving SmolLM2-135M-Instruct with sparse attention. Try:"; \
+	       echo "  curl http://$(HOST):$(PORT)/v1/chat/completions -H 'Content-Type: application/json' \\"; \
+	       echo "    -d '{\"model\": \"smollm2\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_tokens\": 32}'"; \
+	       echo "  curl -s http://$(HOST):$(PORT)/metrics | grep vllm_sparse"; echo; exit 0; fi; \
+	     sleep 2; done ) &
+	$(VENV)/bin/vllm-sparse serve "$$($(PY) -m vllm_sparse.models path smollm2)" \
+	  --served-model-name smollm2 --host $(HOST) --port $(PORT) \
+	  --attention-backend CUSTOM --additional-config '{"vllm_sparse": $(SPARSE)}' \
+	  --max-model-len 8192 --enforce-eager
 
 demo: venv
 	$(PY) benchmarks/approx_error.py --out benchmarks/results

@@ -240,9 +240,11 @@ def select_topk(
         attended: ``[B]`` int tokens to keep per head — from
             :func:`vllm_sparse.policies.budget.attended_tokens`, sinks and window included.
         sink_tokens, local_window: first / last positions always kept.
-        selection: ``"token"`` (exact ``q·k`` of every key) or ``"page"`` (rank pages by the
+        selection: ``"token"`` (exact ``q·k`` of every key), ``"page"`` (rank pages by the
             min/max upper bound, keep ``ceil(candidate_factor · attended / page_size)`` of
-            them plus the sink/window pages, then score their tokens exactly).
+            them plus the sink/window pages, then score their tokens exactly) or
+            ``"recent"`` (no scoring: sinks + the most recent tokens, StreamingLLM's rule at
+            the same budget — the baseline).
         granularity: ``"kv_head"`` (one set per KV head, score = max over its query group)
             or ``"query_head"`` (one set per query head).
     Returns:
@@ -259,14 +261,18 @@ def select_topk(
     width = int(count.max())
     q = query.float()
 
-    if selection == "token":
+    if selection in ("token", "recent"):
         n_max = int(seq_lens.max())
         pos = torch.arange(n_max, device=dev).expand(b, s, n_max)
+        if selection == "recent":  # StreamingLLM: the budget goes to sinks + the most recent tokens
+            scores = pos.float().masked_fill(pos >= seq_lens[:, None, None], _NEG_INF)
+            scores = scores.masked_fill(pos < sink_tokens, math.inf)
+            return _topk_positions(scores, pos, count, width)
     elif selection == "page":
         pos = _candidate_positions(q, cache, block_table, seq_lens, count, heads, scale,
                                    sink_tokens, local_window, candidate_factor)
     else:
-        raise ValueError(f"selection={selection!r}; allowed: 'token', 'page'")
+        raise ValueError(f"selection={selection!r}; allowed: 'token', 'page', 'recent'")
 
     k = gather_tokens(cache.key_cache, block_table, pos, heads).float()  # [B, S, L, D]
     # logits per query head: [B, num_heads, L], each head reads its selection head's rows

@@ -22,7 +22,9 @@ local_window   64        most recent tokens always attended (inside the budget)
 page_size      16        tokens per selection page (its key min/max is the page summary);
                          a power of two dividing vLLM's block size
 selection      token     ``token``: exact q·k of every key; ``page``: rank pages by their
-                         min/max upper bound, then score the best pages' tokens
+                         min/max upper bound, then score the best pages' tokens;
+                         ``recent``: no scoring, sinks + most recent tokens (the
+                         StreamingLLM baseline at the same budget)
 candidate_factor 4.0     ``page`` mode: candidate pages hold this many times the budget
 granularity    kv_head   ``kv_head``: one token set per KV head (GQA group shares it);
                          ``query_head``: one set per query head
@@ -49,7 +51,7 @@ __all__ = ["SparseConfig", "CONFIG_KEY"]
 #: the key under vLLM's ``additional_config`` that holds these settings
 CONFIG_KEY = "vllm_sparse"
 
-_SELECTIONS = ("token", "page")
+_SELECTIONS = ("token", "page", "recent")
 _GRANULARITIES = ("kv_head", "query_head")
 
 

@@ -194,3 +194,12 @@ def test_sparse_error_is_small_when_attention_concentrates():
     window_only = R.sparse_decode(q, case.cache, case.block_table, case.seq_lens, torch.tensor([20]), 0.125,
                                   sink_tokens=4, local_window=16)
     assert rel_err(sparse, dense) < 0.05 < rel_err(window_only, dense)
+
+
+def test_recent_selection_is_sinks_plus_most_recent_tokens():
+    case = make_case([300, 50], 8, 2, 64, 16, 16, torch.float32)
+    q = torch.randn(2, 8, 64)
+    idx = R.select_topk(q, case.cache, case.block_table, case.seq_lens, torch.tensor([40, 100]), 0.125, 4, 16,
+                        "recent")
+    assert idx[0, 0].tolist() == list(range(4)) + list(range(264, 300)) + [-1] * 10
+    assert idx[1, 1, :50].tolist() == list(range(50)) and bool((idx[1, :, 50:] == -1).all())

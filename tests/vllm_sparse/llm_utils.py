@@ -1,0 +1,87 @@
+"""Helpers for tests that run real vLLM (not a test module)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+
+@contextlib.contextmanager
+def make_llm(model, backend="CUSTOM", sparse=None, **kwargs):
+    """An in-process ``vllm.LLM``; ``backend="stock"`` leaves vLLM's default backend."""
+    from vllm import LLM
+
+    kw = dict(model=str(model), enforce_eager=True, max_model_len=8192, dtype="bfloat16", seed=0)
+    if backend != "stock":
+        kw["attention_backend"] = backend
+    if sparse is not None:
+        kw["additional_config"] = {"vllm_sparse": sparse}
+    kw.update(kwargs)
+    llm = LLM(**kw)
+    try:
+        yield llm
+    finally:
+        del llm
+        gc.collect()
+
+
+def greedy(llm, prompts, max_tokens=16):
+    from vllm import SamplingParams
+
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
+    return [o.outputs[0] for o in outs]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(model, *args, timeout=240, log_path=None):
+    """``vllm-sparse serve MODEL ARGS`` on 127.0.0.1; yields ``(base_url, process)``; SIGTERM on exit."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("vllm-sparse")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    log = open(log_path or os.devnull, "w")
+    proc = subprocess.Popen([str(exe), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        else:
+            raise TimeoutError(f"server not ready in {timeout} s")
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+def sparse_json(**settings) -> str:
+    return json.dumps({"vllm_sparse": settings})

@@ -155,16 +155,17 @@ def dense_decode(
         ``[B, num_heads, head_size]`` in ``query.dtype``.
     """
     b, num_heads, d = query.shape
-    n_max = int(seq_lens.max())
-    k, v = cache.gather(block_table, n_max)  # [B, N, Hkv, D]
-    hkv = k.shape[2]
-    q = query.float().view(b, hkv, num_heads // hkv, d)
-    logits = torch.einsum("bhgd,bnhd->bhgn", q, k.float()) * scale
-    invalid = torch.arange(n_max, device=query.device)[None, :] >= seq_lens[:, None]  # [B, N]
-    logits.masked_fill_(invalid[:, None, None, :], _NEG_INF)
-    p = torch.softmax(logits, dim=-1)
-    v = v.float().masked_fill(invalid[:, :, None, None], 0.0)  # rows past seq_lens may hold anything
-    o = torch.einsum("bhgn,bnhd->bhgd", p, v).reshape(b, num_heads, d)
+    hkv, ps = cache.num_kv_heads, cache.page_size
+    heads = torch.arange(hkv, device=query.device)
+    pages = torch.arange(-(-int(seq_lens.max()) // ps), device=query.device).expand(b, hkv, -1)
+    pos = _page_positions(pages, ps)  # [B, Hkv, N]
+    invalid = (pos >= seq_lens.long()[:, None, None])[:, :, None, :]  # [B, Hkv, 1, N]
+    k = _gather_pages(cache.key_cache, block_table, pages, heads, ps).float()  # [B, Hkv, N, D]
+    logits = torch.matmul(query.float().view(b, hkv, num_heads // hkv, d), k.transpose(-1, -2)) * scale
+    p = torch.softmax(logits.masked_fill(invalid, _NEG_INF), dim=-1)  # [B, Hkv, G, N]
+    v = _gather_pages(cache.value_cache, block_table, pages, heads, ps).float()
+    v = v.masked_fill(invalid[:, :, 0, :, None], 0.0)  # rows past seq_lens may hold anything
+    o = torch.matmul(p, v).reshape(b, num_heads, d)
     if out is None:
         return o.to(query.dtype)
     out[:b] = o.to(out.dtype)
@@ -201,22 +202,90 @@ def _selection_heads(num_heads: int, num_kv_heads: int, granularity: str, device
     raise ValueError(f"granularity={granularity!r}; allowed: 'kv_head', 'query_head'")
 
 
-def _group_max(x: torch.Tensor, s: int) -> torch.Tensor:
-    """``[B, num_heads, ...]`` -> ``[B, s, ...]`` by max over each group of query heads."""
-    b, h = x.shape[:2]
-    return x.view(b, s, h // s, *x.shape[2:]).amax(2)
+def _gather_pages(tensor: torch.Tensor, block_table: torch.Tensor, pages: torch.Tensor, kv_head: torch.Tensor,
+                  page_size: int) -> torch.Tensor:
+    """Whole pages of a paged ``[num_blocks, block_size, num_kv_heads, head_size]`` tensor.
+
+    Args:
+        pages: ``[B, S, C]`` request-local page numbers (``-1`` allowed: returns page 0 of block 0).
+        kv_head: ``[S]`` the KV head each selection head reads.
+    Returns:
+        ``[B, S, C * page_size, head_size]`` (a copy, in the cache dtype).
+    """
+    b, s, c = pages.shape
+    ppb = tensor.shape[1] // page_size
+    pg = pages.clamp_min(0)
+    blk = block_table.long().gather(1, (pg // ppb).view(b, s * c)).view(b, s, c).clamp_min(0)
+    rows = tensor.unflatten(1, (ppb, page_size))[blk, pg % ppb, :, kv_head.view(1, s, 1).expand(b, s, c)]
+    return rows.flatten(2, 3)  # [B, S, C, ps, D] -> [B, S, C*ps, D]
 
 
-def _topk_positions(scores: torch.Tensor, positions: torch.Tensor, count: torch.Tensor, width: int) -> torch.Tensor:
-    """Top-``count[b]`` of ``scores`` ``[B, S, L]`` (``-inf`` never chosen) -> positions ``[B, S, width]``, −1 padded, sorted."""
+def _page_positions(pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    """``[B, S, C]`` pages (−1 padded) -> ``[B, S, C * page_size]`` positions (−1 padded)."""
+    pos = pages[..., None] * page_size + torch.arange(page_size, device=pages.device)
+    return torch.where(pages[..., None] < 0, -1, pos).flatten(2)
+
+
+def _topk(scores: torch.Tensor, count: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``count[b]`` entries of ``scores`` ``[B, S, L]`` (``-inf`` never kept).
+
+    Returns ``(idx, keep)``, both ``[B, S, width]``: indices into ``L`` and whether each is kept.
+    """
     width = min(width, scores.shape[-1])
     val, idx = scores.topk(width, dim=-1)
-    pos = positions.gather(-1, idx)
     rank = torch.arange(width, device=scores.device)
-    keep = (rank[None, None, :] < count[:, None, None]) & (val > _NEG_INF)
-    pos = torch.where(keep, pos, torch.full_like(pos, torch.iinfo(pos.dtype).max))
-    pos = pos.sort(dim=-1).values
-    return torch.where(pos == torch.iinfo(pos.dtype).max, -1, pos)
+    return idx, (rank[None, None, :] < count[:, None, None]) & (val > _NEG_INF)
+
+
+def _sorted_positions(pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Kept positions ascending, ``-1`` padded at the end."""
+    big = torch.iinfo(pos.dtype).max
+    pos = torch.where(keep, pos, big).sort(dim=-1).values
+    return torch.where(pos == big, -1, pos)
+
+
+def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window, selection,
+            granularity, candidate_factor):
+    """Shared core of :func:`select_topk` and :func:`sparse_decode`.
+
+    Returns ``(pos, keep, logits, keys)``: ``pos``/``keep`` ``[B, S, W]`` chosen positions and
+    their validity; ``logits`` ``[B, S, G, W]`` float32 ``scale·q·k`` of each chosen key for each
+    query head of the selection head's group (``None`` for ``"recent"``); ``heads`` ``[S]``.
+    """
+    b, num_heads, d = query.shape
+    dev = query.device
+    heads = _selection_heads(num_heads, cache.num_kv_heads, granularity, dev)
+    s, ps = heads.numel(), cache.page_size
+    seq_lens = seq_lens.long()
+    count = torch.minimum(attended.long(), seq_lens)
+    width = int(count.max())
+    n = seq_lens[:, None, None]
+
+    if selection == "recent":  # StreamingLLM: the budget goes to sinks + the most recent tokens
+        pos = torch.arange(int(seq_lens.max()), device=dev).expand(b, s, -1)
+        scores = pos.float().masked_fill(pos >= n, _NEG_INF).masked_fill(pos < sink_tokens, math.inf)
+        idx, keep = _topk(scores, count, width)
+        return pos.gather(-1, idx), keep, None, heads
+    if selection == "token":  # every page is a candidate
+        num_pages = (seq_lens + ps - 1) // ps
+        pages = torch.arange(int(num_pages.max()), device=dev).expand(b, s, -1)
+        pages = torch.where(pages < num_pages[:, None, None], pages, -1)
+    elif selection == "page":
+        pages = _candidate_pages(query.float(), cache, block_table, seq_lens, count, heads, scale,
+                                 sink_tokens, local_window, candidate_factor)
+    else:
+        raise ValueError(f"selection={selection!r}; allowed: 'token', 'page', 'recent'")
+
+    pos = _page_positions(pages, ps)  # [B, S, L]
+    k = _gather_pages(cache.key_cache, block_table, pages, heads, ps).float()  # [B, S, L, D]
+    q = query.float().view(b, s, num_heads // s, d)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, S, G, L]
+    scores = logits.amax(2)
+    scores = scores.masked_fill((pos < 0) | (pos >= n), _NEG_INF)
+    forced = (pos >= 0) & (pos < n) & ((pos < sink_tokens) | (pos >= n - local_window))
+    idx, keep = _topk(scores.masked_fill(forced, math.inf), count, width)
+    chosen_logits = logits.gather(-1, idx[:, :, None, :].expand(-1, -1, logits.shape[2], -1))
+    return pos.gather(-1, idx), keep, chosen_logits, heads
 
 
 def select_topk(
@@ -252,55 +321,24 @@ def select_topk(
         ``num_kv_heads`` or ``num_heads``. Row ``b`` holds exactly ``min(attended[b],
         seq_lens[b])`` valid positions, all ``< seq_lens[b]``.
     """
-    b, num_heads, d = query.shape
-    dev = query.device
-    heads = _selection_heads(num_heads, cache.num_kv_heads, granularity, dev)
-    s = heads.numel()
-    seq_lens = seq_lens.long()
-    count = torch.minimum(attended.long(), seq_lens)
-    width = int(count.max())
-    q = query.float()
-
-    if selection in ("token", "recent"):
-        n_max = int(seq_lens.max())
-        pos = torch.arange(n_max, device=dev).expand(b, s, n_max)
-        if selection == "recent":  # StreamingLLM: the budget goes to sinks + the most recent tokens
-            scores = pos.float().masked_fill(pos >= seq_lens[:, None, None], _NEG_INF)
-            scores = scores.masked_fill(pos < sink_tokens, math.inf)
-            return _topk_positions(scores, pos, count, width)
-    elif selection == "page":
-        pos = _candidate_positions(q, cache, block_table, seq_lens, count, heads, scale,
-                                   sink_tokens, local_window, candidate_factor)
-    else:
-        raise ValueError(f"selection={selection!r}; allowed: 'token', 'page', 'recent'")
-
-    k = gather_tokens(cache.key_cache, block_table, pos, heads).float()  # [B, S, L, D]
-    # logits per query head: [B, num_heads, L], each head reads its selection head's rows
-    g = num_heads // s
-    logits = torch.einsum("bsgd,bsld->bsgl", q.view(b, s, g, d), k) * scale
-    scores = logits.amax(2)  # [B, S, L]
-    n = seq_lens[:, None, None]
-    scores = scores.masked_fill((pos < 0) | (pos >= n), _NEG_INF)
-    forced = (pos >= 0) & ((pos < sink_tokens) | (pos >= n - local_window)) & (pos < n)
-    scores = scores.masked_fill(forced, math.inf)
-    return _topk_positions(scores, pos, count, width)
+    pos, keep, _, _ = _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window,
+                              selection, granularity, candidate_factor)
+    return _sorted_positions(pos, keep)
 
 
-def _candidate_positions(q, cache, block_table, seq_lens, count, heads, scale, sink_tokens,
-                         local_window, candidate_factor) -> torch.Tensor:
-    """Stage 1 of page selection: token positions of the best pages, ``[B, S, C·page_size]``, −1 padded."""
+def _candidate_pages(q, cache, block_table, seq_lens, count, heads, scale, sink_tokens, local_window,
+                     candidate_factor) -> torch.Tensor:
+    """Stage 1 of page selection: the best pages by upper bound, ``[B, S, C]``, −1 padded."""
     b, num_heads, d = q.shape
     s, ps, dev = heads.numel(), cache.page_size, q.device
     num_pages = (seq_lens + ps - 1) // ps  # [B]
     p_max = int(num_pages.max())
     kmin, kmax = cache.gather_page_summaries(block_table, p_max)  # [B, P, Hkv, D]
-    kmin = kmin.float()[:, :, heads]  # [B, P, S, D]
-    kmax = kmax.float()[:, :, heads]
+    kmin = kmin[:, :, heads].float().permute(0, 2, 3, 1)  # [B, S, D, P]
+    kmax = kmax[:, :, heads].float().permute(0, 2, 3, 1)
     qs = q.view(b, s, num_heads // s, d)
-    # upper bound of q·k over the page: sum_d max(q_d·min_d, q_d·max_d)
-    ub = torch.maximum(
-        torch.einsum("bsgd,bpsd->bsgpd", qs, kmin), torch.einsum("bsgd,bpsd->bsgpd", qs, kmax)
-    ).sum(-1).amax(2) * scale  # [B, S, P]
+    # max over the page of q·k <= sum_d max(q_d·min_d, q_d·max_d) = q⁺·max + q⁻·min
+    ub = (torch.matmul(qs.clamp_min(0), kmax) + torch.matmul(qs.clamp_max(0), kmin)).amax(2) * scale  # [B, S, P]
     page = torch.arange(p_max, device=dev)
     first_window_page = (seq_lens - local_window).clamp_min(0) // ps
     forced = (page[None, :] < -(-sink_tokens // ps)) | (
@@ -311,12 +349,8 @@ def _candidate_positions(q, cache, block_table, seq_lens, count, heads, scale, s
     ub = ub.masked_fill(~valid[:, None, :], _NEG_INF).masked_fill(forced[:, None, :], math.inf)
     wanted = torch.ceil(candidate_factor * count.double() / ps).long() + forced.sum(1)
     n_cand = torch.minimum(wanted, num_pages)  # [B]
-    c_max = int(n_cand.max())
-    top = ub.topk(c_max, dim=-1).indices  # [B, S, C]
-    top = torch.where(torch.arange(c_max, device=dev)[None, None, :] < n_cand[:, None, None], top, -1)
-    pos = top[..., None] * ps + torch.arange(ps, device=dev)  # [B, S, C, ps]
-    pos = torch.where(top[..., None] < 0, -1, pos)
-    return pos.flatten(2)
+    top, keep = _topk(ub, n_cand, int(n_cand.max()))
+    return torch.where(keep, top, -1)
 
 
 # --------------------------------------------------------------------------------------
@@ -358,8 +392,20 @@ def sparse_decode(
     seq_lens: torch.Tensor,
     attended: torch.Tensor,
     scale: float,
-    **select_kwargs,
+    sink_tokens: int = 0,
+    local_window: int = 0,
+    selection: str = "token",
+    granularity: str = "kv_head",
+    candidate_factor: float = 4.0,
 ) -> torch.Tensor:
-    """:func:`select_topk` then :func:`sparse_attention`; returns ``[B, num_heads, head_size]``."""
-    idx = select_topk(query, cache, block_table, seq_lens, attended, scale, **select_kwargs)
-    return sparse_attention(query, cache, block_table, idx, scale)
+    """:func:`select_topk` then :func:`sparse_attention`, fused: the scores computed for the
+    selection are reused as the attention logits. Returns ``[B, num_heads, head_size]``."""
+    pos, keep, logits, heads = _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens,
+                                       local_window, selection, granularity, candidate_factor)
+    if logits is None:
+        return sparse_attention(query, cache, block_table, torch.where(keep, pos, -1), scale)
+    b, num_heads, d = query.shape
+    v = gather_tokens(cache.value_cache, block_table, pos, heads).float()  # [B, S, W, D]
+    v = v.masked_fill(~keep[..., None], 0.0)
+    p = torch.softmax(logits.masked_fill(~keep[:, :, None, :], _NEG_INF), dim=-1)  # [B, S, G, W]
+    return torch.matmul(p, v).reshape(b, num_heads, d).to(query.dtype)

@@ -162,8 +162,8 @@ def test_page_selection_keeps_whole_pages_worth_of_candidates_and_matches_token_
 
 def test_mixed_length_batch_equals_one_request_at_a_time():
     lens = [1000, 3, 257, 64, 130]
-    case = make_case(lens, 9, 3, 64, 16, 16, torch.bfloat16)
-    q = torch.randn(len(lens), 9, 64).to(torch.bfloat16)
+    case = make_case(lens, 9, 3, 64, 16, 16, torch.float32)
+    q = torch.randn(len(lens), 9, 64)
     attended = torch.tensor([128, 128, 100, 128, 50])
     for sel in ("token", "page"):
         batched = R.sparse_decode(q, case.cache, case.block_table, case.seq_lens, attended, 0.125,
@@ -171,7 +171,7 @@ def test_mixed_length_batch_equals_one_request_at_a_time():
         for b in range(len(lens)):
             one = R.sparse_decode(q[b : b + 1], case.cache, case.block_table[b : b + 1], case.seq_lens[b : b + 1],
                                   attended[b : b + 1], 0.125, sink_tokens=4, local_window=16, selection=sel)
-            assert rel_err(batched[b], one[0]) < 1e-6
+            assert rel_err(batched[b], one[0]) < 1e-5
 
 
 def test_query_head_granularity_with_group_one_equals_kv_head():

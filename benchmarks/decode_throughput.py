@@ -1,0 +1,135 @@
+"""Decode throughput in real vLLM: the sparse backend against the stock backend, same machine, same run.
+
+For every (context, batch) the script generates, with greedy sampling and ``ignore_eos``,
+first 1 token and then ``1 + D`` tokens from the same random prompts (prefix caching off),
+and takes the difference of the two wall times as the time of ``D`` decode steps — the
+method of ``vllm bench latency`` with two output lengths. It prints a table with decode
+tokens/s and the sparse/stock ratio, and writes JSON + a PNG plot.
+
+Example (CPU machine, SmolLM2-135M, about 15 minutes)::
+
+    python benchmarks/decode_throughput.py --contexts 4096 7000 --batches 1 16
+
+Backends are given as ``name=SETTINGS_JSON`` (``stock`` is vLLM's own backend); default:
+``stock``, ``sparse`` (the default settings) and ``sparse-page`` (``selection=page``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "6")
+
+DEFAULT_BACKENDS = ["stock", "sparse={}", 'sparse-page={"selection": "page"}']
+
+
+def parse_backend(spec: str) -> tuple[str, dict | None]:
+    name, _, settings = spec.partition("=")
+    return name, (None if name == "stock" else json.loads(settings or "{}"))
+
+
+def time_generate(llm, prompts, max_tokens: int) -> float:
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    t = time.perf_counter()
+    llm.generate(prompts, sp, use_tqdm=False)
+    return time.perf_counter() - t
+
+
+def run_backend(model: str, settings: dict | None, contexts, batches, decode_tokens: int, seed: int) -> list[dict]:
+    import torch
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+
+    kw = dict(model=model, enforce_eager=True, max_model_len=max(contexts) + decode_tokens + 16, dtype="bfloat16",
+              enable_prefix_caching=False, seed=seed)
+    if settings is not None:
+        kw.update(attention_backend="CUSTOM", additional_config={"vllm_sparse": settings})
+    llm = LLM(**kw)
+    vocab = llm.get_tokenizer().vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    try:
+        time_generate(llm, [TokensPrompt(prompt_token_ids=[1, 2, 3])], 4)  # warm-up
+        for n in contexts:
+            for b in batches:
+                prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, vocab, (n,), generator=gen).tolist())
+                           for _ in range(b)]
+                t_prefill = time_generate(llm, prompts, 1)
+                t_total = time_generate(llm, prompts, 1 + decode_tokens)
+                step = max(t_total - t_prefill, 1e-9) / decode_tokens
+                rows.append(dict(context=n, batch=b, prefill_s=t_prefill, step_ms=1e3 * step,
+                                 decode_tokens_per_s=b / step))
+                print(f"  context {n:6d} batch {b:3d}: prefill {t_prefill:7.1f} s, decode step {1e3 * step:8.1f} ms",
+                      flush=True)
+    finally:
+        del llm
+        gc.collect()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model directory (default: the prepared SmolLM2)")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 7000])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--backends", nargs="+", default=DEFAULT_BACKENDS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args()
+
+    if args.model is None:
+        from vllm_sparse.models import prepare_model
+
+        args.model = str(prepare_model("smollm2"))
+    results = {}
+    for spec in args.backends:
+        name, settings = parse_backend(spec)
+        print(f"{name}: {settings if settings is not None else 'vLLM stock backend'}", flush=True)
+        results[name] = dict(settings=settings, rows=run_backend(args.model, settings, args.contexts, args.batches,
+                                                                 args.decode_tokens, args.seed))
+
+    base = {(r["context"], r["batch"]): r for r in results.get("stock", {}).get("rows", [])}
+    header = f"{'backend':<14}{'context':>8}{'batch':>6}{'step ms':>10}{'tok/s':>9}{'vs stock':>10}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for name, res in results.items():
+        for r in res["rows"]:
+            ref = base.get((r["context"], r["batch"]))
+            r["speedup_vs_stock"] = ref["step_ms"] / r["step_ms"] if ref else None
+            ratio = f"{r['speedup_vs_stock']:.2f}x" if ref else "-"
+            print(f"{name:<14}{r['context']:>8}{r['batch']:>6}{r['step_ms']:>10.1f}{r['decode_tokens_per_s']:>9.1f}"
+                  f"{ratio:>10}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(model=args.model, machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+                decode_tokens=args.decode_tokens, method="(T(1+D) - T(1)) / D, prefix caching off")
+    (args.out / "decode_throughput.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(args.batches), figsize=(5 * len(args.batches), 4), squeeze=False)
+    for ax, b in zip(axes[0], args.batches):
+        for name, res in results.items():
+            rows = [r for r in res["rows"] if r["batch"] == b]
+            ax.plot([r["context"] for r in rows], [r["decode_tokens_per_s"] for r in rows], "o-", label=name)
+        ax.set(title=f"batch {b}", xlabel="context tokens", ylabel="decode tokens/s")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "decode_throughput.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

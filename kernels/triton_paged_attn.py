@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .layout import PagedKVCache
-from .triton_sparse_attn import _check_query, _dot, dense_decode_triton
+from .triton_sparse_attn import _check_query, _dot, _math_mode, dense_decode_triton
 
 __all__ = ["paged_attention_triton"]
 
@@ -203,10 +203,14 @@ def paged_attention_triton(
 
     q_per_kv = num_heads // cache.num_kv_heads
     block_gp = triton.next_power_of_2(q_per_kv)
-    block_m = 64 if _INTERPRET else (64 if max_query_len >= 64 else 16)
+    upcast, ieee = _math_mode(query, cache)  # ieee: fp32 FMA dots (no tf32), smaller tiles
+    if _INTERPRET:
+        block_m, tile_n = 64, 128
+    else:
+        block_m = 64 if max_query_len >= 64 and not ieee else 16
+        tile_n = 32 if ieee else 64
     block_m = max(block_m, block_gp)
     block_q = block_m // block_gp
-    tile_n = 128 if _INTERPRET else 64
     kc, vc = cache.key_cache, cache.value_cache
     grid = (num_tokens // block_q + num_reqs, cache.num_kv_heads)
     _paged_prefill_kernel[grid](
@@ -215,7 +219,7 @@ def paged_attention_triton(
         *query.stride(), *kc.stride(), *vc.stride(), *block_table.stride(), *out.stride(),
         BLOCK_SIZE=cache.block_size, HEAD_SIZE=d, BLOCK_D=triton.next_power_of_2(d),
         BLOCK_GP=block_gp, BLOCK_Q=block_q, TILE_N=tile_n,
-        UPCAST=_INTERPRET, IEEE=kc.dtype == torch.float32,
+        UPCAST=upcast, IEEE=ieee,
         num_warps=4,
     )
     return out

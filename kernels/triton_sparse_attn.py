@@ -17,6 +17,7 @@ that a row with no valid position at all returns zeros (the reference returns Na
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -226,9 +227,24 @@ def _merge_splits_kernel(
 # --------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------
-def _tile_n() -> int:
-    # Interpreter cost grows with programs x ops: few, large tiles there.
-    return 128 if _INTERPRET else 64
+def _math_mode(query: torch.Tensor, cache: PagedKVCache) -> tuple[bool, bool]:
+    """``(upcast, ieee)``: convert loads to fp32 (the interpreter, or a query dtype other than
+    the cache's), and run dots as exact fp32 (no tf32) when the operands are fp32."""
+    upcast = _INTERPRET or query.dtype != cache.dtype
+    return upcast, upcast or cache.dtype == torch.float32
+
+
+def _tile_n(fp32_dot: bool = False) -> int:
+    # Interpreter cost grows with programs x ops: few, large tiles there. fp32 dots run on
+    # FMA units (no tf32) and need more registers: smaller tiles.
+    if _INTERPRET:
+        return 128
+    return 32 if fp32_dot else 64
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
 
 
 def decode_num_splits(rows: int, length: int, device: torch.device, tile_n: int | None = None) -> int:
@@ -242,8 +258,7 @@ def decode_num_splits(rows: int, length: int, device: torch.device, tile_n: int 
     tile_n = tile_n or _tile_n()
     if _INTERPRET or device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, max(rows, 1))
+    want = triton.cdiv(2 * _sm_count(device.index), max(rows, 1))
     # at least two tiles per split, at most 64 splits
     return int(max(1, min(want, triton.cdiv(max(length, 1), 2 * tile_n), 64)))
 
@@ -267,7 +282,8 @@ def _launch(
     s = indices.shape[1] if indices is not None else hkv
     rows_per_sel = num_heads // s
     q_per_kv = num_heads // hkv
-    tile_n = _tile_n()
+    upcast, ieee = _math_mode(query, cache)
+    tile_n = _tile_n(ieee)
     if num_splits is None:
         num_splits = decode_num_splits(b * s, length, query.device, tile_n)
     num_splits = max(1, int(num_splits))
@@ -295,7 +311,7 @@ def _launch(
         *out.stride(), *acc.stride()[:3], *ml.stride()[:3],
         BLOCK_SIZE=cache.block_size, HEAD_SIZE=d, BLOCK_D=block_d, BLOCK_G=block_g, TILE_N=tile_n,
         NUM_SPLITS=num_splits, USE_INDICES=indices is not None, USE_DOT=use_dot,
-        UPCAST=_INTERPRET, IEEE=kc.dtype == torch.float32,
+        UPCAST=upcast, IEEE=ieee,
         num_warps=4,
     )
     if num_splits > 1:
@@ -363,7 +379,8 @@ def dense_decode_triton(
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max()) if b else 1
-        num_splits = decode_num_splits(b * cache.num_kv_heads, max_seq_len, query.device)
+        num_splits = decode_num_splits(b * cache.num_kv_heads, max_seq_len, query.device,
+                                       _tile_n(_math_mode(query, cache)[1]))
     if out is not None:
         out_view = out[:b]
         _launch(query, cache, block_table, scale, out_view, num_splits, seq_lens=seq_lens, length=0)

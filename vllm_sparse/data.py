@@ -16,12 +16,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-# Distinctive, single-token-ish words that do not appear as passphrases in the essays.
+# Distinctive words that occur nowhere in the essays.
 _WORDS = ("falcon", "marble", "copper", "violet", "glacier", "orchid", "thunder", "saffron",
           "harbor", "cobalt", "lantern", "meadow", "quartz", "ember", "juniper", "walnut")
-NEEDLE_TEMPLATE = "The secret passphrase is {answer}."
-QUESTION = "What is the secret passphrase mentioned in the text above? Answer with the passphrase only."
-ANSWER_PREFIX = "The secret passphrase is"
+# Needle / question / answer-prefix formats; {word} and {number} are drawn per case.
+STYLES = {
+    "passphrase": dict(needle="The secret passphrase is {word}-{number}.", answer="{word}-{number}",
+                       question="What is the secret passphrase?", prefix="The secret passphrase is"),
+    "magic-number": dict(needle="The special magic number for {word} is {number}.", answer="{number}",
+                         question="What is the special magic number for {word}?",
+                         prefix="The special magic number for {word} is"),
+}
+DEFAULT_STYLE = "passphrase"
+NEEDLE_SEP = (" ", " ")  # text before / after the needle sentence
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class NeedleCase:
     depth: float           # requested needle depth, fraction of the context
     actual_depth: float    # where the needle landed, fraction of the haystack tokens
     chat: bool             # True when the tokenizer's chat template was used
+    style: str = DEFAULT_STYLE
 
 
 def essays_dir() -> Path:
@@ -65,12 +73,12 @@ def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _render(tokenizer, context: str, chat: bool) -> str:
+def _render(tokenizer, context: str, chat: bool, fmt: dict) -> str:
     if chat:
-        msgs = [{"role": "user", "content": f"{context}\n\n{QUESTION}"}]
+        msgs = [{"role": "user", "content": f"{context}\n\n{fmt['question']}"}]
         head = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return head + ANSWER_PREFIX
-    return f"{context}\n\nQuestion: {QUESTION}\nAnswer: {ANSWER_PREFIX}"
+        return head + fmt["prefix"]
+    return f"{context}\n\nQuestion: {fmt['question']}\nAnswer: {fmt['prefix']}"
 
 
 def _sentence_start_before(text: str, pos: int) -> int:
@@ -81,57 +89,64 @@ def _sentence_start_before(text: str, pos: int) -> int:
     return best
 
 
-def _build_one(tokenizer, ids, length: int, depth: float, needle: str, chat: bool):
-    overhead = len(_encode(tokenizer, _render(tokenizer, needle, chat)))
+def _build_one(tokenizer, ids, length: int, depth: float, fmt: dict, chat: bool):
+    needle = fmt["needle"]
+    overhead = len(_encode(tokenizer, _render(tokenizer, needle, chat, fmt)))
     budget = length - overhead
     if budget < 16:
         raise ValueError(f"length {length} too short for the prompt template ({overhead} tokens)")
     for _ in range(4):  # re-tokenising joins shifts the count by a few tokens: correct and retry
         hay = tokenizer.decode(list(ids[:budget]))
+        hay = hay[: _sentence_start_before(hay, len(hay)) or len(hay)].rstrip()  # end on a sentence
         cut = len(tokenizer.decode(list(ids[: int(round(budget * depth))])))
         pos = _sentence_start_before(hay, cut)
-        context = hay[:pos] + needle + " " + hay[pos:] if pos else needle + " " + hay
-        prompt = _render(tokenizer, context, chat)
+        before, after = NEEDLE_SEP
+        context = (hay[:pos].rstrip() + before if pos else "") + needle + after + hay[pos:].lstrip()
+        prompt = _render(tokenizer, context, chat, fmt)
         n = len(_encode(tokenizer, prompt))
         if abs(n - length) <= max(2, length // 200):
             break
         budget += length - n
-    actual_depth = len(_encode(tokenizer, hay[:pos])) / max(1, budget)
+    actual_depth = len(_encode(tokenizer, hay[:pos])) / max(1, len(_encode(tokenizer, hay)))
     return prompt, n, actual_depth
 
 
 def needle_prompts(tokenizer, lengths=(1024, 2048, 4096, 7000), depths=(0.1, 0.5, 0.9),
-                   seed: int = 0, chat: bool | None = None) -> list[NeedleCase]:
+                   seed: int = 0, chat: bool = False, style: str = DEFAULT_STYLE) -> list[NeedleCase]:
     """One case per (length, depth), lengths outer.  Deterministic for a given seed/tokenizer.
 
     ``tokenizer``: a Hugging Face tokenizer (or a model directory path to load one from).
-    ``chat``: use the chat template (default: when the tokenizer has one).
+    ``chat``: wrap the question in the tokenizer's chat template (default: plain completion,
+    which SmolLM2-135M answers better).  ``style``: a key of :data:`STYLES`.
     """
     if isinstance(tokenizer, (str, Path)):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-    if chat is None:
-        chat = _has_chat_template(tokenizer)
+    if chat and not _has_chat_template(tokenizer):
+        raise ValueError("chat=True but the tokenizer has no chat template")
     ids = _essay_ids(tokenizer)
     rng = random.Random(seed)
+    words = list(_WORDS)
+    rng.shuffle(words)  # distinct words while there are enough of them
     cases = []
     for length in lengths:
         if length > len(ids):
             raise ValueError(f"length {length} exceeds the haystack ({len(ids)} tokens)")
         for depth in depths:
-            answer = f"{rng.choice(_WORDS)}-{rng.randrange(1000, 10000)}"
-            needle = NEEDLE_TEMPLATE.format(answer=answer)
-            prompt, n, actual = _build_one(tokenizer, ids, length, depth, needle, chat)
-            cases.append(NeedleCase(prompt=prompt, answer=answer, needle=needle, length=length,
-                                    context_tokens=n, depth=depth, actual_depth=actual, chat=chat))
+            word, number = words[len(cases) % len(words)], rng.randrange(1000, 10000)
+            fmt = {k: v.format(word=word, number=number) for k, v in STYLES[style].items()}
+            prompt, n, actual = _build_one(tokenizer, ids, length, depth, fmt, chat)
+            cases.append(NeedleCase(prompt=prompt, answer=fmt["answer"], needle=fmt["needle"],
+                                    length=length, context_tokens=n, depth=depth,
+                                    actual_depth=actual, chat=chat, style=style))
     return cases
 
 
 def retrieved(case: NeedleCase, output_text: str) -> bool:
-    """True when the output states the passphrase (word and number, hyphen/space tolerant)."""
-    word, number = case.answer.split("-")
-    pattern = rf"\b{re.escape(word)}\s*[-\u2010-\u2015 ]?\s*{number}(?!\d)"
+    """True when the output states the answer (``word-number``: hyphen/space tolerant)."""
+    parts = [re.escape(p) for p in case.answer.split("-")]
+    pattern = r"(?<![\w-])" + r"\s*[-\u2010-\u2015 ]?\s*".join(parts) + r"(?![\w-])"
     return re.search(pattern, output_text, flags=re.IGNORECASE) is not None
 
 

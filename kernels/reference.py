@@ -263,7 +263,7 @@ def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, l
 
     if selection == "recent":  # StreamingLLM: the budget goes to sinks + the most recent tokens
         pos = torch.arange(int(seq_lens.max()), device=dev).expand(b, s, -1)
-        scores = pos.float().masked_fill(pos >= n, _NEG_INF).masked_fill(pos < sink_tokens, math.inf)
+        scores = pos.float().masked_fill(pos < sink_tokens, math.inf).masked_fill(pos >= n, _NEG_INF)
         idx, keep = _topk(scores, count, width)
         return pos.gather(-1, idx), keep, None, heads
     if selection == "token":  # every page is a candidate

@@ -244,7 +244,8 @@ def _tile_n(fp32_dot: bool = False) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
+    index = index if index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def decode_num_splits(rows: int, length: int, device: torch.device, tile_n: int | None = None) -> int:

@@ -40,7 +40,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from vllm_sparse import stats
 from vllm_sparse.config import SparseConfig
 from vllm_sparse.kernels import PagedKVCache, meta_slots
-from vllm_sparse.kernels import reference as ops  # TODO: kernels.ops dispatch
+from vllm_sparse.kernels import ops
 
 logger = init_logger(__name__)
 
@@ -114,8 +114,11 @@ class SparseAttentionMetadata:
     seq_lens: torch.Tensor  # [num_reqs] int32
     block_table: torch.Tensor  # [num_reqs, max_blocks] int32
     slot_mapping: torch.Tensor  # [num_tokens] int64
+    max_query_len: int
+    max_seq_len: int
     # decode plan (None when the step has no decode requests)
     decode_attended: torch.Tensor | None  # [num_decodes] int64, tokens attended per request
+    decode_capacity: int  # max(decode_attended): static width of the index buffers
     decode_is_dense: bool  # every decode request attends its whole context
 
 
@@ -135,11 +138,12 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
         num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
         if num_decode_tokens != num_decodes:  # zero-length padded requests: take the general path
             num_decodes = num_decode_tokens = 0
-        attended, dense = None, True
+        attended, capacity, dense = None, 0, True
         if num_decodes:
             seq = cm.seq_lens[:num_decodes]
             attended = self.config.attended(seq)
             dense = bool((attended >= seq).all())
+            capacity = int(attended.max())
             stats.record_step(num_decodes, int(attended.sum()), int(seq.sum()))
         return SparseAttentionMetadata(
             num_actual_tokens=cm.num_actual_tokens,
@@ -149,7 +153,10 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             seq_lens=cm.seq_lens,
             block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping,
+            max_query_len=cm.max_query_len,
+            max_seq_len=cm.max_seq_len,
             decode_attended=attended,
+            decode_capacity=capacity,
             decode_is_dense=dense,
         )
 
@@ -230,15 +237,17 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             q = query[:ndt]
             seq, bt = md.seq_lens[:nd], md.block_table[:nd]
             if md.decode_is_dense:
-                output[:ndt] = ops.dense_decode(q, cache, bt, seq, self.scale)
+                output[:ndt] = ops.dense_decode(q, cache, bt, seq, self.scale, max_seq_len=md.max_seq_len)
             else:
                 output[:ndt] = ops.sparse_decode(
                     q, cache, bt, seq, md.decode_attended, self.scale,
                     sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, selection=cfg.selection,
                     granularity=cfg.granularity, candidate_factor=cfg.candidate_factor,
+                    capacity=md.decode_capacity, max_seq_len=md.max_seq_len,
                 )
         if n > ndt:
             qsl = md.query_start_loc[nd:] - ndt
             output[ndt:n] = ops.paged_attention(query[ndt:n], cache, md.block_table[nd:], md.seq_lens[nd:],
-                                                qsl, self.scale)
+                                                qsl, self.scale, max_query_len=md.max_query_len,
+                                                max_seq_len=md.max_seq_len)
         return output

@@ -1,0 +1,416 @@
+"""Decode-step kernel benchmark: sparse (k·n^α budget) vs dense attention over the same paged cache.
+
+For every (context n, batch B) it builds one paged cache (random bf16 K/V, exact page
+min/max), then times with ``triton.testing.do_bench`` (median, L2 flushed between runs):
+
+* dense baselines: vLLM's Triton ``unified_attention`` when vLLM is importable, our split-K
+  dense decode kernel, and torch SDPA on a gathered (contiguous) copy of the cache;
+* the sparse decode step (``select_topk`` + ``sparse_attention``) for page and token
+  selection, eager and replayed from a CUDA graph, split into scoring (Triton kernels),
+  top-k selection (torch.topk/sort) and attention.
+
+Budget: ``attended_tokens(n, n_alpha_budget(n, k, alpha, min_budget), sink, window)``. Bytes
+moved are the minimum traffic of each step (each input row read once); achieved bandwidth is
+reported as a fraction of a device-to-device copy measured in the same run. Prints a table,
+writes ``kernels.json`` and ``kernels.png`` into ``--out``.
+
+    python benchmarks/kernels.py --out benchmarks/results          # GPU
+    python benchmarks/kernels.py --dry-run --out /tmp/bench         # tiny config, Triton interpreter, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_package():
+    """``vllm_sparse.kernels`` / ``.policies``, installed or straight from this checkout (the GPU machine)."""
+    try:
+        import vllm_sparse.kernels  # noqa: F401
+        import vllm_sparse.policies  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(ROOT))
+        import vllm_sparse
+
+        for sub in ("kernels", "policies"):
+            name = f"vllm_sparse.{sub}"
+            spec = importlib.util.spec_from_file_location(name, ROOT / sub / "__init__.py",
+                                                          submodule_search_locations=[str(ROOT / sub)])
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+            setattr(vllm_sparse, sub, mod)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for JSON + PNG")
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--num-heads", type=int, default=32)
+    p.add_argument("--num-kv-heads", type=int, default=8)
+    p.add_argument("--head-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--k", type=float, default=8.0)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--min-budget", type=int, default=256)
+    p.add_argument("--sink-tokens", type=int, default=4)
+    p.add_argument("--local-window", type=int, default=64)
+    p.add_argument("--candidate-factor", type=float, default=4.0)
+    p.add_argument("--selections", nargs="+", default=["page", "token"], choices=["page", "token"])
+    p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny config on CPU under the Triton interpreter: proves the script runs")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        args.contexts, args.batches = [200], [2]
+        args.num_heads, args.num_kv_heads, args.head_size = 4, 2, 64
+        args.min_budget, args.local_window, args.page_size = 32, 16, 8
+    return args
+
+
+class Timer:
+    """Median milliseconds: ``do_bench`` on CUDA, a few host-timed calls in dry-run."""
+
+    def __init__(self, cuda: bool, rep_ms: int):
+        self.cuda, self.rep_ms = cuda, rep_ms
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            import triton.testing
+
+            return float(triton.testing.do_bench(fn, warmup=25, rep=self.rep_ms, return_mode="median"))
+        fn()
+        ts = []
+        for _ in range(2):
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+        return sorted(ts)[len(ts) // 2]
+
+
+def copy_bandwidth(timer: Timer, device, nbytes: int) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    import torch
+
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    y = torch.empty_like(x)
+    ms = timer(lambda: y.copy_(x))
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def build_cache(args, n: int, batch: int, device, dtype):
+    """Random K/V for ``batch`` requests of ``n`` tokens in shuffled blocks, exact page min/max."""
+    import torch
+
+    from vllm_sparse.kernels import PagedKVCache
+
+    bs, ps = args.block_size, args.page_size
+    nblk = -(-n // bs)
+    cache = PagedKVCache.allocate(batch * nblk, bs, args.num_kv_heads, args.head_size, ps, dtype, device)
+    ppb = bs // ps
+    step = max(1, (1 << 28) // (bs * args.num_kv_heads * args.head_size * 4))  # blocks per chunk (~1 GiB fp32)
+    for lo in range(0, cache.num_blocks, step):
+        sl = slice(lo, min(lo + step, cache.num_blocks))
+        cache.key_cache[sl].normal_()
+        cache.value_cache[sl].normal_()
+        pages = cache.key_cache[sl].unflatten(1, (ppb, ps))  # [nb, ppb, ps, H, D]
+        cache.key_min[sl] = pages.amin(2)
+        cache.key_max[sl] = pages.amax(2)
+    block_table = torch.randperm(batch * nblk, device=device).view(batch, nblk).to(torch.int32)
+    return cache, block_table
+
+
+def _vllm_unified_attention():
+    try:
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    except Exception as e:  # noqa: BLE001 - any import failure means "no vLLM baseline"
+        return None, f"{type(e).__name__}: {e}"[:200]
+    return unified_attention, None
+
+
+def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dict, unified) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from vllm_sparse.kernels import ops
+    from vllm_sparse.kernels import reference as R
+    from vllm_sparse.kernels.triton_select import (
+        candidate_capacity, candidate_pages, page_scores_triton, token_scores_triton,
+    )
+    from vllm_sparse.policies.budget import attended_tokens, n_alpha_budget
+
+    h, hkv, d = args.num_heads, args.num_kv_heads, args.head_size
+    esz = torch.tensor([], dtype=dtype).element_size()
+    cuda = device.type == "cuda"
+    budget = n_alpha_budget(n, args.k, args.alpha, args.min_budget)
+    att = attended_tokens(n, budget, args.sink_tokens, args.local_window)
+    row = dict(context=n, batch=batch, budget=budget, attended=att)
+    kv_bytes = batch * n * hkv * d * esz * 2
+    token_scores_bytes = 3 * batch * hkv * n * 4
+    if cuda:
+        free = torch.cuda.mem_get_info(device)[0]
+        cache_bytes = kv_bytes * (1 + 0.5 * (-(-hkv // args.page_size)) / hkv) + (1 << 30)
+        if cache_bytes + token_scores_bytes > 0.85 * free:
+            row["skipped"] = f"needs ~{(cache_bytes + token_scores_bytes) / 2**30:.1f} GiB, {free / 2**30:.1f} free"
+            return row
+    cache, bt = build_cache(args, n, batch, device, dtype)
+    seq_lens = torch.full((batch,), n, dtype=torch.int32, device=device)
+    attended = torch.full((batch,), att, dtype=torch.int32, device=device)
+    q = torch.randn(batch, h, d, device=device).to(dtype)
+    scale = d**-0.5
+    out = torch.empty_like(q)
+    t = {}
+
+    # -- dense baselines --------------------------------------------------------------------
+    t["dense_ours"] = timer(lambda: ops.dense_decode(q, cache, bt, seq_lens, scale, out=out, max_seq_len=n, **force))
+    dense_out = out.clone()
+    if unified is not None:
+        cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        o_v = torch.empty_like(q)
+
+        def vllm_dense():
+            unified(q=q, k=cache.key_cache, v=cache.value_cache, out=o_v, cu_seqlens_q=cu_q, max_seqlen_q=1,
+                    seqused_k=seq_lens, max_seqlen_k=n, softmax_scale=scale, causal=True, window_size=(-1, -1),
+                    block_table=bt, softcap=0, q_descale=None, k_descale=None, v_descale=None)
+
+        try:
+            t["dense_vllm"] = timer(vllm_dense)
+            row["err_vllm_vs_ours"] = _rel(o_v, dense_out)
+        except Exception as e:  # noqa: BLE001 - a baseline that fails is reported, not fatal
+            row["dense_vllm_error"] = f"{type(e).__name__}: {e}"[:200]
+    # gathered K and V, plus one transient half-size copy while transposing
+    sdpa_fits = not cuda or 1.5 * kv_bytes < 0.8 * torch.cuda.mem_get_info(device)[0]
+    if sdpa_fits:
+        def gathered(paged):  # [num_blocks, bs, Hkv, D] -> contiguous [B, Hkv, n, D]
+            rows = paged[bt.long()].flatten(1, 2)[:, :n]  # [B, n, Hkv, D] copy
+            return rows.transpose(1, 2).contiguous()
+
+        k, v = gathered(cache.key_cache), gathered(cache.value_cache)
+        q4 = q[:, :, None, :]  # [B, H, 1, D]
+        t["dense_sdpa"] = timer(lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True))
+        row["err_sdpa_vs_ours"] = _rel(F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)[:, :, 0],
+                                       dense_out)
+        del k, v
+    else:
+        row["dense_sdpa_skipped"] = "gathered copy does not fit"
+    dense_key = "dense_vllm" if "dense_vllm" in t else "dense_ours"
+    row["dense_baseline"] = dense_key
+
+    # -- sparse ----------------------------------------------------------------------------
+    esz_kv = d * esz  # one head's K (or V) row
+    for sel in args.selections:
+        kw = dict(sink_tokens=args.sink_tokens, local_window=args.local_window, selection=sel,
+                  candidate_factor=args.candidate_factor)
+        idx = torch.empty((batch, hkv, att), dtype=torch.int32, device=device)
+        so = torch.empty_like(q)
+
+        def step():
+            ops.sparse_decode(q, cache, bt, seq_lens, attended, scale, out=so, indices_out=idx, max_seq_len=n,
+                              **kw, **force)
+
+        p = f"sparse_{sel}"
+        t[p] = timer(step)
+        t[p + "_select"] = timer(lambda: ops.select_topk(q, cache, bt, seq_lens, attended, scale, **kw, out=idx,
+                                                         max_seq_len=n, **force))
+        t[p + "_attn"] = timer(lambda: ops.sparse_attention(q, cache, bt, idx, scale, out=so, **force))
+        sargs = (q, cache, bt, seq_lens, scale, args.sink_tokens, args.local_window, "kv_head")
+        n_pages = -(-n // args.page_size)
+        if sel == "page":
+            count = attended.long()
+            c_cap = candidate_capacity(n_pages, att, args.page_size, args.sink_tokens, args.local_window,
+                                       args.candidate_factor)
+            ub = page_scores_triton(*sargs, num_pages=n_pages)
+            cand = candidate_pages(ub, seq_lens, count, args.page_size, args.sink_tokens, args.local_window,
+                                   args.candidate_factor, c_cap)
+            t[p + "_score"] = timer(lambda: (page_scores_triton(*sargs, num_pages=n_pages),
+                                             token_scores_triton(*sargs, cand=cand)))
+            score_bytes = (batch * hkv * n_pages * (2 * esz_kv + 4)
+                           + batch * hkv * c_cap * args.page_size * (esz_kv + 12))
+            topk_bytes = batch * hkv * (n_pages * 4 + c_cap * args.page_size * 12)
+        else:
+            t[p + "_score"] = timer(lambda: token_scores_triton(*sargs, num_slots=n))
+            score_bytes = batch * hkv * n * (esz_kv + 4)
+            topk_bytes = batch * hkv * n * 4
+        t[p + "_topk"] = max(t[p + "_select"] - t[p + "_score"], 0.0)
+        attn_bytes = batch * hkv * att * (2 * esz_kv + 4)
+        row[p + "_bytes"] = score_bytes + topk_bytes + attn_bytes
+        row[p + "_attn_bytes"] = attn_bytes
+        if cuda and not args.no_graph:
+            try:
+                step()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                t[p + "_graph"] = timer(graph.replay)
+            except Exception as e:  # noqa: BLE001
+                row[p + "_graph_error"] = f"{type(e).__name__}: {e}"[:200]
+        # correctness spot check: the first request against the torch reference
+        step()
+        one = (q[:1], cache, bt[:1], seq_lens[:1])
+        ref = R.sparse_decode(q[:1].float(), *one[1:], attended[:1], scale, **kw)
+        row[p + "_err_vs_reference"] = _rel(so[:1], ref)
+        row[p + "_approx_err_vs_dense"] = _rel(so, dense_out)  # sparsity error, not a bug check
+    if cuda and not args.no_graph:
+        try:
+            def dense_step():
+                ops.dense_decode(q, cache, bt, seq_lens, scale, out=out, max_seq_len=n)
+
+            dense_step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                dense_step()
+            t["dense_ours_graph"] = timer(graph.replay)
+        except Exception as e:  # noqa: BLE001
+            row["dense_graph_error"] = f"{type(e).__name__}: {e}"[:200]
+
+    row["dense_bytes"] = kv_bytes
+    row["times_ms"] = t
+    for sel in args.selections:
+        p = f"sparse_{sel}"
+        row[p + "_speedup"] = t[dense_key] / t[p]
+        if p + "_graph" in t and "dense_ours_graph" in t:
+            row[p + "_graph_speedup_vs_dense_ours_graph"] = t["dense_ours_graph"] / t[p + "_graph"]
+    del cache, bt
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def _rel(x, ref) -> float:
+    return float((x.double() - ref.double()).norm() / ref.double().norm())
+
+
+def add_bandwidth(row: dict, copy_bw: float, selections) -> None:
+    t = row["times_ms"]
+    row["dense_ours_bw_frac"] = row["dense_bytes"] / (t["dense_ours"] * 1e-3) / copy_bw
+    for sel in selections:
+        p = f"sparse_{sel}"
+        row[p + "_bw_frac"] = row[p + "_bytes"] / (t[p] * 1e-3) / copy_bw
+        row[p + "_attn_bw_frac"] = row[p + "_attn_bytes"] / (t[p + "_attn"] * 1e-3) / copy_bw
+
+
+def print_table(rows, selections) -> None:
+    head = f"{'ctx':>7} {'B':>3} {'att':>5} | {'dense':>8} {'base':>10} {'sdpa':>8} |"
+    for sel in selections:
+        head += f" {sel + ' ms':>9} {'x':>5} {'score':>6} {'topk':>6} {'attn':>6} {'graph':>6} {'BW':>5} |"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['context']:>7} {r['batch']:>3} {r['attended']:>5} | skipped: {r['skipped']}")
+            continue
+        t = r["times_ms"]
+        line = (f"{r['context']:>7} {r['batch']:>3} {r['attended']:>5} | {t[r['dense_baseline']]:8.3f} "
+                f"{r['dense_baseline'][6:]:>10} {t.get('dense_sdpa', float('nan')):8.3f} |")
+        for sel in selections:
+            p = f"sparse_{sel}"
+            line += (f" {t[p]:9.3f} {r[p + '_speedup']:5.2f} {t[p + '_score']:6.3f} {t[p + '_topk']:6.3f}"
+                     f" {t[p + '_attn']:6.3f} {t.get(p + '_graph', float('nan')):6.3f} {r[p + '_bw_frac']:5.2f} |")
+        print(line)
+    print("ms: median time of one layer's decode attention step; x: dense baseline / sparse (eager); "
+          "score/topk/attn: the sparse step's parts; graph: sparse step replayed from a CUDA graph; "
+          "BW: sparse bytes moved / time, as a fraction of a device-to-device copy")
+
+
+def plot(rows, selections, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed: no plot"
+    done = [r for r in rows if "skipped" not in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    markers = {"page": "s-", "token": "^:"}
+    for i, b in enumerate(sorted({r["batch"] for r in done})):
+        color = f"C{i}"  # one colour per batch size, one marker per method
+        rs = sorted((r for r in done if r["batch"] == b), key=lambda r: r["context"])
+        ctx = [r["context"] for r in rs]
+        ax1.plot(ctx, [r["times_ms"][r["dense_baseline"]] for r in rs], "o--", color=color, label=f"dense B={b}")
+        for sel in selections:
+            ax1.plot(ctx, [r["times_ms"][f"sparse_{sel}"] for r in rs], markers[sel], color=color,
+                     label=f"sparse-{sel} B={b}")
+            ax2.plot(ctx, [r[f"sparse_{sel}_speedup"] for r in rs], markers[sel], color=color, label=f"{sel} B={b}")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context tokens")
+        ax.grid(True, alpha=0.3)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("decode step, ms (median)")
+    ax2.set_ylabel("speed-up vs dense baseline")
+    ax2.axhline(1.0, color="k", lw=0.8)
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("benchmarks/kernels.py: no CUDA device here; nothing to time. "
+              "Run it on a GPU machine, or use --dry-run to check the script under the Triton interpreter.")
+        return 0
+    _import_package()
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    dtype = getattr(torch, args.dtype)
+    force = dict(force_triton=True) if args.dry_run else {}
+    timer = Timer(device.type == "cuda", args.rep_ms)
+    if args.dry_run:
+        unified, why = None, "dry-run: vLLM baseline not attempted"
+    else:
+        unified, why = _vllm_unified_attention()
+    copy_bw = copy_bandwidth(timer, device, (1 << 30) if device.type == "cuda" else (1 << 24))
+    info = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                torch=torch.__version__, dry_run=args.dry_run, copy_bandwidth_GBps=copy_bw / 1e9,
+                vllm_baseline=why or "vllm unified_attention", settings=vars(args))
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(f"device: {info['device']}  copy bandwidth: {copy_bw / 1e9:.0f} GB/s  dense baseline: "
+          f"{'vLLM unified_attention' if unified else 'ours (' + str(why) + ')'}")
+    rows = []
+    for n in args.contexts:
+        for b in args.batches:
+            t0 = time.perf_counter()
+            row = run_config(args, n, b, timer, device, dtype, force, unified)
+            if "skipped" not in row:
+                add_bandwidth(row, copy_bw, args.selections)
+            row["wall_s"] = time.perf_counter() - t0
+            rows.append(row)
+            print(f"  done ctx={n} B={b} in {row['wall_s']:.1f} s" + (f" (skipped: {row['skipped']})"
+                                                                        if "skipped" in row else ""), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1, default=str))
+    note = plot(rows, args.selections, out / "kernels.png")
+    print()
+    print_table(rows, args.selections)
+    print(f"\nwrote {out / 'kernels.json'}" + (f" ({note})" if note else f" and {out / 'kernels.png'}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

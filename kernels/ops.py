@@ -1,0 +1,260 @@
+"""Dispatch layer the vLLM backend calls: CPU tensors → :mod:`.reference`, CUDA tensors → Triton.
+
+Every function has the signature of its :mod:`.reference` namesake plus keyword-only
+extras: preallocated outputs (``out``, ``indices_out``) and host-side static sizes
+(``capacity``, ``max_seq_len``, ``max_query_len``, ``num_splits``). Passing the sizes keeps
+the CUDA path free of host syncs, so a decode step can be captured in a CUDA graph
+(*plan* the sizes once per step in the metadata builder, *run* these ops in every layer).
+
+Triton is imported lazily, on the first CUDA (or forced) call: importing this module needs
+neither Triton nor a GPU. For tests without a GPU, CPU tensors take the Triton kernels
+through the interpreter when ``TRITON_INTERPRET=1`` is set before the first call *and*
+``force_triton=True`` is passed (or :data:`FORCE_TRITON` is set).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+from .layout import PagedKVCache
+
+__all__ = [
+    "FORCE_TRITON",
+    "uses_triton",
+    "write_kv",
+    "paged_attention",
+    "dense_decode",
+    "select_topk",
+    "sparse_attention",
+    "sparse_decode",
+]
+
+#: Route CPU tensors to the Triton kernels (needs ``TRITON_INTERPRET=1``). Tests only.
+FORCE_TRITON = False
+
+
+def uses_triton(tensor: torch.Tensor, force_triton: bool | None = None) -> bool:
+    """Whether an op on ``tensor`` runs the Triton kernels (``True`` for CUDA tensors)."""
+    if tensor.is_cuda:
+        return True
+    force = FORCE_TRITON if force_triton is None else force_triton
+    if not force:
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            "force_triton=True on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before the first kernel call"
+        )
+    return True
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cache: PagedKVCache,
+    *,
+    force_triton: bool | None = None,
+) -> None:
+    """Append K/V by ``slot_mapping`` and refresh the touched pages' min/max (:func:`.reference.write_kv`).
+
+    Args:
+        key, value: ``[num_tokens, num_kv_heads, head_size]``.
+        slot_mapping: ``[num_tokens]`` int32/int64, ``< 0`` skipped.
+    Graph-safe on CUDA.
+    """
+    if uses_triton(key, force_triton):
+        from .triton_kv_write import write_kv_triton
+
+        write_kv_triton(key, value, slot_mapping, cache)
+    else:
+        reference.write_kv(key, value, slot_mapping, cache)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    force_triton: bool | None = None,
+) -> torch.Tensor:
+    """Dense causal attention of a (chunked-)prefill/decode batch (:func:`.reference.paged_attention`).
+
+    Args:
+        query: ``[num_tokens, num_heads, head_size]``.
+        block_table: ``[B, max_blocks]`` int; ``seq_lens``: ``[B]`` int;
+            ``query_start_loc``: ``[B + 1]`` int.
+        out: optional ``[num_tokens, num_heads, head_size]`` output.
+        max_query_len: host bound of the query lengths (``1`` = every request decodes one
+            token); ``None`` reads it from ``query_start_loc`` (sync).
+        max_seq_len: host bound of ``seq_lens`` (decode split count); ``None``: sync.
+    Returns:
+        ``[num_tokens, num_heads, head_size]`` (``out`` when given).
+    """
+    if uses_triton(query, force_triton):
+        from .triton_paged_attn import paged_attention_triton
+
+        return paged_attention_triton(query, cache, block_table, seq_lens, query_start_loc, scale,
+                                      out=out, max_query_len=max_query_len, max_seq_len=max_seq_len)
+    res = reference.paged_attention(query, cache, block_table, seq_lens, query_start_loc, scale)
+    return _into(out, res)
+
+
+def dense_decode(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    *,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    force_triton: bool | None = None,
+) -> torch.Tensor:
+    """Dense single-token decode (:func:`.reference.dense_decode`).
+
+    Args:
+        query: ``[B, num_heads, head_size]`` at positions ``seq_lens[b] - 1``.
+        out: optional ``[>= B, num_heads, head_size]``; rows ``:B`` are written.
+        max_seq_len: host bound of ``seq_lens`` for the split count (``None``: sync).
+        num_splits: split-K factor (``None``: fill the device).
+    """
+    if uses_triton(query, force_triton):
+        from .triton_sparse_attn import dense_decode_triton
+
+        return dense_decode_triton(query, cache, block_table, seq_lens, scale, out=out,
+                                   num_splits=num_splits, max_seq_len=max_seq_len)
+    return reference.dense_decode(query, cache, block_table, seq_lens, scale, out=out)
+
+
+def select_topk(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    attended: torch.Tensor,
+    scale: float,
+    sink_tokens: int = 0,
+    local_window: int = 0,
+    selection: str = "token",
+    granularity: str = "kv_head",
+    candidate_factor: float = 4.0,
+    *,
+    out: torch.Tensor | None = None,
+    capacity: int | None = None,
+    max_seq_len: int | None = None,
+    force_triton: bool | None = None,
+) -> torch.Tensor:
+    """Positions each (request, selection head) attends (:func:`.reference.select_topk`).
+
+    Args:
+        query: ``[B, num_heads, head_size]``; ``seq_lens``, ``attended``: ``[B]`` int.
+        out: optional ``[B, S, capacity]`` int32/int64 index buffer (``S`` = ``num_kv_heads``
+            for ``"kv_head"``, ``num_heads`` for ``"query_head"``); ``capacity`` must be
+            ``>= max(min(attended, seq_lens))``.
+        capacity: buffer width when ``out`` is None (``None``: ``max(min(attended,
+            seq_lens))``, the reference's width, a sync on CUDA).
+        max_seq_len: host bound ``>= max(seq_lens)`` sizing the score buffers (``None``: sync).
+    Returns:
+        ``[B, S, capacity]`` ascending positions, ``-1`` padded (``out`` when given); each row
+        holds the reference's set.
+    """
+    if uses_triton(query, force_triton):
+        from .triton_select import select_topk_triton
+
+        return select_topk_triton(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window,
+                                  selection, granularity, candidate_factor, out=out, capacity=capacity,
+                                  max_seq_len=max_seq_len)
+    idx = reference.select_topk(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window,
+                                selection, granularity, candidate_factor)
+    if out is None and capacity is None:
+        return idx
+    if out is None:
+        out = torch.empty((*idx.shape[:2], capacity), dtype=torch.int64, device=idx.device)
+    width = idx.shape[-1]
+    if width > out.shape[-1]:
+        raise ValueError(f"index capacity={out.shape[-1]} is smaller than max(min(attended, seq_lens))={width}")
+    out[..., :width] = idx.to(out.dtype)
+    out[..., width:] = -1
+    return out
+
+
+def sparse_attention(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    force_triton: bool | None = None,
+) -> torch.Tensor:
+    """Softmax attention over the selected positions only (:func:`.reference.sparse_attention`).
+
+    Args:
+        query: ``[B, num_heads, head_size]``.
+        indices: ``[B, S, L]`` int positions (``-1`` = skip), ``S`` = ``num_kv_heads`` or ``num_heads``.
+        out: optional ``[B, num_heads, head_size]`` output.
+        num_splits: split-K factor (``None``: fill the device; static given static shapes).
+    """
+    if uses_triton(query, force_triton):
+        from .triton_sparse_attn import sparse_attention_triton
+
+        return sparse_attention_triton(query, cache, block_table, indices, scale, out=out, num_splits=num_splits)
+    return _into(out, reference.sparse_attention(query, cache, block_table, indices, scale))
+
+
+def sparse_decode(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    attended: torch.Tensor,
+    scale: float,
+    sink_tokens: int = 0,
+    local_window: int = 0,
+    selection: str = "token",
+    granularity: str = "kv_head",
+    candidate_factor: float = 4.0,
+    *,
+    out: torch.Tensor | None = None,
+    indices_out: torch.Tensor | None = None,
+    capacity: int | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    force_triton: bool | None = None,
+) -> torch.Tensor:
+    """:func:`select_topk` then :func:`sparse_attention` (:func:`.reference.sparse_decode`).
+
+    Args: as :func:`select_topk` and :func:`sparse_attention`; ``indices_out`` is the
+    ``[B, S, capacity]`` index buffer (filled on both paths when given).
+    Returns:
+        ``[B, num_heads, head_size]`` (``out`` when given).
+    """
+    select = dict(sink_tokens=sink_tokens, local_window=local_window, selection=selection,
+                  granularity=granularity, candidate_factor=candidate_factor)
+    if not uses_triton(query, force_triton) and indices_out is None:
+        # the reference fuses selection and attention (its selection logits are the attention logits)
+        return _into(out, reference.sparse_decode(query, cache, block_table, seq_lens, attended, scale, **select))
+    idx = select_topk(query, cache, block_table, seq_lens, attended, scale, **select, out=indices_out,
+                      capacity=capacity, max_seq_len=max_seq_len, force_triton=force_triton)
+    return sparse_attention(query, cache, block_table, idx, scale, out=out, num_splits=num_splits,
+                            force_triton=force_triton)
+
+
+def _into(out: torch.Tensor | None, res: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return res
+    out[: res.shape[0]] = res.to(out.dtype)
+    return out

@@ -1,0 +1,482 @@
+"""Token selection for sparse decode: Triton scoring + ``torch.topk`` (see :func:`.reference.select_topk`).
+
+Stages (Quest's names):
+
+1. *page scores* (``selection="page"``): :func:`_page_score_kernel` computes the min/max
+   upper bound of ``scale · q·k`` for every page, ``+inf`` for the forced sink/window
+   pages, ``-inf`` past the sequence; ``torch.topk`` keeps the candidate pages.
+2. *token scores*: :func:`_token_score_kernel` computes exact ``scale · q·k`` for every
+   position (``"token"``) or every token of the candidate pages (``"page"``), ``+inf`` for
+   sinks/window and ``-inf`` for invalid slots.
+3. *top-k*: ``torch.topk`` of each (request, selection head) row, cut to ``attended[b]``,
+   sorted ascending and ``-1`` padded into a fixed-capacity ``[B, S, capacity]`` buffer.
+
+``selection="recent"`` (StreamingLLM: sinks + the most recent tokens) needs no scores and
+is a few device-side torch ops (:func:`recent_positions`).
+
+GQA: one scoring program reads a KV head's keys (or page summaries) once for its whole
+query group (padded to a power of two, ≥ 16 rows for ``tl.dot``); with
+``granularity="kv_head"`` the score is the max over the group, with ``"query_head"`` every
+query head gets its own row. Page selection per query head gives each query head its own
+candidate pages, so those programs read keys for one query head.
+
+Everything after the host-side sizes is device-side and sync-free when ``out`` (or
+``capacity``) and ``max_seq_len`` are passed: the step has static shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import PagedKVCache
+from .triton_sparse_attn import _check_query, _dot, _math_mode
+
+__all__ = [
+    "select_topk_triton",
+    "page_scores_triton",
+    "candidate_pages",
+    "token_scores_triton",
+    "candidate_capacity",
+    "recent_positions",
+]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_SELECTIONS = ("token", "page", "recent")
+_GRANULARITIES = ("kv_head", "query_head")
+
+
+@triton.jit
+def _page_score_kernel(
+    # -- pointers ------------------------------------------------------------------
+    q_ptr,  # [B, num_heads, head_size]
+    kmin_ptr,  # [num_blocks, pages_per_block, num_kv_heads, head_size]
+    kmax_ptr,  # [num_blocks, pages_per_block, num_kv_heads, head_size]
+    block_table_ptr,  # [B, max_blocks] int
+    seq_lens_ptr,  # [B] int
+    ub_ptr,  # [B, S, num_page_slots] fp32 out
+    # -- sizes / scalars -----------------------------------------------------------
+    scale,
+    sink_pages,  # ceil(sink_tokens / page_size)
+    local_window,
+    num_page_slots,  # P: page axis of ub
+    q_per_kv,
+    # -- strides -------------------------------------------------------------------
+    stride_qb, stride_qh, stride_qd,
+    stride_nb, stride_np, stride_nh, stride_nd,
+    stride_xb, stride_xp, stride_xh, stride_xd,
+    stride_btb, stride_btn,
+    stride_ub, stride_us, stride_up,
+    # -- meta ----------------------------------------------------------------------
+    PAGE_SIZE: tl.constexpr,
+    PAGES_PER_BLOCK: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # >= max(16, q_per_kv), power of two
+    TILE_P: tl.constexpr,
+    PER_ROW_OUT: tl.constexpr,  # granularity == "query_head"
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(2) * TILE_P + tl.arange(0, TILE_P)
+    n = tl.load(seq_lens_ptr + b).to(tl.int32)
+    num_pages = tl.cdiv(n, PAGE_SIZE)
+    in_range = p < num_page_slots
+    valid = in_range & (p < num_pages)
+    safe = tl.where(valid, p, 0)
+    blk = tl.load(block_table_ptr + b * stride_btb + (safe // PAGES_PER_BLOCK) * stride_btn, mask=valid, other=0)
+    blk = blk.to(tl.int64)
+    pib = (safe % PAGES_PER_BLOCK).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_SIZE
+    pd_mask = valid[:, None] & d_mask[None, :]
+    # kmin, kmax: [TILE_P, BLOCK_D]
+    kmin = tl.load(
+        kmin_ptr + blk[:, None] * stride_nb + pib[:, None] * stride_np + kvh * stride_nh + d[None, :] * stride_nd,
+        mask=pd_mask, other=0.0,
+    )
+    kmax = tl.load(
+        kmax_ptr + blk[:, None] * stride_xb + pib[:, None] * stride_xp + kvh * stride_xh + d[None, :] * stride_xd,
+        mask=pd_mask, other=0.0,
+    )
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < q_per_kv
+    heads = kvh * q_per_kv + g
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+        mask=g_mask[:, None] & d_mask[None, :], other=0.0,
+    )  # [BLOCK_G, BLOCK_D]
+    if UPCAST:
+        kmin = kmin.to(tl.float32)
+        kmax = kmax.to(tl.float32)
+        q = q.to(tl.float32)
+    # sum_d max(q_d·min_d, q_d·max_d) = q⁺·max + q⁻·min   (max >= min element-wise)
+    q_pos = tl.maximum(q, 0.0).to(q.dtype)
+    q_neg = tl.minimum(q, 0.0).to(q.dtype)
+    ub = (_dot(q_pos, tl.trans(kmax), IEEE) + _dot(q_neg, tl.trans(kmin), IEEE)) * scale  # [BLOCK_G, TILE_P]
+
+    first_window_page = tl.maximum(n - local_window, 0) // PAGE_SIZE
+    forced = valid & ((p < sink_pages) | ((p >= first_window_page) & (local_window > 0)))
+    if PER_ROW_OUT:
+        ub = tl.where(valid[None, :], ub, float("-inf"))
+        ub = tl.where(forced[None, :], float("inf"), ub)
+        tl.store(
+            ub_ptr + b * stride_ub + heads[:, None] * stride_us + p[None, :] * stride_up,
+            ub, mask=g_mask[:, None] & in_range[None, :],
+        )
+    else:
+        ub_max = tl.max(tl.where(g_mask[:, None], ub, float("-inf")), axis=0)  # [TILE_P]
+        ub_max = tl.where(valid, ub_max, float("-inf"))
+        ub_max = tl.where(forced, float("inf"), ub_max)
+        tl.store(ub_ptr + b * stride_ub + kvh * stride_us + p * stride_up, ub_max, mask=in_range)
+
+
+@triton.jit
+def _token_score_kernel(
+    # -- pointers ------------------------------------------------------------------
+    q_ptr,  # [B, num_heads, head_size]
+    k_ptr,  # [num_blocks, block_size, num_kv_heads, head_size]
+    block_table_ptr,  # [B, max_blocks] int
+    seq_lens_ptr,  # [B] int
+    cand_ptr,  # [B, S, C] int candidate pages, -1 = none (USE_CAND)
+    score_ptr,  # [B, S, num_slots] fp32 out
+    pos_ptr,  # [B, S, num_slots] int out: position of each slot (USE_CAND)
+    # -- sizes / scalars -----------------------------------------------------------
+    scale,
+    sink_tokens,
+    local_window,
+    num_slots,
+    rows_per_prog,  # query heads scored by one program
+    q_per_kv,
+    # -- strides -------------------------------------------------------------------
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_btb, stride_btn,
+    stride_cb, stride_cs, stride_cc,
+    stride_sb, stride_ss, stride_sn,
+    stride_pb, stride_ps, stride_pn,
+    # -- meta ----------------------------------------------------------------------
+    BLOCK_SIZE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # >= max(16, rows_per_prog) when USE_DOT, else 1
+    TILE_N: tl.constexpr,
+    USE_CAND: tl.constexpr,  # page selection: slots are tokens of candidate pages
+    PER_ROW_OUT: tl.constexpr,  # one score row per query head (token mode, query_head)
+    USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    ph = tl.program_id(1).to(tl.int64)  # KV head (token mode) or selection head (page mode)
+    slot = tl.program_id(2) * TILE_N + tl.arange(0, TILE_N)
+    n = tl.load(seq_lens_ptr + b).to(tl.int32)
+    in_range = slot < num_slots
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < rows_per_prog
+    heads = ph * rows_per_prog + g
+    kvh = (ph * rows_per_prog) // q_per_kv
+
+    if USE_CAND:
+        page = tl.load(cand_ptr + b * stride_cb + ph * stride_cs + (slot // PAGE_SIZE) * stride_cc,
+                       mask=in_range, other=-1).to(tl.int64)
+        pos = tl.where(page >= 0, page * PAGE_SIZE + slot % PAGE_SIZE, -1)
+        tl.store(pos_ptr + b * stride_pb + ph * stride_ps + slot * stride_pn,
+                 pos.to(pos_ptr.dtype.element_ty), mask=in_range)
+    else:
+        pos = slot.to(tl.int64)
+    valid = in_range & (pos >= 0) & (pos < n)
+    forced = valid & ((pos < sink_tokens) | (pos >= n - local_window))
+
+    if PER_ROW_OUT:
+        out_ptrs = score_ptr + b * stride_sb + heads[:, None] * stride_ss + slot[None, :] * stride_sn
+        out_mask = g_mask[:, None] & in_range[None, :]
+    else:
+        out_ptrs = score_ptr + b * stride_sb + ph * stride_ss + slot * stride_sn
+        out_mask = in_range
+
+    if tl.max(valid.to(tl.int32), axis=0) == 0:
+        # nothing to score in this tile (past the sequence or no candidate page)
+        if PER_ROW_OUT:
+            tl.store(out_ptrs, tl.full([BLOCK_G, TILE_N], float("-inf"), tl.float32), mask=out_mask)
+        else:
+            tl.store(out_ptrs, tl.full([TILE_N], float("-inf"), tl.float32), mask=out_mask)
+        return
+
+    safe = tl.where(valid, pos, 0)
+    blk = tl.load(block_table_ptr + b * stride_btb + (safe // BLOCK_SIZE) * stride_btn, mask=valid, other=0)
+    blk = blk.to(tl.int64)
+    off = safe % BLOCK_SIZE
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_SIZE
+    k = tl.load(
+        k_ptr + blk[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh + d[None, :] * stride_kd,
+        mask=valid[:, None] & d_mask[None, :], other=0.0,
+    )  # [TILE_N, BLOCK_D]
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+        mask=g_mask[:, None] & d_mask[None, :], other=0.0,
+    )  # [BLOCK_G, BLOCK_D]
+    if UPCAST or not USE_DOT:
+        k = k.to(tl.float32)
+        q = q.to(tl.float32)
+    if USE_DOT:
+        s = _dot(q, tl.trans(k), IEEE) * scale  # [BLOCK_G, TILE_N]
+    else:
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+    if PER_ROW_OUT:
+        s = tl.where(valid[None, :], s, float("-inf"))
+        s = tl.where(forced[None, :], float("inf"), s)
+        tl.store(out_ptrs, s, mask=out_mask)
+    else:
+        s = tl.max(tl.where(g_mask[:, None], s, float("-inf")), axis=0)  # [TILE_N]
+        s = tl.where(valid, s, float("-inf"))
+        s = tl.where(forced, float("inf"), s)
+        tl.store(out_ptrs, s, mask=out_mask)
+
+
+# --------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------
+def _tile(fp32_dot: bool) -> int:
+    # interpreter: few, large tiles; fp32 (FMA dot): smaller tiles keep registers in check
+    if _INTERPRET:
+        return 256
+    return 32 if fp32_dot else 64
+
+
+def _check_select_args(selection: str, granularity: str) -> None:
+    if selection not in _SELECTIONS:
+        raise ValueError(f"selection={selection!r}; allowed: {_SELECTIONS}")
+    if granularity not in _GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r}; allowed: {_GRANULARITIES}")
+
+
+def candidate_capacity(num_pages: int, capacity: int, page_size: int, sink_tokens: int,
+                       local_window: int, candidate_factor: float) -> int:
+    """Static bound of the candidate pages per row: ``>= max_b n_cand[b]`` of the reference."""
+    forced = -(-sink_tokens // page_size) + ((-(-local_window // page_size) + 1) if local_window > 0 else 0)
+    return max(1, min(num_pages, math.ceil(candidate_factor * capacity / page_size) + forced))
+
+
+def page_scores_triton(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sink_tokens: int,
+    local_window: int,
+    granularity: str,
+    num_pages: int,
+) -> torch.Tensor:
+    """Stage 1 scores: ``[B, S, num_pages]`` fp32 page upper bounds (``+inf`` forced, ``-inf`` invalid).
+
+    ``num_pages``: static page-axis length, ``>= ceil(max(seq_lens) / page_size)``.
+    """
+    b, num_heads, d = query.shape
+    hkv, ps = cache.num_kv_heads, cache.page_size
+    s_heads = hkv if granularity == "kv_head" else num_heads
+    q_per_kv = num_heads // hkv
+    ub = torch.empty((b, s_heads, num_pages), dtype=torch.float32, device=query.device)
+    upcast, ieee = _math_mode(query, cache)
+    tile_p = _tile(ieee)
+    _page_score_kernel[(b, hkv, triton.cdiv(num_pages, tile_p))](
+        query, cache.key_min, cache.key_max, block_table, seq_lens, ub,
+        scale, -(-sink_tokens // ps), local_window, num_pages, q_per_kv,
+        *query.stride(), *cache.key_min.stride(), *cache.key_max.stride(), *block_table.stride(), *ub.stride(),
+        PAGE_SIZE=ps, PAGES_PER_BLOCK=cache.pages_per_block, HEAD_SIZE=d, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_G=max(16, triton.next_power_of_2(q_per_kv)), TILE_P=tile_p,
+        PER_ROW_OUT=granularity == "query_head", UPCAST=upcast, IEEE=ieee,
+        num_warps=8 if ieee else 4,  # two FMA dots: spread the registers
+    )
+    return ub
+
+
+def candidate_pages(
+    ub: torch.Tensor,
+    seq_lens: torch.Tensor,
+    count: torch.Tensor,
+    page_size: int,
+    sink_tokens: int,
+    local_window: int,
+    candidate_factor: float,
+    max_candidates: int,
+) -> torch.Tensor:
+    """Top ``n_cand[b]`` pages of ``ub`` ``[B, S, P]`` -> ``[B, S, max_candidates]`` page ids, ``-1`` padded.
+
+    ``n_cand = min(ceil(candidate_factor · count / page_size) + forced pages, num_pages)``, as
+    :func:`.reference._candidate_positions`; device-side (no sync).
+    """
+    ps = page_size
+    seq_lens = seq_lens.long()
+    num_pages = (seq_lens + ps - 1) // ps  # [B]
+    sink_p = torch.clamp_max(torch.full_like(num_pages, -(-sink_tokens // ps)), num_pages)
+    if local_window > 0:
+        first_window_page = (seq_lens - local_window).clamp_min(0) // ps
+        n_forced = sink_p + (num_pages - first_window_page) - (sink_p - first_window_page).clamp_min(0)
+    else:
+        n_forced = sink_p
+    wanted = torch.ceil(candidate_factor * count.double() / ps).long() + n_forced
+    n_cand = torch.minimum(wanted, num_pages)  # [B]
+    top = ub.topk(max_candidates, dim=-1, sorted=True).indices  # [B, S, C]
+    keep = torch.arange(max_candidates, device=ub.device)[None, None, :] < n_cand[:, None, None]
+    return torch.where(keep, top, -1)
+
+
+def token_scores_triton(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sink_tokens: int,
+    local_window: int,
+    granularity: str,
+    num_slots: int | None = None,
+    cand: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stage 2 scores: exact ``scale · q·k`` (``+inf`` sinks/window, ``-inf`` invalid).
+
+    Token mode (``cand`` None): ``num_slots`` positions ``>= max(seq_lens)``; returns
+    ``(scores [B, S, num_slots], None)``. Page mode: the tokens of ``cand`` ``[B, S, C]``
+    pages; returns ``(scores, positions)``, both ``[B, S, C * page_size]``.
+    """
+    b, num_heads, d = query.shape
+    hkv, ps, dev = cache.num_kv_heads, cache.page_size, query.device
+    s_heads = hkv if granularity == "kv_head" else num_heads
+    q_per_kv = num_heads // hkv
+    upcast, ieee = _math_mode(query, cache)
+    tile = _tile(ieee)
+    kc = cache.key_cache
+    common = dict(BLOCK_SIZE=cache.block_size, PAGE_SIZE=ps, HEAD_SIZE=d, BLOCK_D=triton.next_power_of_2(d),
+                  TILE_N=tile, UPCAST=upcast, IEEE=ieee, num_warps=4)
+    if cand is None:
+        scores = torch.empty((b, s_heads, num_slots), dtype=torch.float32, device=dev)
+        # one program per KV head scores its whole query group
+        _token_score_kernel[(b, hkv, triton.cdiv(num_slots, tile))](
+            query, kc, block_table, seq_lens, block_table, scores, scores,
+            scale, sink_tokens, local_window, num_slots, q_per_kv, q_per_kv,
+            *query.stride(), *kc.stride(), *block_table.stride(), 0, 0, 0, *scores.stride(), 0, 0, 0,
+            BLOCK_G=max(16, triton.next_power_of_2(q_per_kv)), USE_CAND=False,
+            PER_ROW_OUT=granularity == "query_head", USE_DOT=True, **common,
+        )
+        return scores, None
+    n_slots = cand.shape[2] * ps
+    scores = torch.empty((b, s_heads, n_slots), dtype=torch.float32, device=dev)
+    pos = torch.empty((b, s_heads, n_slots), dtype=torch.int64, device=dev)
+    rows = num_heads // s_heads  # query heads sharing one candidate list
+    use_dot = rows > 1
+    _token_score_kernel[(b, s_heads, triton.cdiv(n_slots, tile))](
+        query, kc, block_table, seq_lens, cand, scores, pos,
+        scale, sink_tokens, local_window, n_slots, rows, q_per_kv,
+        *query.stride(), *kc.stride(), *block_table.stride(), *cand.stride(), *scores.stride(), *pos.stride(),
+        BLOCK_G=max(16, triton.next_power_of_2(rows)) if use_dot else 1,
+        USE_CAND=True, PER_ROW_OUT=False, USE_DOT=use_dot, **common,
+    )
+    return scores, pos
+
+
+def recent_positions(seq_lens: torch.Tensor, count: torch.Tensor, sink_tokens: int, capacity: int) -> torch.Tensor:
+    """StreamingLLM selection (``selection="recent"``): the sinks, then the most recent tokens.
+
+    Returns ``[B, capacity]`` int64 ascending positions, ``-1`` padded: ``[0, s0)`` and
+    ``[n - (count - s0), n)`` with ``s0 = min(sink_tokens, count)`` — the set the reference's
+    top-k of ``score = position`` (sinks ``+inf``) keeps. No scores needed, no kernel.
+    """
+    n = seq_lens.long()[:, None]
+    count = count.long()[:, None]
+    s0 = count.clamp_max(sink_tokens)
+    j = torch.arange(capacity, device=seq_lens.device)[None, :]
+    pos = torch.where(j < s0, j, n - count + j)  # j >= s0: n - (count - s0) + (j - s0)
+    return torch.where(j < count, pos, -1)
+
+
+def _topk_into(scores: torch.Tensor, pos: torch.Tensor | None, count: torch.Tensor, out: torch.Tensor) -> None:
+    """Top-``count[b]`` of ``scores`` ``[B, S, L]`` as ascending positions, ``-1`` padded, into ``out``."""
+    cap = out.shape[-1]
+    width = min(cap, scores.shape[-1])
+    val, idx = scores.topk(width, dim=-1, sorted=True)  # val: [B, S, width]
+    p = idx if pos is None else pos.gather(-1, idx)
+    rank = torch.arange(width, device=scores.device)
+    keep = (rank[None, None, :] < count[:, None, None]) & (val > float("-inf"))
+    big = torch.iinfo(torch.int64).max
+    p = torch.where(keep, p.long(), big).sort(dim=-1).values
+    out[..., :width] = torch.where(p == big, -1, p).to(out.dtype)
+    if width < cap:
+        out[..., width:] = -1
+
+
+def select_topk_triton(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    attended: torch.Tensor,
+    scale: float,
+    sink_tokens: int = 0,
+    local_window: int = 0,
+    selection: str = "token",
+    granularity: str = "kv_head",
+    candidate_factor: float = 4.0,
+    out: torch.Tensor | None = None,
+    capacity: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Positions each (request, selection head) attends (see :func:`.reference.select_topk`).
+
+    Args:
+        query: ``[B, num_heads, head_size]``.
+        block_table: ``[B, max_blocks]`` int32/int64.
+        seq_lens: ``[B]`` int context lengths (≥ 1).
+        attended: ``[B]`` int tokens kept per head (sinks and window included).
+        out: optional ``[B, S, capacity]`` int32/int64 index buffer, ``S`` = ``num_kv_heads``
+            (``"kv_head"``) or ``num_heads`` (``"query_head"``); ``capacity`` must be
+            ``>= max(min(attended, seq_lens))`` (a smaller one keeps the best ``capacity``).
+        capacity: width of the buffer allocated when ``out`` is None (``None``:
+            ``max(min(attended, seq_lens))``, a device sync — the reference's width).
+        max_seq_len: host bound ``>= max(seq_lens)`` sizing the score buffers
+            (``None``: read from ``seq_lens``, a device sync).
+    Returns:
+        ``out``: ascending positions, ``-1`` padded; row ``b`` holds the same set as the
+        reference's.
+    """
+    _check_select_args(selection, granularity)
+    b, num_heads, d = _check_query(query, cache)
+    s_heads = cache.num_kv_heads if granularity == "kv_head" else num_heads
+    count = torch.minimum(attended.long(), seq_lens.long())  # [B]
+    if out is None:
+        if capacity is None:
+            capacity = int(count.max()) if b else 0
+        out = torch.empty((b, s_heads, capacity), dtype=torch.int64, device=query.device)
+    if out.dim() != 3 or out.shape[0] != b or out.shape[1] != s_heads:
+        raise ValueError(f"out must be [B={b}, S={s_heads}, capacity]; got {tuple(out.shape)}")
+    capacity = out.shape[2]
+    if b == 0 or capacity == 0:
+        return out
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    max_seq_len = max(int(max_seq_len), 1)
+    args = (query, cache, block_table, seq_lens, scale, sink_tokens, local_window, granularity)
+
+    if selection == "recent":
+        out.copy_(recent_positions(seq_lens, count, sink_tokens, capacity)[:, None, :].expand(b, s_heads, capacity))
+        return out
+    if selection == "token":
+        scores, pos = token_scores_triton(*args, num_slots=max_seq_len)
+    else:
+        n_pages = triton.cdiv(max_seq_len, cache.page_size)
+        ub = page_scores_triton(*args, num_pages=n_pages)
+        c_cap = candidate_capacity(n_pages, capacity, cache.page_size, sink_tokens, local_window, candidate_factor)
+        cand = candidate_pages(ub, seq_lens, count, cache.page_size, sink_tokens, local_window, candidate_factor,
+                               c_cap)
+        scores, pos = token_scores_triton(*args, cand=cand)
+    _topk_into(scores, pos, count, out)
+    return out

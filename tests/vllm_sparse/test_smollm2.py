@@ -2,7 +2,7 @@
 
 import pytest
 
-from llm_utils import greedy, make_llm
+from llm_utils import generate_once
 from vllm_sparse import data
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -20,17 +20,17 @@ def essay_prompts(smollm2_dir):
     return [tok.decode(ids[i * 5000 : i * 5000 + n]) for i, n in enumerate(LENGTHS)]
 
 
-@pytest.fixture(scope="module")
-def stock_tokens(smollm2_dir, essay_prompts):
-    with make_llm(smollm2_dir, backend="stock") as llm:
-        return [o.token_ids for o in greedy(llm, essay_prompts)]
+def test_budget_covering_context_is_token_identical_to_stock(smollm2_dir, essay_prompts):
+    """alpha = 1, k = 1: budget(n) = n, so every decode step attends all of its context.
 
-
-def test_budget_covering_context_is_token_identical_to_stock(smollm2_dir, essay_prompts, stock_tokens):
-    # alpha = 1, k = 1: budget(n) = n, every decode step attends all of its context
-    with make_llm(smollm2_dir, sparse={"alpha": 1.0, "k": 1.0, "dense_below": 0}) as llm:
-        ours = [o.token_ids for o in greedy(llm, essay_prompts)]
-    assert ours == stock_tokens
+    float32, because in bf16 the top two logits of this model often tie *exactly* (bf16 logit
+    margins of 0.0 were measured on these prompts), and then any kernel with another summation
+    order flips greedy tokens; in float32 a tie needs agreement to ~1e-7.
+    """
+    stock = generate_once(smollm2_dir, essay_prompts, backend="stock", dtype="float32")
+    ours = generate_once(smollm2_dir, essay_prompts, sparse={"alpha": 1.0, "k": 1.0, "dense_below": 0},
+                         dtype="float32")
+    assert [o.token_ids for o in ours] == [o.token_ids for o in stock]
 
 
 def test_needles_at_the_default_budget(smollm2_dir, record_property):
@@ -40,8 +40,7 @@ def test_needles_at_the_default_budget(smollm2_dir, record_property):
     assert len(cases) == 12 and max(c.context_tokens for c in cases) > 6500
     scores = {}
     for name, settings in {"n_alpha (default)": {}, "sinks+window, same budget": {"selection": "recent"}}.items():
-        with make_llm(smollm2_dir, sparse=settings) as llm:
-            outs = greedy(llm, [c.prompt for c in cases], max_tokens=16)
+        outs = generate_once(smollm2_dir, [c.prompt for c in cases], sparse=settings, max_tokens=16)
         scores[name] = data.score(cases, [o.text for o in outs])[0]
     record_property("needle_scores", scores)
     print(f"needle retrieval out of 12: {scores}")
@@ -49,21 +48,19 @@ def test_needles_at_the_default_budget(smollm2_dir, record_property):
 
 
 def test_preemption_and_chunked_prefill_give_the_same_greedy_outputs(smollm2_dir, essay_prompts):
-    """A KV cache too small for the batch forces preemption (recompute); long prompts prefill in chunks."""
-    prompts = essay_prompts[:6] * 2  # 12 requests, up to 2.2k tokens each
+    """A KV cache too small for the batch forces preemption (recompute); prompts prefill in 256-token chunks."""
+    prompts = essay_prompts[:3] * 4  # 12 requests of 100..600 tokens, 96 new tokens each
     settings = {"alpha": 1.0, "k": 1.0, "dense_below": 0}
-    common = dict(dtype="float32", max_num_batched_tokens=512, enable_chunked_prefill=True)
-    with make_llm(smollm2_dir, sparse=settings, **common) as llm:
-        free = [o.token_ids for o in greedy(llm, prompts, max_tokens=24)]
-    # 2.5k tokens of cache in 16-token blocks: at most a couple of requests fit at once
-    with make_llm(smollm2_dir, sparse=settings, num_gpu_blocks_override=160, block_size=16,
-                  disable_log_stats=False, **common) as llm:
-        tight = [o.token_ids for o in greedy(llm, prompts, max_tokens=24)]
-        preempted = _preemptions(llm)
+    common = dict(dtype="float32", max_num_batched_tokens=256, enable_chunked_prefill=True, max_model_len=1024,
+                  block_size=16)
+    free = generate_once(smollm2_dir, prompts, sparse=settings, max_tokens=96, **common)
+    # 1.3k tokens of cache: the admitted requests outgrow it while decoding, and vLLM preempts
+    tight, preempted = generate_once(smollm2_dir, prompts, sparse=settings, max_tokens=96, with_llm=_preemptions,
+                                     num_gpu_blocks_override=80, disable_log_stats=False, **common)
     assert preempted > 0
-    assert tight == free
+    assert [o.token_ids for o in tight] == [o.token_ids for o in free]
 
 
 def _preemptions(llm) -> int:
     """Total preemptions the engine counted (from vLLM's own stats)."""
-    return int(sum(getattr(m, "value", 0) for m in llm.get_metrics() if "preemption" in m.name))
+    return int(sum(getattr(m, "value", 0) for m in llm.get_metrics() if "preempt" in m.name))

@@ -35,7 +35,7 @@ A token's *slot* is ``block_id * block_size + offset`` (vLLM's ``slot_mapping``)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -74,6 +74,12 @@ class PagedKVCache:
     key_min: torch.Tensor
     key_max: torch.Tensor
     page_size: int
+    #: ``[num_blocks * head_slots * pages_per_block, page_size * 2 * head_size]`` rows of whole
+    #: pages (keys and values interleaved per token) when the raw cache is contiguous, else None:
+    #: lets the CPU path gather pages with one ``index_select`` (memcpy) instead of strided copies
+    page_rows: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    #: ``[num_blocks, num_kv_heads * pages_per_block * 2 * head_size]`` per-block metadata rows (same condition)
+    meta_rows: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         nb, bs, h, d = self.key_cache.shape
@@ -136,6 +142,10 @@ class PagedKVCache:
             raise ValueError(f"cache blocks must be head-major (KVCacheLayout.LBHNC); strides {raw.stride()}") from e
         if meta.data_ptr() != raw[:, h:].data_ptr() or meta.stride(1) != raw.stride(2):
             raise ValueError(f"cache blocks must be head-major (KVCacheLayout.LBHNC); strides {raw.stride()}")
+        page_rows = meta_rows = None
+        if raw.is_contiguous():
+            page_rows = raw.unflatten(2, (ppb, page_size)).view(nb * slots * ppb, page_size * c)
+            meta_rows = meta[:, : h * ppb].flatten(1)
         meta = meta[:, : h * ppb].unflatten(1, (h, ppb)).transpose(1, 2)  # [NB, ppb, H, 2D]
         return cls(
             key_cache=raw[:, :h, :, :d].transpose(1, 2),
@@ -143,6 +153,8 @@ class PagedKVCache:
             key_min=meta[..., :d],
             key_max=meta[..., d:],
             page_size=page_size,
+            page_rows=page_rows,
+            meta_rows=meta_rows,
         )
 
     @staticmethod
@@ -192,3 +204,44 @@ class PagedKVCache:
         b = ids.shape[0]
         shape = (b, nblk * self.pages_per_block, self.num_kv_heads, self.head_size)
         return self.key_min[ids].reshape(shape)[:, :num_pages], self.key_max[ids].reshape(shape)[:, :num_pages]
+
+    def gather_pages(self, block_table: torch.Tensor, pages: torch.Tensor,
+                     kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of whole pages.
+
+        Args:
+            block_table: ``[B, max_blocks]`` int.
+            pages: ``[B, S, C]`` request-local page numbers (``-1`` allowed: reads page 0 of
+                block 0; mask those rows).
+            kv_head: ``[S]`` the KV head each of the ``S`` selection heads reads.
+        Returns:
+            ``(k, v)``, each ``[B, S, C * page_size, head_size]`` in the cache dtype (views
+            into one gathered copy on the fast path).
+        """
+        b, s, c = pages.shape
+        ppb, ps, d = self.pages_per_block, self.page_size, self.head_size
+        pg = pages.clamp_min(0)
+        blk = block_table.long().gather(1, (pg // ppb).view(b, s * c)).view(b, s, c).clamp_min(0)
+        heads = kv_head.view(1, s, 1).expand(b, s, c)
+        if self.page_rows is not None:
+            slots = self.page_rows.shape[0] // (self.num_blocks * ppb)
+            rows = (blk * slots + heads) * ppb + pg % ppb
+            kv = self.page_rows.index_select(0, rows.flatten()).view(b, s, c * ps, 2 * d)
+            return kv[..., :d], kv[..., d:]
+        k = self.key_cache.unflatten(1, (ppb, ps))[blk, pg % ppb, :, heads].flatten(2, 3)
+        v = self.value_cache.unflatten(1, (ppb, ps))[blk, pg % ppb, :, heads].flatten(2, 3)
+        return k, v
+
+    def gather_page_bounds(self, block_table: torch.Tensor, num_pages: int,
+                           kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page key min/max of the first ``num_pages`` pages: ``[B, S, num_pages, head_size]`` each."""
+        if self.meta_rows is None:
+            kmin, kmax = self.gather_page_summaries(block_table, num_pages)  # [B, P, H, D]
+            return kmin[:, :, kv_head].transpose(1, 2), kmax[:, :, kv_head].transpose(1, 2)
+        ppb, h, d = self.pages_per_block, self.num_kv_heads, self.head_size
+        nblk = -(-num_pages // ppb)
+        ids = block_table[:, :nblk].long().clamp_min(0)
+        b = ids.shape[0]
+        meta = self.meta_rows.index_select(0, ids.flatten()).view(b, nblk, h, ppb, 2 * d)
+        meta = meta[:, :, kv_head].transpose(1, 2).flatten(2, 3)[:, :, :num_pages]  # [B, S, P, 2D]
+        return meta[..., :d], meta[..., d:]

@@ -160,11 +160,10 @@ def dense_decode(
     pages = torch.arange(-(-int(seq_lens.max()) // ps), device=query.device).expand(b, hkv, -1)
     pos = _page_positions(pages, ps)  # [B, Hkv, N]
     invalid = (pos >= seq_lens.long()[:, None, None])[:, :, None, :]  # [B, Hkv, 1, N]
-    k = _gather_pages(cache.key_cache, block_table, pages, heads, ps).float()  # [B, Hkv, N, D]
-    logits = torch.matmul(query.float().view(b, hkv, num_heads // hkv, d), k.transpose(-1, -2)) * scale
+    k, v = cache.gather_pages(block_table, pages, heads)  # [B, Hkv, N, D] each
+    logits = torch.matmul(query.float().view(b, hkv, num_heads // hkv, d), k.float().transpose(-1, -2)) * scale
     p = torch.softmax(logits.masked_fill(invalid, _NEG_INF), dim=-1)  # [B, Hkv, G, N]
-    v = _gather_pages(cache.value_cache, block_table, pages, heads, ps).float()
-    v = v.masked_fill(invalid[:, :, 0, :, None], 0.0)  # rows past seq_lens may hold anything
+    v = v.float().masked_fill(invalid[:, :, 0, :, None], 0.0)  # rows past seq_lens may hold anything
     o = torch.matmul(p, v).reshape(b, num_heads, d)
     if out is None:
         return o.to(query.dtype)
@@ -202,24 +201,6 @@ def _selection_heads(num_heads: int, num_kv_heads: int, granularity: str, device
     raise ValueError(f"granularity={granularity!r}; allowed: 'kv_head', 'query_head'")
 
 
-def _gather_pages(tensor: torch.Tensor, block_table: torch.Tensor, pages: torch.Tensor, kv_head: torch.Tensor,
-                  page_size: int) -> torch.Tensor:
-    """Whole pages of a paged ``[num_blocks, block_size, num_kv_heads, head_size]`` tensor.
-
-    Args:
-        pages: ``[B, S, C]`` request-local page numbers (``-1`` allowed: returns page 0 of block 0).
-        kv_head: ``[S]`` the KV head each selection head reads.
-    Returns:
-        ``[B, S, C * page_size, head_size]`` (a copy, in the cache dtype).
-    """
-    b, s, c = pages.shape
-    ppb = tensor.shape[1] // page_size
-    pg = pages.clamp_min(0)
-    blk = block_table.long().gather(1, (pg // ppb).view(b, s * c)).view(b, s, c).clamp_min(0)
-    rows = tensor.unflatten(1, (ppb, page_size))[blk, pg % ppb, :, kv_head.view(1, s, 1).expand(b, s, c)]
-    return rows.flatten(2, 3)  # [B, S, C, ps, D] -> [B, S, C*ps, D]
-
-
 def _page_positions(pages: torch.Tensor, page_size: int) -> torch.Tensor:
     """``[B, S, C]`` pages (−1 padded) -> ``[B, S, C * page_size]`` positions (−1 padded)."""
     pos = pages[..., None] * page_size + torch.arange(page_size, device=pages.device)
@@ -248,9 +229,10 @@ def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, l
             granularity, candidate_factor):
     """Shared core of :func:`select_topk` and :func:`sparse_decode`.
 
-    Returns ``(pos, keep, logits, keys)``: ``pos``/``keep`` ``[B, S, W]`` chosen positions and
+    Returns ``(pos, keep, logits, values)``: ``pos``/``keep`` ``[B, S, W]`` chosen positions and
     their validity; ``logits`` ``[B, S, G, W]`` float32 ``scale·q·k`` of each chosen key for each
-    query head of the selection head's group (``None`` for ``"recent"``); ``heads`` ``[S]``.
+    query head of the selection head's group and ``values`` ``[B, S, W, D]`` (cache dtype) the
+    chosen values, both ``None`` for ``"recent"``.
     """
     b, num_heads, d = query.shape
     dev = query.device
@@ -265,7 +247,7 @@ def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, l
         pos = torch.arange(int(seq_lens.max()), device=dev).expand(b, s, -1)
         scores = pos.float().masked_fill(pos < sink_tokens, math.inf).masked_fill(pos >= n, _NEG_INF)
         idx, keep = _topk(scores, count, width)
-        return pos.gather(-1, idx), keep, None, heads
+        return pos.gather(-1, idx), keep, None, None
     if selection == "token":  # every page is a candidate
         num_pages = (seq_lens + ps - 1) // ps
         pages = torch.arange(int(num_pages.max()), device=dev).expand(b, s, -1)
@@ -277,15 +259,19 @@ def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, l
         raise ValueError(f"selection={selection!r}; allowed: 'token', 'page', 'recent'")
 
     pos = _page_positions(pages, ps)  # [B, S, L]
-    k = _gather_pages(cache.key_cache, block_table, pages, heads, ps).float()  # [B, S, L, D]
+    k, v = cache.gather_pages(block_table, pages, heads)  # [B, S, L, D] each
     q = query.float().view(b, s, num_heads // s, d)
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, S, G, L]
+    logits = torch.matmul(q, k.float().transpose(-1, -2)) * scale  # [B, S, G, L]
     scores = logits.amax(2)
     scores = scores.masked_fill((pos < 0) | (pos >= n), _NEG_INF)
     forced = (pos >= 0) & (pos < n) & ((pos < sink_tokens) | (pos >= n - local_window))
     idx, keep = _topk(scores.masked_fill(forced, math.inf), count, width)
     chosen_logits = logits.gather(-1, idx[:, :, None, :].expand(-1, -1, logits.shape[2], -1))
-    return pos.gather(-1, idx), keep, chosen_logits, heads
+    # chosen values: one row gather over the flattened [B*S*L] axis (v rows may be strided)
+    length = v.shape[2]
+    rows = (torch.arange(b * s, device=dev).view(b, s, 1) * length + idx).flatten()
+    chosen_values = v.reshape(b * s * length, d).index_select(0, rows).view(b, s, -1, d)  # [B, S, W, D]
+    return pos.gather(-1, idx), keep, chosen_logits, chosen_values
 
 
 def select_topk(
@@ -333,9 +319,9 @@ def _candidate_pages(q, cache, block_table, seq_lens, count, heads, scale, sink_
     s, ps, dev = heads.numel(), cache.page_size, q.device
     num_pages = (seq_lens + ps - 1) // ps  # [B]
     p_max = int(num_pages.max())
-    kmin, kmax = cache.gather_page_summaries(block_table, p_max)  # [B, P, Hkv, D]
-    kmin = kmin[:, :, heads].float().permute(0, 2, 3, 1)  # [B, S, D, P]
-    kmax = kmax[:, :, heads].float().permute(0, 2, 3, 1)
+    kmin, kmax = cache.gather_page_bounds(block_table, p_max, heads)  # [B, S, P, D] each
+    kmin = kmin.float().transpose(-1, -2)  # [B, S, D, P]
+    kmax = kmax.float().transpose(-1, -2)
     qs = q.view(b, s, num_heads // s, d)
     # max over the page of q·k <= sum_d max(q_d·min_d, q_d·max_d) = q⁺·max + q⁻·min
     ub = (torch.matmul(qs.clamp_min(0), kmax) + torch.matmul(qs.clamp_max(0), kmin)).amax(2) * scale  # [B, S, P]
@@ -400,12 +386,11 @@ def sparse_decode(
 ) -> torch.Tensor:
     """:func:`select_topk` then :func:`sparse_attention`, fused: the scores computed for the
     selection are reused as the attention logits. Returns ``[B, num_heads, head_size]``."""
-    pos, keep, logits, heads = _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens,
-                                       local_window, selection, granularity, candidate_factor)
+    pos, keep, logits, v = _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens,
+                                   local_window, selection, granularity, candidate_factor)
     if logits is None:
         return sparse_attention(query, cache, block_table, torch.where(keep, pos, -1), scale)
     b, num_heads, d = query.shape
-    v = gather_tokens(cache.value_cache, block_table, pos, heads).float()  # [B, S, W, D]
-    v = v.masked_fill(~keep[..., None], 0.0)
+    v = v.float().masked_fill(~keep[..., None], 0.0)
     p = torch.softmax(logits.masked_fill(~keep[:, :, None, :], _NEG_INF), dim=-1)  # [B, S, G, W]
     return torch.matmul(p, v).reshape(b, num_heads, d).to(query.dtype)

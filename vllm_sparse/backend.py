@@ -39,6 +39,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from vllm_sparse import stats
 from vllm_sparse.config import SparseConfig
+from vllm_sparse.cpu_tuning import tune_malloc
 from vllm_sparse.kernels import PagedKVCache, meta_slots
 from vllm_sparse.kernels import ops
 
@@ -199,6 +200,10 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         self.num_kv_heads = num_kv_heads
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.config = _sparse_config()
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            tune_malloc()
         self._views: tuple[int, PagedKVCache] | None = None
 
     def _cache(self, kv_cache: torch.Tensor) -> PagedKVCache:

@@ -203,3 +203,25 @@ def test_recent_selection_is_sinks_plus_most_recent_tokens():
                         "recent")
     assert idx[0, 0].tolist() == list(range(4)) + list(range(264, 300)) + [-1] * 10
     assert idx[1, 1, :50].tolist() == list(range(50)) and bool((idx[1, :, 50:] == -1).all())
+
+
+@pytest.mark.parametrize("selection", ["token", "page"])
+def test_strided_cache_takes_the_general_path_and_agrees(selection):
+    """A layer-interleaved (non-contiguous) cache has no page_rows fast path; results must not change."""
+    from vllm_sparse.kernels import PagedKVCache
+
+    case = make_case([300, 77], 6, 2, 64, 16, 16, torch.float32)
+    raw = case.cache.key_cache._base if case.cache.key_cache._base is not None else None
+    assert raw is not None and case.cache.page_rows is not None
+    interleaved = torch.full((raw.shape[0], 2, *raw.shape[1:]), float("nan"))
+    interleaved[:, 1] = raw
+    strided = PagedKVCache.from_raw(interleaved[:, 1], 2, 16)
+    assert strided.page_rows is None and strided.meta_rows is None
+    q = torch.randn(2, 6, 64)
+    att = torch.tensor([64, 40])
+    args = (case.block_table, case.seq_lens, att, 0.125)
+    kw = dict(sink_tokens=4, local_window=16, selection=selection, candidate_factor=2.0)
+    assert torch.equal(R.select_topk(q, case.cache, *args, **kw), R.select_topk(q, strided, *args, **kw))
+    assert rel_err(R.sparse_decode(q, strided, *args, **kw), R.sparse_decode(q, case.cache, *args, **kw)) < 1e-6
+    assert rel_err(R.dense_decode(q, strided, case.block_table, case.seq_lens, 0.125),
+                   R.dense_decode(q, case.cache, case.block_table, case.seq_lens, 0.125)) < 1e-6

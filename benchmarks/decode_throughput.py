@@ -1,10 +1,11 @@
 """Decode throughput in real vLLM: the sparse backend against the stock backend, same machine, same run.
 
-For every (context, batch) the script generates, with greedy sampling and ``ignore_eos``,
-first 1 token and then ``1 + D`` tokens from the same random prompts (prefix caching off),
-and takes the difference of the two wall times as the time of ``D`` decode steps — the
-method of ``vllm bench latency`` with two output lengths. It prints a table with decode
-tokens/s and the sparse/stock ratio, and writes JSON + a PNG plot.
+For every (context, batch) the script generates ``1 + D`` tokens from ``batch`` random
+prompts of ``context`` tokens (greedy, ``ignore_eos``, prefix caching off) with the engine
+in-process, and times every engine step. A *decode step* is a step whose scheduler output is
+exactly one token for each of the ``batch`` requests (no prefill chunk mixed in); the median of
+those step times is the decode step time, and ``batch / step`` the decode tokens/s. It prints
+a table with the sparse/stock ratio and writes JSON + a PNG plot.
 
 Example (CPU machine, SmolLM2-135M, about 15 minutes)::
 
@@ -24,7 +25,7 @@ import platform
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine must run in-process to be timed
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "6")
 
 DEFAULT_BACKENDS = ["stock", "sparse={}", 'sparse-page={"selection": "page"}']
@@ -35,41 +36,69 @@ def parse_backend(spec: str) -> tuple[str, dict | None]:
     return name, (None if name == "stock" else json.loads(settings or "{}"))
 
 
-def time_generate(llm, prompts, max_tokens: int) -> float:
-    from vllm import SamplingParams
+class StepTimer:
+    """Times the in-process engine's steps and keeps those that were pure full-batch decode."""
 
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    t = time.perf_counter()
-    llm.generate(prompts, sp, use_tqdm=False)
-    return time.perf_counter() - t
+    def __init__(self, llm):
+        core = llm.llm_engine.engine_core.engine_core  # in-process EngineCore
+        self.decode_steps: list[float] = []
+        self.batch = 0
+        last = {}
+        schedule, step = core.scheduler.schedule, core.step_fn
+
+        def timed_schedule(*args, **kwargs):
+            last["out"] = out = schedule(*args, **kwargs)
+            return out
+
+        def timed_step(*args, **kwargs):
+            t = time.perf_counter()
+            result = step(*args, **kwargs)
+            dt = time.perf_counter() - t
+            so = last.pop("out", None)
+            if so is not None and len(so.num_scheduled_tokens) == self.batch and all(
+                    v == 1 for v in so.num_scheduled_tokens.values()):
+                self.decode_steps.append(dt)
+            return result
+
+        core.scheduler.schedule, core.step_fn = timed_schedule, timed_step
 
 
 def run_backend(model: str, settings: dict | None, contexts, batches, decode_tokens: int, seed: int) -> list[dict]:
+    import statistics
+
     import torch
-    from vllm import LLM
+    from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        raise SystemExit("run with VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine must run in-process to be timed)")
+    # one scheduler step may take every prompt whole, so all requests start decoding together
     kw = dict(model=model, enforce_eager=True, max_model_len=max(contexts) + decode_tokens + 16, dtype="bfloat16",
-              enable_prefix_caching=False, seed=seed)
+              enable_prefix_caching=False, seed=seed, max_num_batched_tokens=max(contexts) * max(batches) + 64)
     if settings is not None:
         kw.update(attention_backend="CUSTOM", additional_config={"vllm_sparse": settings})
     llm = LLM(**kw)
+    timer = StepTimer(llm)
     vocab = llm.get_tokenizer().vocab_size
     gen = torch.Generator().manual_seed(seed)
+    sp = SamplingParams(max_tokens=1 + decode_tokens, temperature=0.0, ignore_eos=True)
     rows = []
     try:
-        time_generate(llm, [TokensPrompt(prompt_token_ids=[1, 2, 3])], 4)  # warm-up
         for n in contexts:
             for b in batches:
                 prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, vocab, (n,), generator=gen).tolist())
                            for _ in range(b)]
-                t_prefill = time_generate(llm, prompts, 1)
-                t_total = time_generate(llm, prompts, 1 + decode_tokens)
-                step = max(t_total - t_prefill, 1e-9) / decode_tokens
-                rows.append(dict(context=n, batch=b, prefill_s=t_prefill, step_ms=1e3 * step,
-                                 decode_tokens_per_s=b / step))
-                print(f"  context {n:6d} batch {b:3d}: prefill {t_prefill:7.1f} s, decode step {1e3 * step:8.1f} ms",
-                      flush=True)
+                timer.batch, timer.decode_steps = b, []
+                t = time.perf_counter()
+                llm.generate(prompts, sp, use_tqdm=False)
+                wall = time.perf_counter() - t
+                if not timer.decode_steps:
+                    raise RuntimeError(f"no pure decode step of batch {b} was seen; raise --decode-tokens")
+                step = statistics.median(timer.decode_steps)
+                rows.append(dict(context=n, batch=b, wall_s=wall, decode_steps_timed=len(timer.decode_steps),
+                                 step_ms=1e3 * step, decode_tokens_per_s=b / step))
+                print(f"  context {n:6d} batch {b:3d}: {len(timer.decode_steps)} decode steps, median "
+                      f"{1e3 * step:8.1f} ms ({wall:.0f} s in all)", flush=True)
     finally:
         del llm
         gc.collect()
@@ -111,7 +140,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(model=args.model, machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
-                decode_tokens=args.decode_tokens, method="(T(1+D) - T(1)) / D, prefix caching off")
+                decode_tokens=args.decode_tokens,
+                method="median engine-step time over pure full-batch decode steps, in-process engine, prefix caching off")
     (args.out / "decode_throughput.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
     try:
         import matplotlib

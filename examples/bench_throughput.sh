@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# `vllm bench throughput` at long input, vLLM's stock backend vs the sparse backend, same machine.
+#   bash examples/bench_throughput.sh [MODEL] [INPUT_LEN] [OUTPUT_LEN] [NUM_PROMPTS]
+# Default: the prepared SmolLM2-135M-Instruct, 7000 input / 128 output tokens, 16 prompts
+# (about 7 minutes per backend on a 2-core CPU). Results land in bench-{stock,sparse}.json.
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+MODEL=${1:-$($PY -m vllm_sparse.models path smollm2)}
+IN=${2:-7000}; OUT=${3:-128}; N=${4:-16}
+VS=$(dirname "$PY")/vllm-sparse
+common=(bench throughput --model "$MODEL" --dataset-name random --random-input-len "$IN"
+        --random-output-len "$OUT" --num-prompts "$N" --max-model-len $((IN + OUT + 16)) --enforce-eager)
+"$VS" "${common[@]}" --output-json bench-stock.json
+"$VS" "${common[@]}" --attention-backend CUSTOM --additional-config '{"vllm_sparse": {}}' --output-json bench-sparse.json

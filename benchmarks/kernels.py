@@ -21,7 +21,6 @@ writes ``kernels.json`` and ``kernels.png`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -34,21 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _import_package():
     """``vllm_sparse.kernels`` / ``.policies``, installed or straight from this checkout (the GPU machine)."""
-    try:
-        import vllm_sparse.kernels  # noqa: F401
-        import vllm_sparse.policies  # noqa: F401
-    except ImportError:
+    if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-        import vllm_sparse
+    from vllm_sparse.checkout import use_checkout_packages
 
-        for sub in ("kernels", "policies"):
-            name = f"vllm_sparse.{sub}"
-            spec = importlib.util.spec_from_file_location(name, ROOT / sub / "__init__.py",
-                                                          submodule_search_locations=[str(ROOT / sub)])
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
-            spec.loader.exec_module(mod)
-            setattr(vllm_sparse, sub, mod)
+    use_checkout_packages(ROOT)
 
 
 def parse_args(argv=None):

@@ -8,7 +8,6 @@ and no network), ``vllm_sparse.kernels`` / ``vllm_sparse.policies`` are mapped o
 ``kernels/`` and ``policies/`` directories, as ``pyproject.toml``'s ``package-dir`` does.
 """
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -20,24 +19,12 @@ if not torch.cuda.is_available():
 
 
 def _map_package_dirs() -> None:
-    try:
-        import vllm_sparse.kernels  # noqa: F401
-        import vllm_sparse.policies  # noqa: F401
-        return
-    except ImportError:
-        pass
     root = Path(__file__).resolve().parents[2]
-    sys.path.insert(0, str(root))
-    import vllm_sparse
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from vllm_sparse.checkout import use_checkout_packages
 
-    for sub in ("kernels", "policies"):
-        name = f"vllm_sparse.{sub}"
-        spec = importlib.util.spec_from_file_location(name, root / sub / "__init__.py",
-                                                      submodule_search_locations=[str(root / sub)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        setattr(vllm_sparse, sub, mod)
+    use_checkout_packages(root)
 
 
 _map_package_dirs()

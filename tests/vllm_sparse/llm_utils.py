@@ -86,11 +86,13 @@ def serve(model, *args, timeout=240, log_path=None):
             raise TimeoutError(f"server not ready in {timeout} s")
         yield base, proc
     finally:
+        proc.needed_kill = False  # clean shutdown: SIGTERM alone stops the server within 30 s
         if proc.poll() is None:
             proc.terminate()
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                proc.needed_kill = True
                 proc.kill()
                 proc.wait()
         log.close()

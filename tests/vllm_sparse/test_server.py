@@ -23,7 +23,7 @@ def server(smollm2_dir, tmp_path_factory):
             "--served-model-name", "smollm2", "--additional-config", sparse_json(dense_below=256)]
     with serve(smollm2_dir, *args, log_path=log) as (base, proc):
         yield base, proc, log
-    assert proc.returncode is not None
+    assert not proc.needed_kill, "server did not stop within 30 s of SIGTERM"
 
 
 @pytest.fixture(scope="module")

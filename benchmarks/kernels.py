@@ -5,16 +5,20 @@ min/max), then times with ``triton.testing.do_bench`` (median, L2 flushed betwee
 
 * dense baselines: vLLM's Triton ``unified_attention`` when vLLM is importable, our split-K
   dense decode kernel, and torch SDPA on a gathered (contiguous) copy of the cache;
-* the sparse decode step (``select_topk`` + ``sparse_attention``) for page and token
-  selection, eager and replayed from a CUDA graph, split into scoring (Triton kernels),
-  top-k selection (torch.topk/sort) and attention.
+* the sparse decode step (``select_topk`` + ``sparse_attention``) for page selection (one
+  variant per ``--candidate-factors`` entry) and token selection, eager and replayed from a
+  CUDA graph, split into scoring (Triton kernels), top-k selection (torch.topk/sort) and
+  attention.
 
 Budget: ``attended_tokens(n, n_alpha_budget(n, k, alpha, min_budget), sink, window)``. Bytes
-moved are the minimum traffic of each step (each input row read once); achieved bandwidth is
-reported as a fraction of a device-to-device copy measured in the same run. Prints a table,
+moved are the minimum traffic of each step (each input row read once, :func:`traffic`);
+achieved bandwidth is reported as a fraction of a device-to-device copy measured in the same
+run. ``floor_x`` is dense bytes / sparse bytes: the speed-up a step could reach if sparse and
+dense both ran at the same bandwidth — no kernel tuning gets much past it. Prints a table,
 writes ``kernels.json`` and ``kernels.png`` into ``--out``.
 
     python benchmarks/kernels.py --out benchmarks/results          # GPU
+    python benchmarks/kernels.py --floor --out benchmarks/results   # byte floors only, no device
     python benchmarks/kernels.py --dry-run --out /tmp/bench         # tiny config, Triton interpreter, CPU
 """
 
@@ -56,13 +60,18 @@ def parse_args(argv=None):
     p.add_argument("--min-budget", type=int, default=256)
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--local-window", type=int, default=64)
-    p.add_argument("--candidate-factor", type=float, default=4.0)
+    p.add_argument("--candidate-factors", type=float, nargs="+", default=[4.0, 2.0],
+                   help="page selection: one variant per candidate factor (the plugin's default is 4)")
     p.add_argument("--selections", nargs="+", default=["page", "token"], choices=["page", "token"])
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny config on CPU under the Triton interpreter: proves the script runs")
+    p.add_argument("--floor", action="store_true",
+                   help="no timing, no device: bytes each step must move and the speed-up they allow")
     args = p.parse_args(argv)
+    args.variants = [(f"page_cf{cf:g}", "page", cf) for cf in args.candidate_factors if "page" in args.selections]
+    args.variants += [("token", "token", args.candidate_factors[0])] if "token" in args.selections else []
     if args.dry_run:
         args.contexts, args.batches = [200], [2]
         args.num_heads, args.num_kv_heads, args.head_size = 4, 2, 64
@@ -199,10 +208,8 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
     row["dense_baseline"] = dense_key
 
     # -- sparse ----------------------------------------------------------------------------
-    esz_kv = d * esz  # one head's K (or V) row
-    for sel in args.selections:
-        kw = dict(sink_tokens=args.sink_tokens, local_window=args.local_window, selection=sel,
-                  candidate_factor=args.candidate_factor)
+    for name, sel, cf in args.variants:
+        kw = dict(sink_tokens=args.sink_tokens, local_window=args.local_window, selection=sel, candidate_factor=cf)
         idx = torch.empty((batch, hkv, att), dtype=torch.int32, device=device)
         so = torch.empty_like(q)
 
@@ -210,33 +217,23 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
             ops.sparse_decode(q, cache, bt, seq_lens, attended, scale, out=so, indices_out=idx, max_seq_len=n,
                               **kw, **force)
 
-        p = f"sparse_{sel}"
+        p = f"sparse_{name}"
         t[p] = timer(step)
         t[p + "_select"] = timer(lambda: ops.select_topk(q, cache, bt, seq_lens, attended, scale, **kw, out=idx,
                                                          max_seq_len=n, **force))
         t[p + "_attn"] = timer(lambda: ops.sparse_attention(q, cache, bt, idx, scale, out=so, **force))
         sargs = (q, cache, bt, seq_lens, scale, args.sink_tokens, args.local_window, "kv_head")
-        n_pages = -(-n // args.page_size)
         if sel == "page":
-            count = attended.long()
-            c_cap = candidate_capacity(n_pages, att, args.page_size, args.sink_tokens, args.local_window,
-                                       args.candidate_factor)
+            n_pages = -(-n // args.page_size)
+            c_cap = candidate_capacity(n_pages, att, args.page_size, args.sink_tokens, args.local_window, cf)
             ub = page_scores_triton(*sargs, num_pages=n_pages)
-            cand = candidate_pages(ub, seq_lens, count, args.page_size, args.sink_tokens, args.local_window,
-                                   args.candidate_factor, c_cap)
+            cand = candidate_pages(ub, seq_lens, attended.long(), args.page_size, args.sink_tokens,
+                                   args.local_window, cf, c_cap)
             t[p + "_score"] = timer(lambda: (page_scores_triton(*sargs, num_pages=n_pages),
                                              token_scores_triton(*sargs, cand=cand)))
-            score_bytes = (batch * hkv * n_pages * (2 * esz_kv + 4)
-                           + batch * hkv * c_cap * args.page_size * (esz_kv + 12))
-            topk_bytes = batch * hkv * (n_pages * 4 + c_cap * args.page_size * 12)
         else:
             t[p + "_score"] = timer(lambda: token_scores_triton(*sargs, num_slots=n))
-            score_bytes = batch * hkv * n * (esz_kv + 4)
-            topk_bytes = batch * hkv * n * 4
         t[p + "_topk"] = max(t[p + "_select"] - t[p + "_score"], 0.0)
-        attn_bytes = batch * hkv * att * (2 * esz_kv + 4)
-        row[p + "_bytes"] = score_bytes + topk_bytes + attn_bytes
-        row[p + "_attn_bytes"] = attn_bytes
         if cuda and not args.no_graph:
             try:
                 step()
@@ -265,10 +262,10 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
         except Exception as e:  # noqa: BLE001
             row["dense_graph_error"] = f"{type(e).__name__}: {e}"[:200]
 
-    row["dense_bytes"] = kv_bytes
+    row.update(traffic(args, n, batch, esz))
     row["times_ms"] = t
-    for sel in args.selections:
-        p = f"sparse_{sel}"
+    for name, _, _ in args.variants:
+        p = f"sparse_{name}"
         row[p + "_speedup"] = t[dense_key] / t[p]
         if p + "_graph" in t and "dense_ours_graph" in t:
             row[p + "_graph_speedup_vs_dense_ours_graph"] = t["dense_ours_graph"] / t[p + "_graph"]
@@ -282,19 +279,53 @@ def _rel(x, ref) -> float:
     return float((x.double() - ref.double()).norm() / ref.double().norm())
 
 
-def add_bandwidth(row: dict, copy_bw: float, selections) -> None:
+def traffic(args, n: int, batch: int, esz: int) -> dict:
+    """Fewest bytes each step must move through device memory (every input row read once).
+
+    Dense: all K and V rows. Sparse page: the page summaries (key min + max) and fp32 page
+    bounds, the keys of the candidate pages with their fp32 score and int64 position, the
+    top-k reads, then K and V of the attended rows with their index. Token: every key and
+    its fp32 score, the top-k read, the attended rows. ``*_floor_x`` = dense / sparse bytes.
+    """
+    from vllm_sparse.kernels.triton_select import candidate_capacity
+    from vllm_sparse.policies.budget import attended_tokens, n_alpha_budget
+
+    hkv, ps, row_b = args.num_kv_heads, args.page_size, args.head_size * esz  # one head's K (or V) row
+    att = attended_tokens(n, n_alpha_budget(n, args.k, args.alpha, args.min_budget), args.sink_tokens,
+                          args.local_window)
+    heads = batch * hkv
+    out = dict(dense_bytes=heads * n * 2 * row_b)
+    attn = heads * att * (2 * row_b + 4)
+    for name, sel, cf in args.variants:
+        p = f"sparse_{name}"
+        if sel == "page":
+            n_pages = -(-n // ps)
+            cand = ps * candidate_capacity(n_pages, att, ps, args.sink_tokens, args.local_window, cf)
+            score = heads * (n_pages * (2 * row_b + 4) + cand * (row_b + 12))
+            topk = heads * (n_pages * 4 + cand * 12)
+        else:
+            score = heads * n * (row_b + 4)
+            topk = heads * n * 4
+        out[p + "_bytes"] = score + topk + attn
+        out[p + "_attn_bytes"] = attn
+        out[p + "_floor_x"] = out["dense_bytes"] / out[p + "_bytes"]
+    return out
+
+
+def add_bandwidth(row: dict, copy_bw: float, variants) -> None:
     t = row["times_ms"]
     row["dense_ours_bw_frac"] = row["dense_bytes"] / (t["dense_ours"] * 1e-3) / copy_bw
-    for sel in selections:
-        p = f"sparse_{sel}"
+    for name, _, _ in variants:
+        p = f"sparse_{name}"
         row[p + "_bw_frac"] = row[p + "_bytes"] / (t[p] * 1e-3) / copy_bw
         row[p + "_attn_bw_frac"] = row[p + "_attn_bytes"] / (t[p + "_attn"] * 1e-3) / copy_bw
 
 
-def print_table(rows, selections) -> None:
+def print_table(rows, variants) -> None:
     head = f"{'ctx':>7} {'B':>3} {'att':>5} | {'dense':>8} {'base':>10} {'sdpa':>8} |"
-    for sel in selections:
-        head += f" {sel + ' ms':>9} {'x':>5} {'score':>6} {'topk':>6} {'attn':>6} {'graph':>6} {'BW':>5} |"
+    for name, _, _ in variants:
+        head += (f" {name + ' ms':>12} {'x':>5} {'floor':>5} {'score':>6} {'topk':>6} {'attn':>6} {'graph':>6}"
+                 f" {'BW':>5} |")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -304,17 +335,38 @@ def print_table(rows, selections) -> None:
         t = r["times_ms"]
         line = (f"{r['context']:>7} {r['batch']:>3} {r['attended']:>5} | {t[r['dense_baseline']]:8.3f} "
                 f"{r['dense_baseline'][6:]:>10} {t.get('dense_sdpa', float('nan')):8.3f} |")
-        for sel in selections:
-            p = f"sparse_{sel}"
-            line += (f" {t[p]:9.3f} {r[p + '_speedup']:5.2f} {t[p + '_score']:6.3f} {t[p + '_topk']:6.3f}"
-                     f" {t[p + '_attn']:6.3f} {t.get(p + '_graph', float('nan')):6.3f} {r[p + '_bw_frac']:5.2f} |")
+        for name, _, _ in variants:
+            p = f"sparse_{name}"
+            line += (f" {t[p]:12.3f} {r[p + '_speedup']:5.2f} {r[p + '_floor_x']:5.2f} {t[p + '_score']:6.3f}"
+                     f" {t[p + '_topk']:6.3f} {t[p + '_attn']:6.3f} {t.get(p + '_graph', float('nan')):6.3f}"
+                     f" {r[p + '_bw_frac']:5.2f} |")
         print(line)
     print("ms: median time of one layer's decode attention step; x: dense baseline / sparse (eager); "
+          "floor: dense bytes / sparse bytes (the x both kernels at equal bandwidth would give); "
           "score/topk/attn: the sparse step's parts; graph: sparse step replayed from a CUDA graph; "
           "BW: sparse bytes moved / time, as a fraction of a device-to-device copy")
 
 
-def plot(rows, selections, path: Path) -> str | None:
+def print_floor(args, esz: int) -> list[dict]:
+    """``--floor``: the byte model of every configuration, no device involved."""
+    rows = []
+    print(f"{'ctx':>7} {'B':>3} {'att':>5} {'dense MB':>9} |" + "".join(f" {name + ' MB':>12} {'floor':>6} |"
+                                                                     for name, _, _ in args.variants))
+    for n in args.contexts:
+        for b in args.batches:
+            row = dict(context=n, batch=b, **traffic(args, n, b, esz))
+            row["attended"] = row["sparse_" + args.variants[0][0] + "_attn_bytes"] // (
+                b * args.num_kv_heads * (2 * args.head_size * esz + 4))
+            rows.append(row)
+            print(f"{n:>7} {b:>3} {row['attended']:>5} {row['dense_bytes'] / 1e6:9.1f} |" + "".join(
+                f" {row[f'sparse_{name}_bytes'] / 1e6:12.2f} {row[f'sparse_{name}_floor_x']:6.2f} |"
+                for name, _, _ in args.variants))
+    print("floor: dense bytes / sparse bytes = the speed-up when both steps run at the same fraction of "
+          "memory bandwidth")
+    return rows
+
+
+def plot(rows, variants, path: Path) -> str | None:
     try:
         import matplotlib
 
@@ -324,16 +376,16 @@ def plot(rows, selections, path: Path) -> str | None:
         return "matplotlib not installed: no plot"
     done = [r for r in rows if "skipped" not in r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    markers = {"page": "s-", "token": "^:"}
+    markers = ["s-", "D-.", "^:", "v--"]
     for i, b in enumerate(sorted({r["batch"] for r in done})):
         color = f"C{i}"  # one colour per batch size, one marker per method
         rs = sorted((r for r in done if r["batch"] == b), key=lambda r: r["context"])
         ctx = [r["context"] for r in rs]
         ax1.plot(ctx, [r["times_ms"][r["dense_baseline"]] for r in rs], "o--", color=color, label=f"dense B={b}")
-        for sel in selections:
-            ax1.plot(ctx, [r["times_ms"][f"sparse_{sel}"] for r in rs], markers[sel], color=color,
-                     label=f"sparse-{sel} B={b}")
-            ax2.plot(ctx, [r[f"sparse_{sel}_speedup"] for r in rs], markers[sel], color=color, label=f"{sel} B={b}")
+        for j, (name, _, _) in enumerate(variants):
+            mk = markers[j % len(markers)]
+            ax1.plot(ctx, [r["times_ms"][f"sparse_{name}"] for r in rs], mk, color=color, label=f"{name} B={b}")
+            ax2.plot(ctx, [r[f"sparse_{name}_speedup"] for r in rs], mk, color=color, label=f"{name} B={b}")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context tokens")
@@ -351,6 +403,17 @@ def plot(rows, selections, path: Path) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.floor:
+        _import_package()
+        import torch
+
+        esz = torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
+        rows = print_floor(args, esz)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kernels_floor.json").write_text(json.dumps(dict(settings=vars(args), rows=rows), indent=1))
+        print(f"wrote {out / 'kernels_floor.json'}")
+        return 0
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported
     import torch
@@ -386,7 +449,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             row = run_config(args, n, b, timer, device, dtype, force, unified)
             if "skipped" not in row:
-                add_bandwidth(row, copy_bw, args.selections)
+                add_bandwidth(row, copy_bw, args.variants)
             row["wall_s"] = time.perf_counter() - t0
             rows.append(row)
             print(f"  done ctx={n} B={b} in {row['wall_s']:.1f} s" + (f" (skipped: {row['skipped']})"
@@ -394,9 +457,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1, default=str))
-    note = plot(rows, args.selections, out / "kernels.png")
+    note = plot(rows, args.variants, out / "kernels.png")
     print()
-    print_table(rows, args.selections)
+    print_table(rows, args.variants)
     print(f"\nwrote {out / 'kernels.json'}" + (f" ({note})" if note else f" and {out / 'kernels.png'}"))
     return 0
 

@@ -161,9 +161,9 @@ def select_topk(
         query: ``[B, num_heads, head_size]``; ``seq_lens``, ``attended``: ``[B]`` int.
         out: optional ``[B, S, capacity]`` int32/int64 index buffer (``S`` = ``num_kv_heads``
             for ``"kv_head"``, ``num_heads`` for ``"query_head"``); ``capacity`` must be
-            ``>= max(min(attended, seq_lens))``.
-        capacity: buffer width when ``out`` is None (``None``: ``max(min(attended,
-            seq_lens))``, the reference's width, a sync on CUDA).
+            ``>= reference.index_capacity(selection, max(min(attended, seq_lens)), ...)``.
+        capacity: buffer width when ``out`` is None (``None``: the reference's width, a
+            sync on CUDA).
         max_seq_len: host bound ``>= max(seq_lens)`` sizing the score buffers (``None``: sync).
     Returns:
         ``[B, S, capacity]`` ascending positions, ``-1`` padded (``out`` when given); each row
@@ -183,7 +183,8 @@ def select_topk(
         out = torch.empty((*idx.shape[:2], capacity), dtype=torch.int64, device=idx.device)
     width = idx.shape[-1]
     if width > out.shape[-1]:
-        raise ValueError(f"index capacity={out.shape[-1]} is smaller than max(min(attended, seq_lens))={width}")
+        raise ValueError(f"index capacity={out.shape[-1]} is smaller than this step's selection width={width} "
+                         "(see reference.index_capacity)")
     out[..., :width] = idx.to(out.dtype)
     out[..., width:] = -1
     return out

@@ -11,7 +11,8 @@ The decode pipeline (Quest's named stages):
 2. :func:`select_topk` — per (request, KV head) pick ``attended[b]`` token positions:
    sinks + local window always, the rest by score; ``selection="token"`` scores every
    key exactly, ``selection="page"`` first ranks pages by the min/max upper bound and
-   scores only the tokens of the best pages.
+   scores only the tokens of the best pages, ``selection="quest"`` attends every token of
+   the best pages (Quest's rule: no token scoring).
 3. :func:`sparse_attention` — softmax attention over the selected positions only.
 
 :func:`paged_attention` is the dense causal op for prefill / chunked prefill / decode.
@@ -40,7 +41,13 @@ __all__ = [
     "sparse_attention",
     "sparse_decode",
     "gather_tokens",
+    "SELECTIONS",
+    "page_counts",
+    "index_capacity",
 ]
+
+#: Allowed ``selection`` values (see :func:`select_topk`).
+SELECTIONS = ("token", "page", "quest", "recent")
 
 _NEG_INF = float("-inf")
 
@@ -252,16 +259,18 @@ def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, l
         num_pages = (seq_lens + ps - 1) // ps
         pages = torch.arange(int(num_pages.max()), device=dev).expand(b, s, -1)
         pages = torch.where(pages < num_pages[:, None, None], pages, -1)
-    elif selection == "page":
+    elif selection in ("page", "quest"):
         pages = _candidate_pages(query.float(), cache, block_table, seq_lens, count, heads, scale,
-                                 sink_tokens, local_window, candidate_factor)
+                                 sink_tokens, local_window, candidate_factor, quest=selection == "quest")
     else:
-        raise ValueError(f"selection={selection!r}; allowed: 'token', 'page', 'recent'")
+        raise ValueError(f"selection={selection!r}; allowed: {SELECTIONS}")
 
     pos = _page_positions(pages, ps)  # [B, S, L]
     k, v = cache.gather_pages(block_table, pages, heads)  # [B, S, L, D] each
     q = query.float().view(b, s, num_heads // s, d)
     logits = torch.matmul(q, k.float().transpose(-1, -2)) * scale  # [B, S, G, L]
+    if selection == "quest":  # every token of the chosen pages
+        return pos, (pos >= 0) & (pos < n), logits, v
     scores = logits.amax(2)
     scores = scores.masked_fill((pos < 0) | (pos >= n), _NEG_INF)
     forced = (pos >= 0) & (pos < n) & ((pos < sink_tokens) | (pos >= n - local_window))
@@ -297,23 +306,66 @@ def select_topk(
         sink_tokens, local_window: first / last positions always kept.
         selection: ``"token"`` (exact ``q·k`` of every key), ``"page"`` (rank pages by the
             min/max upper bound, keep ``ceil(candidate_factor · attended / page_size)`` of
-            them plus the sink/window pages, then score their tokens exactly) or
-            ``"recent"`` (no scoring: sinks + the most recent tokens, StreamingLLM's rule at
-            the same budget — the baseline).
+            them plus the sink/window pages, then score their tokens exactly), ``"quest"``
+            (rank pages the same way and attend every token of the best
+            ``max(ceil(attended / page_size), sink/window pages)`` pages — Quest's rule, no
+            token scoring) or ``"recent"`` (no scoring: sinks + the most recent tokens,
+            StreamingLLM's rule at the same budget — the baseline).
         granularity: ``"kv_head"`` (one set per KV head, score = max over its query group)
             or ``"query_head"`` (one set per query head).
     Returns:
-        ``[B, S, max(attended)]`` int64 positions, ascending, ``-1`` padded, where ``S`` is
+        ``[B, S, W]`` int64 positions, ascending, ``-1`` padded, where ``S`` is
         ``num_kv_heads`` or ``num_heads``. Row ``b`` holds exactly ``min(attended[b],
-        seq_lens[b])`` valid positions, all ``< seq_lens[b]``.
+        seq_lens[b])`` valid positions, all ``< seq_lens[b]``; with ``"quest"`` it holds
+        the valid positions of its pages instead (whole pages: up to ``page_size - 1``
+        more, or the sink/window pages when they alone exceed the budget).
+        ``W <= index_capacity(selection, max(min(attended, seq_lens)), ...)``.
     """
     pos, keep, _, _ = _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window,
                               selection, granularity, candidate_factor)
     return _sorted_positions(pos, keep)
 
 
+def page_counts(seq_lens: torch.Tensor, count: torch.Tensor, page_size: int, sink_tokens: int, local_window: int,
+                candidate_factor: float, quest: bool = False) -> torch.Tensor:
+    """Pages ranked in per request, ``[B]`` int64 (device-side, no sync).
+
+    The forced pages (those holding sinks or window tokens) always count; on top of them
+    ``"page"`` keeps ``ceil(candidate_factor · count / page_size)`` candidates, while
+    ``"quest"`` keeps ``ceil(count / page_size)`` pages in all (or just the forced ones when
+    they are more). Never more than the request's pages.
+    """
+    ps = page_size
+    seq_lens = seq_lens.long()
+    num_pages = (seq_lens + ps - 1) // ps
+    sink_p = torch.clamp_max(torch.full_like(num_pages, -(-sink_tokens // ps)), num_pages)
+    if local_window > 0:
+        first_window_page = (seq_lens - local_window).clamp_min(0) // ps
+        n_forced = sink_p + (num_pages - first_window_page) - (sink_p - first_window_page).clamp_min(0)
+    else:
+        n_forced = sink_p
+    if quest:
+        wanted = torch.maximum((count.long() + ps - 1) // ps, n_forced)
+    else:
+        wanted = torch.ceil(candidate_factor * count.double() / ps).long() + n_forced
+    return torch.minimum(wanted, num_pages)
+
+
+def index_capacity(selection: str, max_count: int, page_size: int, sink_tokens: int, local_window: int) -> int:
+    """Host-side width of an index buffer that holds any row :func:`select_topk` returns.
+
+    ``max_count``: ``max(min(attended, seq_lens))`` of the step. ``"quest"`` rounds to whole
+    pages and may exceed the budget by the forced sink/window pages.
+    """
+    if selection != "quest":
+        return max_count
+    ps = page_size
+    forced = -(-sink_tokens // ps) + ((-(-local_window // ps) + 1) if local_window > 0 else 0)
+    return ps * max(-(-max_count // ps), forced)
+
+
 def _candidate_pages(q, cache, block_table, seq_lens, count, heads, scale, sink_tokens, local_window,
-                     candidate_factor) -> torch.Tensor:
+                     candidate_factor, quest=False) -> torch.Tensor:
     """Stage 1 of page selection: the best pages by upper bound, ``[B, S, C]``, −1 padded."""
     b, num_heads, d = q.shape
     s, ps, dev = heads.numel(), cache.page_size, q.device
@@ -333,8 +385,7 @@ def _candidate_pages(q, cache, block_table, seq_lens, count, heads, scale, sink_
     valid = page[None, :] < num_pages[:, None]
     forced = forced & valid
     ub = ub.masked_fill(~valid[:, None, :], _NEG_INF).masked_fill(forced[:, None, :], math.inf)
-    wanted = torch.ceil(candidate_factor * count.double() / ps).long() + forced.sum(1)
-    n_cand = torch.minimum(wanted, num_pages)  # [B]
+    n_cand = page_counts(seq_lens, count, ps, sink_tokens, local_window, candidate_factor, quest)  # [B]
     top, keep = _topk(ub, n_cand, int(n_cand.max()))
     return torch.where(keep, top, -1)
 

@@ -11,6 +11,9 @@ Stages (Quest's names):
 3. *top-k*: ``torch.topk`` of each (request, selection head) row, cut to ``attended[b]``,
    sorted ascending and ``-1`` padded into a fixed-capacity ``[B, S, capacity]`` buffer.
 
+``selection="quest"`` stops after stage 1: the top pages (:func:`.reference.page_counts`)
+are expanded to their positions — no key is read for selection, only page summaries.
+
 ``selection="recent"`` (StreamingLLM: sinks + the most recent tokens) needs no scores and
 is a few device-side torch ops (:func:`recent_positions`).
 
@@ -33,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference as R
 from .layout import PagedKVCache
 from .triton_sparse_attn import _check_query, _dot, _math_mode
 
@@ -46,7 +50,6 @@ __all__ = [
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_SELECTIONS = ("token", "page", "recent")
 _GRANULARITIES = ("kv_head", "query_head")
 
 
@@ -253,8 +256,8 @@ def _tile(fp32_dot: bool) -> int:
 
 
 def _check_select_args(selection: str, granularity: str) -> None:
-    if selection not in _SELECTIONS:
-        raise ValueError(f"selection={selection!r}; allowed: {_SELECTIONS}")
+    if selection not in R.SELECTIONS:
+        raise ValueError(f"selection={selection!r}; allowed: {R.SELECTIONS}")
     if granularity not in _GRANULARITIES:
         raise ValueError(f"granularity={granularity!r}; allowed: {_GRANULARITIES}")
 
@@ -309,25 +312,15 @@ def candidate_pages(
     local_window: int,
     candidate_factor: float,
     max_candidates: int,
+    quest: bool = False,
 ) -> torch.Tensor:
     """Top ``n_cand[b]`` pages of ``ub`` ``[B, S, P]`` -> ``[B, S, max_candidates]`` page ids, ``-1`` padded.
 
-    ``n_cand = min(ceil(candidate_factor · count / page_size) + forced pages, num_pages)``, as
-    :func:`.reference._candidate_positions`; device-side (no sync).
+    ``n_cand`` is :func:`.reference.page_counts` (``quest``: the pages Quest attends);
+    device-side (no sync).
     """
-    ps = page_size
-    seq_lens = seq_lens.long()
-    num_pages = (seq_lens + ps - 1) // ps  # [B]
-    sink_p = torch.clamp_max(torch.full_like(num_pages, -(-sink_tokens // ps)), num_pages)
-    if local_window > 0:
-        first_window_page = (seq_lens - local_window).clamp_min(0) // ps
-        n_forced = sink_p + (num_pages - first_window_page) - (sink_p - first_window_page).clamp_min(0)
-    else:
-        n_forced = sink_p
-    wanted = torch.ceil(candidate_factor * count.double() / ps).long() + n_forced
-    n_cand = torch.minimum(wanted, num_pages)  # [B]
-    top = ub.topk(max_candidates, dim=-1, sorted=True).indices  # [B, S, C]
-    keep = torch.arange(max_candidates, device=ub.device)[None, None, :] < n_cand[:, None, None]
+    n_cand = R.page_counts(seq_lens, count, page_size, sink_tokens, local_window, candidate_factor, quest)
+    top, keep = R._topk(ub, n_cand, max_candidates)
     return torch.where(keep, top, -1)
 
 
@@ -399,19 +392,19 @@ def recent_positions(seq_lens: torch.Tensor, count: torch.Tensor, sink_tokens: i
     return torch.where(j < count, pos, -1)
 
 
+def _write_rows(pos: torch.Tensor, out: torch.Tensor) -> None:
+    """``[B, S, W]`` positions (``-1`` padded) into ``out`` ``[B, S, capacity]``, ``-1`` beyond ``W``."""
+    width = min(pos.shape[-1], out.shape[-1])
+    out[..., :width] = pos[..., :width].to(out.dtype)
+    if width < out.shape[-1]:
+        out[..., width:] = -1
+
+
 def _topk_into(scores: torch.Tensor, pos: torch.Tensor | None, count: torch.Tensor, out: torch.Tensor) -> None:
     """Top-``count[b]`` of ``scores`` ``[B, S, L]`` as ascending positions, ``-1`` padded, into ``out``."""
-    cap = out.shape[-1]
-    width = min(cap, scores.shape[-1])
-    val, idx = scores.topk(width, dim=-1, sorted=True)  # val: [B, S, width]
+    idx, keep = R._topk(scores, count, out.shape[-1])
     p = idx if pos is None else pos.gather(-1, idx)
-    rank = torch.arange(width, device=scores.device)
-    keep = (rank[None, None, :] < count[:, None, None]) & (val > float("-inf"))
-    big = torch.iinfo(torch.int64).max
-    p = torch.where(keep, p.long(), big).sort(dim=-1).values
-    out[..., :width] = torch.where(p == big, -1, p).to(out.dtype)
-    if width < cap:
-        out[..., width:] = -1
+    _write_rows(R._sorted_positions(p.long(), keep), out)
 
 
 def select_topk_triton(
@@ -439,9 +432,11 @@ def select_topk_triton(
         attended: ``[B]`` int tokens kept per head (sinks and window included).
         out: optional ``[B, S, capacity]`` int32/int64 index buffer, ``S`` = ``num_kv_heads``
             (``"kv_head"``) or ``num_heads`` (``"query_head"``); ``capacity`` must be
-            ``>= max(min(attended, seq_lens))`` (a smaller one keeps the best ``capacity``).
-        capacity: width of the buffer allocated when ``out`` is None (``None``:
-            ``max(min(attended, seq_lens))``, a device sync — the reference's width).
+            ``>= index_capacity(selection, max(min(attended, seq_lens)), ...)``
+            (:func:`.reference.index_capacity`; a smaller one keeps the best ``capacity``,
+            or the best ``capacity // page_size`` pages for ``"quest"``).
+        capacity: width of the buffer allocated when ``out`` is None (``None``: that
+            bound, a device sync).
         max_seq_len: host bound ``>= max(seq_lens)`` sizing the score buffers
             (``None``: read from ``seq_lens``, a device sync).
     Returns:
@@ -454,7 +449,8 @@ def select_topk_triton(
     count = torch.minimum(attended.long(), seq_lens.long())  # [B]
     if out is None:
         if capacity is None:
-            capacity = int(count.max()) if b else 0
+            capacity = R.index_capacity(selection, int(count.max()) if b else 0, cache.page_size, sink_tokens,
+                                        local_window)
         out = torch.empty((b, s_heads, capacity), dtype=torch.int64, device=query.device)
     if out.dim() != 3 or out.shape[0] != b or out.shape[1] != s_heads:
         raise ValueError(f"out must be [B={b}, S={s_heads}, capacity]; got {tuple(out.shape)}")
@@ -471,6 +467,16 @@ def select_topk_triton(
         return out
     if selection == "token":
         scores, pos = token_scores_triton(*args, num_slots=max_seq_len)
+    elif selection == "quest":  # whole pages: no token scores, no second top-k
+        ps = cache.page_size
+        n_pages = triton.cdiv(max_seq_len, ps)
+        ub = page_scores_triton(*args, num_pages=n_pages)
+        cand = candidate_pages(ub, seq_lens, count, ps, sink_tokens, local_window, candidate_factor,
+                               max(1, min(n_pages, capacity // ps)), quest=True)
+        pos = R._page_positions(cand, ps)
+        keep = (pos >= 0) & (pos < seq_lens.long()[:, None, None])
+        _write_rows(R._sorted_positions(pos, keep), out)
+        return out
     else:
         n_pages = triton.cdiv(max_seq_len, cache.page_size)
         ub = page_scores_triton(*args, num_pages=n_pages)

@@ -42,6 +42,7 @@ from vllm_sparse.config import SparseConfig
 from vllm_sparse.cpu_tuning import tune_malloc
 from vllm_sparse.kernels import PagedKVCache, meta_slots
 from vllm_sparse.kernels import ops
+from vllm_sparse.kernels.reference import index_capacity
 
 logger = init_logger(__name__)
 
@@ -144,7 +145,9 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             seq = cm.seq_lens[:num_decodes]
             attended = self.config.attended(seq)
             dense = bool((attended >= seq).all())
-            capacity = int(attended.max())
+            cfg = self.config
+            capacity = index_capacity(cfg.selection, int(attended.max()), cfg.page_size, cfg.sink_tokens,
+                                      cfg.local_window)
             stats.record_step(num_decodes, int(attended.sum()), int(seq.sum()))
         return SparseAttentionMetadata(
             num_actual_tokens=cm.num_actual_tokens,

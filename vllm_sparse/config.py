@@ -23,8 +23,10 @@ page_size      16        tokens per selection page (its key min/max is the page 
                          a power of two dividing vLLM's block size
 selection      token     ``token``: exact q·k of every key; ``page``: rank pages by their
                          min/max upper bound, then score the best pages' tokens;
-                         ``recent``: no scoring, sinks + most recent tokens (the
-                         StreamingLLM baseline at the same budget)
+                         ``quest``: attend every token of the best pages (Quest's
+                         rule: budget rounded up to whole pages, reads no key to
+                         select); ``recent``: no scoring, sinks + most recent tokens
+                         (the StreamingLLM baseline at the same budget)
 candidate_factor 4.0     ``page`` mode: candidate pages hold this many times the budget
 granularity    kv_head   ``kv_head``: one token set per KV head (GQA group shares it);
                          ``query_head``: one set per query head
@@ -44,6 +46,8 @@ from typing import Any, Mapping
 
 import torch
 
+from vllm_sparse.kernels.reference import SELECTIONS
+
 from vllm_sparse.policies import BudgetPolicy, available_policies, get_policy_class
 
 __all__ = ["SparseConfig", "CONFIG_KEY"]
@@ -51,7 +55,7 @@ __all__ = ["SparseConfig", "CONFIG_KEY"]
 #: the key under vLLM's ``additional_config`` that holds these settings
 CONFIG_KEY = "vllm_sparse"
 
-_SELECTIONS = ("token", "page", "recent")
+_SELECTIONS = SELECTIONS  # kernels.reference: the kernels' own list
 _GRANULARITIES = ("kv_head", "query_head")
 
 

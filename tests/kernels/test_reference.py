@@ -68,7 +68,8 @@ def test_dense_decode_matches_naive(num_heads, num_kv_heads, dtype):
         assert rel_err(out[b], ref) < RTOL[dtype]
 
 
-SELECT = [("token", "kv_head"), ("token", "query_head"), ("page", "kv_head"), ("page", "query_head")]
+SELECT = [("token", "kv_head"), ("token", "query_head"), ("page", "kv_head"), ("page", "query_head"),
+          ("quest", "kv_head"), ("quest", "query_head")]
 
 
 @pytest.mark.parametrize("selection, granularity", SELECT)
@@ -160,12 +161,53 @@ def test_page_selection_keeps_whole_pages_worth_of_candidates_and_matches_token_
         assert len(pages) <= n_cand
 
 
+@pytest.mark.parametrize("granularity", ["kv_head", "query_head"])
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(6, 2), (8, 2)])
+def test_quest_selection_is_every_token_of_the_best_pages(granularity, num_heads, num_kv_heads):
+    lens = [700, 130, 45]
+    ps, sink, window = 16, 4, 20
+    case = make_case(lens, num_heads, num_kv_heads, 64, 16, ps, torch.float32)
+    q = torch.randn(len(lens), num_heads, 64)
+    attended = torch.tensor([100, 40, 45])  # request 1: forced pages (sink + window) exceed the budget
+    idx = R.select_topk(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, sink, window, "quest",
+                        granularity)
+    assert idx.shape[-1] <= R.index_capacity("quest", 100, ps, sink, window)
+    g = num_heads // num_kv_heads
+    for b, n in enumerate(lens):
+        n_pages = -(-n // ps)
+        forced = {0} | set(range(max(n - window, 0) // ps, n_pages))
+        n_sel = min(n_pages, max(-(-int(attended[b]) // ps), len(forced)))
+        # float64 page upper bound of every page: the max over the page's exact min/max per dimension
+        keys = torch.nn.functional.pad(case.keys[b].double(), (0, 0, 0, 0, 0, n_pages * ps - n), value=float("nan"))
+        pages = keys.view(n_pages, ps, num_kv_heads, 64)
+        kmin, kmax = pages.nan_to_num(float("inf")).amin(1), pages.nan_to_num(float("-inf")).amax(1)  # [P, Hkv, D]
+        qh = q[b].double().view(num_kv_heads, g, 64)
+        ub = (qh.clamp_min(0) @ kmax.permute(1, 2, 0) + qh.clamp_max(0) @ kmin.permute(1, 2, 0)) * 0.125  # [Hkv,G,P]
+        ub = ub.amax(1) if granularity == "kv_head" else ub.flatten(0, 1)
+        for s in range(idx.shape[1]):
+            row = idx[b, s]
+            sel = row[row >= 0]
+            assert bool((sel[1:] > sel[:-1]).all()) and bool((row[sel.numel():] == -1).all())
+            chosen = set((sel // ps).tolist())
+            assert sel.tolist() == [t for t in range(n) if t // ps in chosen]  # whole pages, nothing past n
+            assert forced <= chosen and len(chosen) == n_sel
+            free = sorted(set(range(n_pages)) - chosen)
+            picked = sorted(chosen - forced)
+            if picked and free:
+                assert ub[s, picked].min() >= ub[s, free].max() - 1e-9  # exactly the best pages
+    out = R.sparse_decode(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, sink_tokens=sink,
+                          local_window=window, selection="quest", granularity=granularity)
+    for b in range(len(lens)):
+        ref = naive_subset_attention(q[b], case.keys[b], case.values[b], idx[b], 0.125)
+        assert rel_err(out[b], ref) < RTOL[torch.float32]
+
+
 def test_mixed_length_batch_equals_one_request_at_a_time():
     lens = [1000, 3, 257, 64, 130]
     case = make_case(lens, 9, 3, 64, 16, 16, torch.float32)
     q = torch.randn(len(lens), 9, 64)
     attended = torch.tensor([128, 128, 100, 128, 50])
-    for sel in ("token", "page"):
+    for sel in ("token", "page", "quest"):
         batched = R.sparse_decode(q, case.cache, case.block_table, case.seq_lens, attended, 0.125,
                                   sink_tokens=4, local_window=16, selection=sel)
         for b in range(len(lens)):
@@ -205,7 +247,7 @@ def test_recent_selection_is_sinks_plus_most_recent_tokens():
     assert idx[1, 1, :50].tolist() == list(range(50)) and bool((idx[1, :, 50:] == -1).all())
 
 
-@pytest.mark.parametrize("selection", ["token", "page"])
+@pytest.mark.parametrize("selection", ["token", "page", "quest"])
 def test_strided_cache_takes_the_general_path_and_agrees(selection):
     """A layer-interleaved (non-contiguous) cache has no page_rows fast path; results must not change."""
     from vllm_sparse.kernels import PagedKVCache

@@ -160,7 +160,7 @@ def _assert_same_sets(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert bool((ours[..., w:] == -1).all())
 
 
-@pytest.mark.parametrize("selection", ["token", "page"])
+@pytest.mark.parametrize("selection", ["token", "page", "quest"])
 @pytest.mark.parametrize("granularity", ["kv_head", "query_head"])
 @pytest.mark.parametrize("gqa", range(len(GQA)))
 def test_select_topk_matches_reference_sets(selection, granularity, gqa):
@@ -175,7 +175,8 @@ def test_select_topk_matches_reference_sets(selection, granularity, gqa):
     kw = dict(sink_tokens=4, local_window=8, selection=selection, granularity=granularity, candidate_factor=2.0)
     ref = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.1, **kw)
     s = num_kv_heads if granularity == "kv_head" else num_heads
-    buf = torch.full((len(lens), s, 72), -7, dtype=torch.int32, device=DEV)  # capacity > max attended
+    width = max(72, R.index_capacity(selection, 60, page_size, 4, 8))  # > max(min(attended, seq_lens))
+    buf = torch.full((len(lens), s, width), -7, dtype=torch.int32, device=DEV)
     ours = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.1, **kw, out=buf,
                            max_seq_len=256, **FORCE)
     assert ours is buf
@@ -200,7 +201,7 @@ def test_select_topk_page_size_one_and_reference_width():
     c = case([90, 33], 8, 2, 64, 16, 1, F16)
     q = torch.randn(2, 8, 64, device=DEV).half()
     attended = torch.tensor([20, 50], device=DEV)
-    for selection in ("token", "page"):
+    for selection in ("token", "page", "quest"):
         kw = dict(sink_tokens=1, local_window=3, selection=selection, candidate_factor=1.5)
         ref = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw)
         ours = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw, **FORCE)
@@ -264,7 +265,8 @@ def test_sparse_attention(num_heads, num_kv_heads, head_size, dtype, shared, num
 
 @pytest.mark.parametrize(
     "num_heads, num_kv_heads, dtype, selection, granularity",
-    [(8, 2, BF16, "token", "kv_head"), (6, 2, F16, "page", "query_head"), (4, 4, F32, "page", "kv_head")],
+    [(8, 2, BF16, "token", "kv_head"), (6, 2, F16, "page", "query_head"), (4, 4, F32, "page", "kv_head"),
+     (8, 2, F16, "quest", "kv_head"), (6, 2, BF16, "quest", "query_head")],
 )
 def test_sparse_decode_pipeline_with_static_buffers(num_heads, num_kv_heads, dtype, selection, granularity):
     lens = [150, 1, 64]
@@ -333,7 +335,7 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("selection", ["token", "page"])
+@pytest.mark.parametrize("selection", ["token", "page", "quest"])
 def test_gpu_decode_step_at_realistic_shapes(selection):
     lens = [4000, 8191, 1, 2049]
     num_heads, hkv, d, dtype = 32, 8, 128, BF16

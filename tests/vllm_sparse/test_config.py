@@ -47,7 +47,7 @@ def test_from_additional_config():
         ({"dense_below": -5}, "dense_below"),
         ({"page_size": 12}, "page_size"),
         ({"page_size": 0}, "page_size"),
-        ({"selection": "quest"}, "selection"),
+        ({"selection": "pages"}, "selection"),
         ({"granularity": "layer"}, "granularity"),
         ({"candidate_factor": 0.5}, "candidate_factor"),
         ({"policy": "nope"}, "policy"),

@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--local-window", type=int, default=64)
     p.add_argument("--candidate-factors", type=float, nargs="+", default=[4.0, 2.0],
                    help="page selection: one variant per candidate factor (the plugin's default is 4)")
-    p.add_argument("--selections", nargs="+", default=["page", "token"], choices=["page", "token"])
+    p.add_argument("--selections", nargs="+", default=["page", "quest", "token"], choices=["page", "quest", "token"])
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     p.add_argument("--dry-run", action="store_true",
@@ -71,7 +71,7 @@ def parse_args(argv=None):
                    help="no timing, no device: bytes each step must move and the speed-up they allow")
     args = p.parse_args(argv)
     args.variants = [(f"page_cf{cf:g}", "page", cf) for cf in args.candidate_factors if "page" in args.selections]
-    args.variants += [("token", "token", args.candidate_factors[0])] if "token" in args.selections else []
+    args.variants += [(sel, sel, args.candidate_factors[0]) for sel in ("quest", "token") if sel in args.selections]
     if args.dry_run:
         args.contexts, args.batches = [200], [2]
         args.num_heads, args.num_kv_heads, args.head_size = 4, 2, 64
@@ -145,9 +145,8 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
 
     from vllm_sparse.kernels import ops
     from vllm_sparse.kernels import reference as R
-    from vllm_sparse.kernels.triton_select import (
-        candidate_capacity, candidate_pages, page_scores_triton, token_scores_triton,
-    )
+    from vllm_sparse.kernels.selection import candidate_capacity, candidate_pages, index_capacity
+    from vllm_sparse.kernels.triton_select import page_scores_triton, token_scores_triton
     from vllm_sparse.policies.budget import attended_tokens, n_alpha_budget
 
     h, hkv, d = args.num_heads, args.num_kv_heads, args.head_size
@@ -210,7 +209,8 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
     # -- sparse ----------------------------------------------------------------------------
     for name, sel, cf in args.variants:
         kw = dict(sink_tokens=args.sink_tokens, local_window=args.local_window, selection=sel, candidate_factor=cf)
-        idx = torch.empty((batch, hkv, att), dtype=torch.int32, device=device)
+        idx = torch.empty((batch, hkv, index_capacity(sel, att, args.page_size, args.sink_tokens,
+                                                        args.local_window)), dtype=torch.int32, device=device)
         so = torch.empty_like(q)
 
         def step():
@@ -231,6 +231,8 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
                                    args.local_window, cf, c_cap)
             t[p + "_score"] = timer(lambda: (page_scores_triton(*sargs, num_pages=n_pages),
                                              token_scores_triton(*sargs, cand=cand)))
+        elif sel == "quest":
+            t[p + "_score"] = timer(lambda: page_scores_triton(*sargs, num_pages=-(-n // args.page_size)))
         else:
             t[p + "_score"] = timer(lambda: token_scores_triton(*sargs, num_slots=n))
         t[p + "_topk"] = max(t[p + "_select"] - t[p + "_score"], 0.0)
@@ -284,21 +286,29 @@ def traffic(args, n: int, batch: int, esz: int) -> dict:
 
     Dense: all K and V rows. Sparse page: the page summaries (key min + max) and fp32 page
     bounds, the keys of the candidate pages with their fp32 score and int64 position, the
-    top-k reads, then K and V of the attended rows with their index. Token: every key and
-    its fp32 score, the top-k read, the attended rows. ``*_floor_x`` = dense / sparse bytes.
+    top-k reads, then K and V of the attended rows with their index. Quest: the page
+    summaries and bounds, the chosen pages' positions, then K and V of every token of those
+    pages. Token: every key and its fp32 score, the top-k read, the attended rows.
+    ``*_floor_x`` = dense / sparse bytes.
     """
-    from vllm_sparse.kernels.triton_select import candidate_capacity
+    from vllm_sparse.kernels.selection import candidate_capacity, index_capacity
     from vllm_sparse.policies.budget import attended_tokens, n_alpha_budget
 
     hkv, ps, row_b = args.num_kv_heads, args.page_size, args.head_size * esz  # one head's K (or V) row
     att = attended_tokens(n, n_alpha_budget(n, args.k, args.alpha, args.min_budget), args.sink_tokens,
                           args.local_window)
     heads = batch * hkv
-    out = dict(dense_bytes=heads * n * 2 * row_b)
-    attn = heads * att * (2 * row_b + 4)
+    out = dict(attended=att, dense_bytes=heads * n * 2 * row_b)
     for name, sel, cf in args.variants:
         p = f"sparse_{name}"
-        if sel == "page":
+        attn = heads * att * (2 * row_b + 4)
+        if sel == "quest":  # page bounds, top-k over pages, then whole pages
+            n_pages = -(-n // ps)
+            width = index_capacity("quest", att, ps, args.sink_tokens, args.local_window)
+            score = heads * n_pages * (2 * row_b + 4)
+            topk = heads * (n_pages * 4 + width * 8)
+            attn = heads * width * (2 * row_b + 4)
+        elif sel == "page":
             n_pages = -(-n // ps)
             cand = ps * candidate_capacity(n_pages, att, ps, args.sink_tokens, args.local_window, cf)
             score = heads * (n_pages * (2 * row_b + 4) + cand * (row_b + 12))
@@ -355,8 +365,6 @@ def print_floor(args, esz: int) -> list[dict]:
     for n in args.contexts:
         for b in args.batches:
             row = dict(context=n, batch=b, **traffic(args, n, b, esz))
-            row["attended"] = row["sparse_" + args.variants[0][0] + "_attn_bytes"] // (
-                b * args.num_kv_heads * (2 * args.head_size * esz + 4))
             rows.append(row)
             print(f"{n:>7} {b:>3} {row['attended']:>5} {row['dense_bytes'] / 1e6:9.1f} |" + "".join(
                 f" {row[f'sparse_{name}_bytes'] / 1e6:12.2f} {row[f'sparse_{name}_floor_x']:6.2f} |"

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import PagedKVCache
+from .selection import SELECTIONS, index_capacity, page_counts, page_positions, sorted_positions, topk_rows
 
 __all__ = [
     "write_kv",
@@ -46,8 +47,7 @@ __all__ = [
     "index_capacity",
 ]
 
-#: Allowed ``selection`` values (see :func:`select_topk`).
-SELECTIONS = ("token", "page", "quest", "recent")
+
 
 _NEG_INF = float("-inf")
 
@@ -165,7 +165,7 @@ def dense_decode(
     hkv, ps = cache.num_kv_heads, cache.page_size
     heads = torch.arange(hkv, device=query.device)
     pages = torch.arange(-(-int(seq_lens.max()) // ps), device=query.device).expand(b, hkv, -1)
-    pos = _page_positions(pages, ps)  # [B, Hkv, N]
+    pos = page_positions(pages, ps)  # [B, Hkv, N]
     invalid = (pos >= seq_lens.long()[:, None, None])[:, :, None, :]  # [B, Hkv, 1, N]
     k, v = cache.gather_pages(block_table, pages, heads)  # [B, Hkv, N, D] each
     logits = torch.matmul(query.float().view(b, hkv, num_heads // hkv, d), k.float().transpose(-1, -2)) * scale
@@ -208,30 +208,6 @@ def _selection_heads(num_heads: int, num_kv_heads: int, granularity: str, device
     raise ValueError(f"granularity={granularity!r}; allowed: 'kv_head', 'query_head'")
 
 
-def _page_positions(pages: torch.Tensor, page_size: int) -> torch.Tensor:
-    """``[B, S, C]`` pages (−1 padded) -> ``[B, S, C * page_size]`` positions (−1 padded)."""
-    pos = pages[..., None] * page_size + torch.arange(page_size, device=pages.device)
-    return torch.where(pages[..., None] < 0, -1, pos).flatten(2)
-
-
-def _topk(scores: torch.Tensor, count: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``count[b]`` entries of ``scores`` ``[B, S, L]`` (``-inf`` never kept).
-
-    Returns ``(idx, keep)``, both ``[B, S, width]``: indices into ``L`` and whether each is kept.
-    """
-    width = min(width, scores.shape[-1])
-    val, idx = scores.topk(width, dim=-1)
-    rank = torch.arange(width, device=scores.device)
-    return idx, (rank[None, None, :] < count[:, None, None]) & (val > _NEG_INF)
-
-
-def _sorted_positions(pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Kept positions ascending, ``-1`` padded at the end."""
-    big = torch.iinfo(pos.dtype).max
-    pos = torch.where(keep, pos, big).sort(dim=-1).values
-    return torch.where(pos == big, -1, pos)
-
-
 def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window, selection,
             granularity, candidate_factor):
     """Shared core of :func:`select_topk` and :func:`sparse_decode`.
@@ -253,7 +229,7 @@ def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, l
     if selection == "recent":  # StreamingLLM: the budget goes to sinks + the most recent tokens
         pos = torch.arange(int(seq_lens.max()), device=dev).expand(b, s, -1)
         scores = pos.float().masked_fill(pos < sink_tokens, math.inf).masked_fill(pos >= n, _NEG_INF)
-        idx, keep = _topk(scores, count, width)
+        idx, keep = topk_rows(scores, count, width)
         return pos.gather(-1, idx), keep, None, None
     if selection == "token":  # every page is a candidate
         num_pages = (seq_lens + ps - 1) // ps
@@ -265,7 +241,7 @@ def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, l
     else:
         raise ValueError(f"selection={selection!r}; allowed: {SELECTIONS}")
 
-    pos = _page_positions(pages, ps)  # [B, S, L]
+    pos = page_positions(pages, ps)  # [B, S, L]
     k, v = cache.gather_pages(block_table, pages, heads)  # [B, S, L, D] each
     q = query.float().view(b, s, num_heads // s, d)
     logits = torch.matmul(q, k.float().transpose(-1, -2)) * scale  # [B, S, G, L]
@@ -274,7 +250,7 @@ def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, l
     scores = logits.amax(2)
     scores = scores.masked_fill((pos < 0) | (pos >= n), _NEG_INF)
     forced = (pos >= 0) & (pos < n) & ((pos < sink_tokens) | (pos >= n - local_window))
-    idx, keep = _topk(scores.masked_fill(forced, math.inf), count, width)
+    idx, keep = topk_rows(scores.masked_fill(forced, math.inf), count, width)
     chosen_logits = logits.gather(-1, idx[:, :, None, :].expand(-1, -1, logits.shape[2], -1))
     # chosen values: one row gather over the flattened [B*S*L] axis (v rows may be strided)
     length = v.shape[2]
@@ -323,45 +299,7 @@ def select_topk(
     """
     pos, keep, _, _ = _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window,
                               selection, granularity, candidate_factor)
-    return _sorted_positions(pos, keep)
-
-
-def page_counts(seq_lens: torch.Tensor, count: torch.Tensor, page_size: int, sink_tokens: int, local_window: int,
-                candidate_factor: float, quest: bool = False) -> torch.Tensor:
-    """Pages ranked in per request, ``[B]`` int64 (device-side, no sync).
-
-    The forced pages (those holding sinks or window tokens) always count; on top of them
-    ``"page"`` keeps ``ceil(candidate_factor · count / page_size)`` candidates, while
-    ``"quest"`` keeps ``ceil(count / page_size)`` pages in all (or just the forced ones when
-    they are more). Never more than the request's pages.
-    """
-    ps = page_size
-    seq_lens = seq_lens.long()
-    num_pages = (seq_lens + ps - 1) // ps
-    sink_p = torch.clamp_max(torch.full_like(num_pages, -(-sink_tokens // ps)), num_pages)
-    if local_window > 0:
-        first_window_page = (seq_lens - local_window).clamp_min(0) // ps
-        n_forced = sink_p + (num_pages - first_window_page) - (sink_p - first_window_page).clamp_min(0)
-    else:
-        n_forced = sink_p
-    if quest:
-        wanted = torch.maximum((count.long() + ps - 1) // ps, n_forced)
-    else:
-        wanted = torch.ceil(candidate_factor * count.double() / ps).long() + n_forced
-    return torch.minimum(wanted, num_pages)
-
-
-def index_capacity(selection: str, max_count: int, page_size: int, sink_tokens: int, local_window: int) -> int:
-    """Host-side width of an index buffer that holds any row :func:`select_topk` returns.
-
-    ``max_count``: ``max(min(attended, seq_lens))`` of the step. ``"quest"`` rounds to whole
-    pages and may exceed the budget by the forced sink/window pages.
-    """
-    if selection != "quest":
-        return max_count
-    ps = page_size
-    forced = -(-sink_tokens // ps) + ((-(-local_window // ps) + 1) if local_window > 0 else 0)
-    return ps * max(-(-max_count // ps), forced)
+    return sorted_positions(pos, keep)
 
 
 def _candidate_pages(q, cache, block_table, seq_lens, count, heads, scale, sink_tokens, local_window,
@@ -386,7 +324,7 @@ def _candidate_pages(q, cache, block_table, seq_lens, count, heads, scale, sink_
     forced = forced & valid
     ub = ub.masked_fill(~valid[:, None, :], _NEG_INF).masked_fill(forced[:, None, :], math.inf)
     n_cand = page_counts(seq_lens, count, ps, sink_tokens, local_window, candidate_factor, quest)  # [B]
-    top, keep = _topk(ub, n_cand, int(n_cand.max()))
+    top, keep = topk_rows(ub, n_cand, int(n_cand.max()))
     return torch.where(keep, top, -1)
 
 

@@ -11,7 +11,7 @@ Stages (Quest's names):
 3. *top-k*: ``torch.topk`` of each (request, selection head) row, cut to ``attended[b]``,
    sorted ascending and ``-1`` padded into a fixed-capacity ``[B, S, capacity]`` buffer.
 
-``selection="quest"`` stops after stage 1: the top pages (:func:`.reference.page_counts`)
+``selection="quest"`` stops after stage 1: the top pages (:func:`.selection.page_counts`)
 are expanded to their positions — no key is read for selection, only page summaries.
 
 ``selection="recent"`` (StreamingLLM: sinks + the most recent tokens) needs no scores and
@@ -29,24 +29,21 @@ Everything after the host-side sizes is device-side and sync-free when ``out`` (
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import reference as R
 from .layout import PagedKVCache
+from .selection import (SELECTIONS, candidate_capacity, candidate_pages, index_capacity, page_positions,
+                        recent_positions, sorted_positions, topk_into, write_rows)
 from .triton_sparse_attn import _check_query, _dot, _math_mode
 
 __all__ = [
     "select_topk_triton",
     "page_scores_triton",
-    "candidate_pages",
     "token_scores_triton",
-    "candidate_capacity",
-    "recent_positions",
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -256,17 +253,10 @@ def _tile(fp32_dot: bool) -> int:
 
 
 def _check_select_args(selection: str, granularity: str) -> None:
-    if selection not in R.SELECTIONS:
-        raise ValueError(f"selection={selection!r}; allowed: {R.SELECTIONS}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r}; allowed: {SELECTIONS}")
     if granularity not in _GRANULARITIES:
         raise ValueError(f"granularity={granularity!r}; allowed: {_GRANULARITIES}")
-
-
-def candidate_capacity(num_pages: int, capacity: int, page_size: int, sink_tokens: int,
-                       local_window: int, candidate_factor: float) -> int:
-    """Static bound of the candidate pages per row: ``>= max_b n_cand[b]`` of the reference."""
-    forced = -(-sink_tokens // page_size) + ((-(-local_window // page_size) + 1) if local_window > 0 else 0)
-    return max(1, min(num_pages, math.ceil(candidate_factor * capacity / page_size) + forced))
 
 
 def page_scores_triton(
@@ -301,27 +291,6 @@ def page_scores_triton(
         num_warps=8 if ieee else 4,  # two FMA dots: spread the registers
     )
     return ub
-
-
-def candidate_pages(
-    ub: torch.Tensor,
-    seq_lens: torch.Tensor,
-    count: torch.Tensor,
-    page_size: int,
-    sink_tokens: int,
-    local_window: int,
-    candidate_factor: float,
-    max_candidates: int,
-    quest: bool = False,
-) -> torch.Tensor:
-    """Top ``n_cand[b]`` pages of ``ub`` ``[B, S, P]`` -> ``[B, S, max_candidates]`` page ids, ``-1`` padded.
-
-    ``n_cand`` is :func:`.reference.page_counts` (``quest``: the pages Quest attends);
-    device-side (no sync).
-    """
-    n_cand = R.page_counts(seq_lens, count, page_size, sink_tokens, local_window, candidate_factor, quest)
-    top, keep = R._topk(ub, n_cand, max_candidates)
-    return torch.where(keep, top, -1)
 
 
 def token_scores_triton(
@@ -377,36 +346,6 @@ def token_scores_triton(
     return scores, pos
 
 
-def recent_positions(seq_lens: torch.Tensor, count: torch.Tensor, sink_tokens: int, capacity: int) -> torch.Tensor:
-    """StreamingLLM selection (``selection="recent"``): the sinks, then the most recent tokens.
-
-    Returns ``[B, capacity]`` int64 ascending positions, ``-1`` padded: ``[0, s0)`` and
-    ``[n - (count - s0), n)`` with ``s0 = min(sink_tokens, count)`` — the set the reference's
-    top-k of ``score = position`` (sinks ``+inf``) keeps. No scores needed, no kernel.
-    """
-    n = seq_lens.long()[:, None]
-    count = count.long()[:, None]
-    s0 = count.clamp_max(sink_tokens)
-    j = torch.arange(capacity, device=seq_lens.device)[None, :]
-    pos = torch.where(j < s0, j, n - count + j)  # j >= s0: n - (count - s0) + (j - s0)
-    return torch.where(j < count, pos, -1)
-
-
-def _write_rows(pos: torch.Tensor, out: torch.Tensor) -> None:
-    """``[B, S, W]`` positions (``-1`` padded) into ``out`` ``[B, S, capacity]``, ``-1`` beyond ``W``."""
-    width = min(pos.shape[-1], out.shape[-1])
-    out[..., :width] = pos[..., :width].to(out.dtype)
-    if width < out.shape[-1]:
-        out[..., width:] = -1
-
-
-def _topk_into(scores: torch.Tensor, pos: torch.Tensor | None, count: torch.Tensor, out: torch.Tensor) -> None:
-    """Top-``count[b]`` of ``scores`` ``[B, S, L]`` as ascending positions, ``-1`` padded, into ``out``."""
-    idx, keep = R._topk(scores, count, out.shape[-1])
-    p = idx if pos is None else pos.gather(-1, idx)
-    _write_rows(R._sorted_positions(p.long(), keep), out)
-
-
 def select_topk_triton(
     query: torch.Tensor,
     cache: PagedKVCache,
@@ -433,7 +372,7 @@ def select_topk_triton(
         out: optional ``[B, S, capacity]`` int32/int64 index buffer, ``S`` = ``num_kv_heads``
             (``"kv_head"``) or ``num_heads`` (``"query_head"``); ``capacity`` must be
             ``>= index_capacity(selection, max(min(attended, seq_lens)), ...)``
-            (:func:`.reference.index_capacity`; a smaller one keeps the best ``capacity``,
+            (:func:`.selection.index_capacity`; a smaller one keeps the best ``capacity``,
             or the best ``capacity // page_size`` pages for ``"quest"``).
         capacity: width of the buffer allocated when ``out`` is None (``None``: that
             bound, a device sync).
@@ -449,7 +388,7 @@ def select_topk_triton(
     count = torch.minimum(attended.long(), seq_lens.long())  # [B]
     if out is None:
         if capacity is None:
-            capacity = R.index_capacity(selection, int(count.max()) if b else 0, cache.page_size, sink_tokens,
+            capacity = index_capacity(selection, int(count.max()) if b else 0, cache.page_size, sink_tokens,
                                         local_window)
         out = torch.empty((b, s_heads, capacity), dtype=torch.int64, device=query.device)
     if out.dim() != 3 or out.shape[0] != b or out.shape[1] != s_heads:
@@ -473,9 +412,9 @@ def select_topk_triton(
         ub = page_scores_triton(*args, num_pages=n_pages)
         cand = candidate_pages(ub, seq_lens, count, ps, sink_tokens, local_window, candidate_factor,
                                max(1, min(n_pages, capacity // ps)), quest=True)
-        pos = R._page_positions(cand, ps)
+        pos = page_positions(cand, ps)
         keep = (pos >= 0) & (pos < seq_lens.long()[:, None, None])
-        _write_rows(R._sorted_positions(pos, keep), out)
+        write_rows(sorted_positions(pos, keep), out)
         return out
     else:
         n_pages = triton.cdiv(max_seq_len, cache.page_size)
@@ -484,5 +423,5 @@ def select_topk_triton(
         cand = candidate_pages(ub, seq_lens, count, cache.page_size, sink_tokens, local_window, candidate_factor,
                                c_cap)
         scores, pos = token_scores_triton(*args, cand=cand)
-    _topk_into(scores, pos, count, out)
+    topk_into(scores, pos, count, out)
     return out

@@ -42,7 +42,7 @@ from vllm_sparse.config import SparseConfig
 from vllm_sparse.cpu_tuning import tune_malloc
 from vllm_sparse.kernels import PagedKVCache, meta_slots
 from vllm_sparse.kernels import ops
-from vllm_sparse.kernels.reference import index_capacity
+from vllm_sparse.kernels.selection import index_capacity
 
 logger = init_logger(__name__)
 

@@ -46,7 +46,7 @@ from typing import Any, Mapping
 
 import torch
 
-from vllm_sparse.kernels.reference import SELECTIONS
+from vllm_sparse.kernels.selection import SELECTIONS
 
 from vllm_sparse.policies import BudgetPolicy, available_policies, get_policy_class
 
@@ -55,7 +55,7 @@ __all__ = ["SparseConfig", "CONFIG_KEY"]
 #: the key under vLLM's ``additional_config`` that holds these settings
 CONFIG_KEY = "vllm_sparse"
 
-_SELECTIONS = SELECTIONS  # kernels.reference: the kernels' own list
+_SELECTIONS = SELECTIONS  # the kernels' own list
 _GRANULARITIES = ("kv_head", "query_head")
 
 

@@ -19,10 +19,12 @@ def stock_outputs(tiny_llama_dir):
         return [o.token_ids for o in greedy(llm, PROMPTS)]
 
 
-def test_custom_backend_runs_sparse_decode_and_records_sparsity(tiny_llama_dir):
+@pytest.mark.parametrize("selection", ["token", "quest"])
+def test_custom_backend_runs_sparse_decode_and_records_sparsity(tiny_llama_dir, selection):
     before = stats.snapshot()
     # budget 68..: well below the 1.8k-token prompt, so decode is really sparse
-    with make_llm(tiny_llama_dir, sparse={"dense_below": 0, "min_budget": 68, "k": 1.0, "alpha": 0.5}) as llm:
+    settings = {"dense_below": 0, "min_budget": 68, "k": 1.0, "alpha": 0.5, "selection": selection}
+    with make_llm(tiny_llama_dir, sparse=settings) as llm:
         outs = greedy(llm, PROMPTS)
     after = stats.snapshot()
     assert all(len(o.token_ids) == 16 for o in outs)
@@ -33,8 +35,10 @@ def test_custom_backend_runs_sparse_decode_and_records_sparsity(tiny_llama_dir):
     assert 0 < attended < 0.5 * context  # sparse: well under half of the context attended
 
 
-def test_full_budget_matches_stock_backend(tiny_llama_dir, stock_outputs):
-    with make_llm(tiny_llama_dir, sparse={"alpha": 1.0, "k": 1.0, "dense_below": 0}) as llm:
+@pytest.mark.parametrize("selection", ["token", "quest"])
+def test_full_budget_matches_stock_backend(tiny_llama_dir, stock_outputs, selection):
+    settings = {"alpha": 1.0, "k": 1.0, "dense_below": 0, "selection": selection}
+    with make_llm(tiny_llama_dir, sparse=settings) as llm:
         outs = [o.token_ids for o in greedy(llm, PROMPTS)]
     assert outs == stock_outputs
 

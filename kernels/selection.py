@@ -1,0 +1,150 @@
+"""Selection bookkeeping shared by the reference and the Triton path: plain torch, any device.
+
+Page counts and index-buffer widths (host-side sizes for static step shapes), top-k rows cut
+to per-request counts, page → position expansion, ascending ``-1``-padded index rows. No
+kernel here: :mod:`.reference` and :mod:`.triton_select` both build on these, so the two
+paths agree on every count by construction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "SELECTIONS",
+    "page_counts",
+    "index_capacity",
+    "candidate_capacity",
+    "candidate_pages",
+    "page_positions",
+    "topk_rows",
+    "sorted_positions",
+    "recent_positions",
+    "write_rows",
+    "topk_into",
+]
+
+#: Allowed ``selection`` values (see :func:`.reference.select_topk`).
+SELECTIONS = ("token", "page", "quest", "recent")
+
+
+def page_counts(seq_lens: torch.Tensor, count: torch.Tensor, page_size: int, sink_tokens: int, local_window: int,
+                candidate_factor: float, quest: bool = False) -> torch.Tensor:
+    """Pages ranked in per request, ``[B]`` int64 (device-side, no sync).
+
+    The forced pages (those holding sinks or window tokens) always count; on top of them
+    ``"page"`` keeps ``ceil(candidate_factor · count / page_size)`` candidates, while
+    ``"quest"`` keeps ``ceil(count / page_size)`` pages in all (or just the forced ones when
+    they are more). Never more than the request's pages.
+    """
+    ps = page_size
+    seq_lens = seq_lens.long()
+    num_pages = (seq_lens + ps - 1) // ps
+    sink_p = torch.clamp_max(torch.full_like(num_pages, -(-sink_tokens // ps)), num_pages)
+    if local_window > 0:
+        first_window_page = (seq_lens - local_window).clamp_min(0) // ps
+        n_forced = sink_p + (num_pages - first_window_page) - (sink_p - first_window_page).clamp_min(0)
+    else:
+        n_forced = sink_p
+    if quest:
+        wanted = torch.maximum((count.long() + ps - 1) // ps, n_forced)
+    else:
+        wanted = torch.ceil(candidate_factor * count.double() / ps).long() + n_forced
+    return torch.minimum(wanted, num_pages)
+
+
+def index_capacity(selection: str, max_count: int, page_size: int, sink_tokens: int, local_window: int) -> int:
+    """Host-side width of an index buffer that holds any row :func:`.reference.select_topk` returns.
+
+    ``max_count``: ``max(min(attended, seq_lens))`` of the step. ``"quest"`` rounds to whole
+    pages and may exceed the budget by the forced sink/window pages.
+    """
+    if selection != "quest":
+        return max_count
+    ps = page_size
+    forced = -(-sink_tokens // ps) + ((-(-local_window // ps) + 1) if local_window > 0 else 0)
+    return ps * max(-(-max_count // ps), forced)
+
+
+def candidate_capacity(num_pages: int, capacity: int, page_size: int, sink_tokens: int,
+                       local_window: int, candidate_factor: float) -> int:
+    """Static bound of the candidate pages per row: ``>= max_b n_cand[b]`` of the reference."""
+    forced = -(-sink_tokens // page_size) + ((-(-local_window // page_size) + 1) if local_window > 0 else 0)
+    return max(1, min(num_pages, math.ceil(candidate_factor * capacity / page_size) + forced))
+
+
+def candidate_pages(
+    ub: torch.Tensor,
+    seq_lens: torch.Tensor,
+    count: torch.Tensor,
+    page_size: int,
+    sink_tokens: int,
+    local_window: int,
+    candidate_factor: float,
+    max_candidates: int,
+    quest: bool = False,
+) -> torch.Tensor:
+    """Top ``n_cand[b]`` pages of ``ub`` ``[B, S, P]`` -> ``[B, S, max_candidates]`` page ids, ``-1`` padded.
+
+    ``n_cand`` is :func:`page_counts` (``quest``: the pages Quest attends);
+    device-side (no sync).
+    """
+    n_cand = page_counts(seq_lens, count, page_size, sink_tokens, local_window, candidate_factor, quest)
+    top, keep = topk_rows(ub, n_cand, max_candidates)
+    return torch.where(keep, top, -1)
+
+
+def page_positions(pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    """``[B, S, C]`` pages (−1 padded) -> ``[B, S, C * page_size]`` positions (−1 padded)."""
+    pos = pages[..., None] * page_size + torch.arange(page_size, device=pages.device)
+    return torch.where(pages[..., None] < 0, -1, pos).flatten(2)
+
+
+def topk_rows(scores: torch.Tensor, count: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``count[b]`` entries of ``scores`` ``[B, S, L]`` (``-inf`` never kept).
+
+    Returns ``(idx, keep)``, both ``[B, S, width]``: indices into ``L`` and whether each is kept.
+    """
+    width = min(width, scores.shape[-1])
+    val, idx = scores.topk(width, dim=-1)
+    rank = torch.arange(width, device=scores.device)
+    return idx, (rank[None, None, :] < count[:, None, None]) & (val > float("-inf"))
+
+
+def sorted_positions(pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Kept positions ascending, ``-1`` padded at the end."""
+    big = torch.iinfo(pos.dtype).max
+    pos = torch.where(keep, pos, big).sort(dim=-1).values
+    return torch.where(pos == big, -1, pos)
+
+
+def recent_positions(seq_lens: torch.Tensor, count: torch.Tensor, sink_tokens: int, capacity: int) -> torch.Tensor:
+    """StreamingLLM selection (``selection="recent"``): the sinks, then the most recent tokens.
+
+    Returns ``[B, capacity]`` int64 ascending positions, ``-1`` padded: ``[0, s0)`` and
+    ``[n - (count - s0), n)`` with ``s0 = min(sink_tokens, count)`` — the set the reference's
+    top-k of ``score = position`` (sinks ``+inf``) keeps. No scores needed, no kernel.
+    """
+    n = seq_lens.long()[:, None]
+    count = count.long()[:, None]
+    s0 = count.clamp_max(sink_tokens)
+    j = torch.arange(capacity, device=seq_lens.device)[None, :]
+    pos = torch.where(j < s0, j, n - count + j)  # j >= s0: n - (count - s0) + (j - s0)
+    return torch.where(j < count, pos, -1)
+
+
+def write_rows(pos: torch.Tensor, out: torch.Tensor) -> None:
+    """``[B, S, W]`` positions (``-1`` padded) into ``out`` ``[B, S, capacity]``, ``-1`` beyond ``W``."""
+    width = min(pos.shape[-1], out.shape[-1])
+    out[..., :width] = pos[..., :width].to(out.dtype)
+    if width < out.shape[-1]:
+        out[..., width:] = -1
+
+
+def topk_into(scores: torch.Tensor, pos: torch.Tensor | None, count: torch.Tensor, out: torch.Tensor) -> None:
+    """Top-``count[b]`` of ``scores`` ``[B, S, L]`` as ascending positions, ``-1`` padded, into ``out``."""
+    idx, keep = topk_rows(scores, count, out.shape[-1])
+    p = idx if pos is None else pos.gather(-1, idx)
+    write_rows(sorted_positions(p.long(), keep), out)

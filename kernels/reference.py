@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from .layout import PagedKVCache
-from .selection import SELECTIONS, index_capacity, page_counts, page_positions, sorted_positions, topk_rows
+from .selection import (GRANULARITIES, SELECTIONS, index_capacity, page_counts, page_positions, sorted_positions,
+                        topk_rows)
 
 __all__ = [
     "write_kv",
@@ -205,7 +206,7 @@ def _selection_heads(num_heads: int, num_kv_heads: int, granularity: str, device
         return torch.arange(num_kv_heads, device=device)
     if granularity == "query_head":
         return torch.arange(num_heads, device=device) // (num_heads // num_kv_heads)
-    raise ValueError(f"granularity={granularity!r}; allowed: 'kv_head', 'query_head'")
+    raise ValueError(f"granularity={granularity!r}; allowed: {GRANULARITIES}")
 
 
 def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window, selection,

@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "SELECTIONS",
+    "GRANULARITIES",
     "page_counts",
     "index_capacity",
     "candidate_capacity",
@@ -28,6 +29,8 @@ __all__ = [
 
 #: Allowed ``selection`` values (see :func:`.reference.select_topk`).
 SELECTIONS = ("token", "page", "quest", "recent")
+#: Allowed ``granularity`` values: one selected set per KV head or per query head.
+GRANULARITIES = ("kv_head", "query_head")
 
 
 def page_counts(seq_lens: torch.Tensor, count: torch.Tensor, page_size: int, sink_tokens: int, local_window: int,

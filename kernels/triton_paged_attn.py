@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from .layout import PagedKVCache
-from .triton_sparse_attn import _check_query, _dot, _math_mode, dense_decode_triton
+from .triton_sparse_attn import (_check_query, _dot, _load_rows, _math_mode, _paged_slots, _softmax_step,
+                                 dense_decode_triton)
 
 __all__ = ["paged_attention_triton"]
 
@@ -114,34 +115,17 @@ def _paged_prefill_kernel(
     for t in range(0, kv_end, TILE_N):
         pos = t + n_off
         valid = pos < kv_end
-        safe = tl.where(valid, pos, 0)
-        blk = tl.load(block_table_ptr + b * stride_btb + (safe // BLOCK_SIZE) * stride_btn, mask=valid, other=0)
-        blk = blk.to(tl.int64)
-        off = (safe % BLOCK_SIZE).to(tl.int64)
+        blk, off = _paged_slots(block_table_ptr, b, stride_btb, stride_btn, pos, valid, BLOCK_SIZE)
         kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(
-            k_ptr + blk[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh + d[None, :] * stride_kd,
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            v_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh + d[None, :] * stride_vd,
-            mask=kv_mask,
-            other=0.0,
-        )
+        k = _load_rows(k_ptr, blk, off, kvh, d, kv_mask, stride_kb, stride_kt, stride_kh, stride_kd)
+        v = _load_rows(v_ptr, blk, off, kvh, d, kv_mask, stride_vb, stride_vt, stride_vh, stride_vd)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = _dot(q, tl.trans(k), IEEE) * scale_log2e  # [BLOCK_M, TILE_N]
         allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None])
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, v, IEEE, True)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(

@@ -36,9 +36,9 @@ import triton
 import triton.language as tl
 
 from .layout import PagedKVCache
-from .selection import (SELECTIONS, candidate_capacity, candidate_pages, index_capacity, page_positions,
+from .selection import (GRANULARITIES, SELECTIONS, candidate_capacity, candidate_pages, index_capacity, page_positions,
                         recent_positions, sorted_positions, topk_into, write_rows)
-from .triton_sparse_attn import _check_query, _dot, _math_mode
+from .triton_sparse_attn import _check_query, _dot, _load_rows, _math_mode, _paged_slots
 
 __all__ = [
     "select_topk_triton",
@@ -47,7 +47,6 @@ __all__ = [
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_GRANULARITIES = ("kv_head", "query_head")
 
 
 @triton.jit
@@ -89,22 +88,13 @@ def _page_score_kernel(
     num_pages = tl.cdiv(n, PAGE_SIZE)
     in_range = p < num_page_slots
     valid = in_range & (p < num_pages)
-    safe = tl.where(valid, p, 0)
-    blk = tl.load(block_table_ptr + b * stride_btb + (safe // PAGES_PER_BLOCK) * stride_btn, mask=valid, other=0)
-    blk = blk.to(tl.int64)
-    pib = (safe % PAGES_PER_BLOCK).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_SIZE
-    pd_mask = valid[:, None] & d_mask[None, :]
-    # kmin, kmax: [TILE_P, BLOCK_D]
-    kmin = tl.load(
-        kmin_ptr + blk[:, None] * stride_nb + pib[:, None] * stride_np + kvh * stride_nh + d[None, :] * stride_nd,
-        mask=pd_mask, other=0.0,
-    )
-    kmax = tl.load(
-        kmax_ptr + blk[:, None] * stride_xb + pib[:, None] * stride_xp + kvh * stride_xh + d[None, :] * stride_xd,
-        mask=pd_mask, other=0.0,
-    )
+    # kmin, kmax: [TILE_P, BLOCK_D]; the summaries are paged like the keys, one row per page
+    blk, off = _paged_slots(block_table_ptr, b, stride_btb, stride_btn, p, valid, PAGES_PER_BLOCK)
+    kv_mask = valid[:, None] & d_mask[None, :]
+    kmin = _load_rows(kmin_ptr, blk, off, kvh, d, kv_mask, stride_nb, stride_np, stride_nh, stride_nd)
+    kmax = _load_rows(kmax_ptr, blk, off, kvh, d, kv_mask, stride_xb, stride_xp, stride_xh, stride_xd)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < q_per_kv
     heads = kvh * q_per_kv + g
@@ -210,16 +200,12 @@ def _token_score_kernel(
             tl.store(out_ptrs, tl.full([TILE_N], float("-inf"), tl.float32), mask=out_mask)
         return
 
-    safe = tl.where(valid, pos, 0)
-    blk = tl.load(block_table_ptr + b * stride_btb + (safe // BLOCK_SIZE) * stride_btn, mask=valid, other=0)
-    blk = blk.to(tl.int64)
-    off = safe % BLOCK_SIZE
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_SIZE
-    k = tl.load(
-        k_ptr + blk[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh + d[None, :] * stride_kd,
-        mask=valid[:, None] & d_mask[None, :], other=0.0,
-    )  # [TILE_N, BLOCK_D]
+    blk, off = _paged_slots(block_table_ptr, b, stride_btb, stride_btn, pos, valid, BLOCK_SIZE)
+    kv_mask = valid[:, None] & d_mask[None, :]
+    # k: [TILE_N, BLOCK_D]
+    k = _load_rows(k_ptr, blk, off, kvh, d, kv_mask, stride_kb, stride_kt, stride_kh, stride_kd)
     q = tl.load(
         q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
         mask=g_mask[:, None] & d_mask[None, :], other=0.0,
@@ -255,8 +241,8 @@ def _tile(fp32_dot: bool) -> int:
 def _check_select_args(selection: str, granularity: str) -> None:
     if selection not in SELECTIONS:
         raise ValueError(f"selection={selection!r}; allowed: {SELECTIONS}")
-    if granularity not in _GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r}; allowed: {_GRANULARITIES}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r}; allowed: {GRANULARITIES}")
 
 
 def page_scores_triton(

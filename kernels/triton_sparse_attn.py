@@ -43,6 +43,39 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _paged_slots(block_table_ptr, b, stride_btb, stride_btn, pos, valid, BLOCK_SIZE: tl.constexpr):
+    """Physical ``(block, offset)`` of request-local positions ``pos`` (tokens, or pages with
+    ``BLOCK_SIZE`` = pages per block); invalid positions map to block 0, offset 0."""
+    safe = tl.where(valid, pos, 0)
+    blk = tl.load(block_table_ptr + b * stride_btb + (safe // BLOCK_SIZE) * stride_btn, mask=valid, other=0)
+    return blk.to(tl.int64), (safe % BLOCK_SIZE).to(tl.int64)
+
+
+@triton.jit
+def _load_rows(ptr, blk, off, head, d, mask, stride_b, stride_t, stride_h, stride_d):
+    """``[TILE, BLOCK_D]`` rows ``(blk, off, head)`` of a paged ``[num_blocks, block_size, heads,
+    head_size]`` tensor, zeros where ``mask`` is false."""
+    return tl.load(ptr + blk[:, None] * stride_b + off[:, None] * stride_t + head * stride_h + d[None, :] * stride_d,
+                   mask=mask, other=0.0)
+
+
+@triton.jit
+def _softmax_step(m_i, l_i, acc, s, v, IEEE: tl.constexpr, USE_DOT: tl.constexpr):
+    """One online-softmax update with logits ``s`` ``[M, TILE]`` (log2 units, ``-inf`` = masked)
+    and values ``v`` ``[TILE, BLOCK_D]``; returns the new ``(m_i, l_i, acc)``."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if USE_DOT:
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    else:
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _split_decode_kernel(
     # -- pointers ------------------------------------------------------------------
     q_ptr,  # [B, num_heads, head_size]
@@ -123,22 +156,11 @@ def _split_decode_kernel(
         else:
             pos = slot.to(tl.int64)
             valid = in_range
-        pos = tl.where(valid, pos, 0)
-        blk = tl.load(block_table_ptr + b * stride_btb + (pos // BLOCK_SIZE) * stride_btn, mask=valid, other=0)
-        blk = blk.to(tl.int64)
-        off = pos % BLOCK_SIZE
-        kv_mask = valid[:, None] & d_mask[None, :]
         # k, v: [TILE_N, BLOCK_D]
-        k = tl.load(
-            k_ptr + blk[:, None] * stride_kb + off[:, None] * stride_kt + kvh * stride_kh + d[None, :] * stride_kd,
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            v_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh + d[None, :] * stride_vd,
-            mask=kv_mask,
-            other=0.0,
-        )
+        blk, off = _paged_slots(block_table_ptr, b, stride_btb, stride_btn, pos, valid, BLOCK_SIZE)
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = _load_rows(k_ptr, blk, off, kvh, d, kv_mask, stride_kb, stride_kt, stride_kh, stride_kd)
+        v = _load_rows(v_ptr, blk, off, kvh, d, kv_mask, stride_vb, stride_vt, stride_vh, stride_vd)
         if UPCAST or not USE_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -148,16 +170,7 @@ def _split_decode_kernel(
         else:
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
         s = tl.where(valid[None, :], s * scale_log2e, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if USE_DOT:
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        else:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, v, IEEE, USE_DOT)
 
     row_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:

@@ -46,7 +46,7 @@ from typing import Any, Mapping
 
 import torch
 
-from vllm_sparse.kernels.selection import SELECTIONS
+from vllm_sparse.kernels.selection import GRANULARITIES, SELECTIONS
 
 from vllm_sparse.policies import BudgetPolicy, available_policies, get_policy_class
 
@@ -55,8 +55,6 @@ __all__ = ["SparseConfig", "CONFIG_KEY"]
 #: the key under vLLM's ``additional_config`` that holds these settings
 CONFIG_KEY = "vllm_sparse"
 
-_SELECTIONS = SELECTIONS  # the kernels' own list
-_GRANULARITIES = ("kv_head", "query_head")
 
 
 def _err(key: str, value: Any, allowed: str) -> ValueError:
@@ -151,9 +149,9 @@ class SparseConfig:
         ps = self.page_size
         if not _is_int(ps) or ps < 1 or ps & (ps - 1):
             raise _err("page_size", ps, "a power of two >= 1 that divides the KV block size")
-        if self.selection not in _SELECTIONS:
-            raise _err("selection", self.selection, f"one of {list(_SELECTIONS)}")
-        if self.granularity not in _GRANULARITIES:
-            raise _err("granularity", self.granularity, f"one of {list(_GRANULARITIES)}")
+        if self.selection not in SELECTIONS:
+            raise _err("selection", self.selection, f"one of {list(SELECTIONS)}")
+        if self.granularity not in GRANULARITIES:
+            raise _err("granularity", self.granularity, f"one of {list(GRANULARITIES)}")
         if not _is_real(self.candidate_factor) or self.candidate_factor < 1:
             raise _err("candidate_factor", self.candidate_factor, "a number >= 1")

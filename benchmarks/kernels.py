@@ -147,15 +147,14 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
     from vllm_sparse.kernels import reference as R
     from vllm_sparse.kernels.selection import candidate_capacity, candidate_pages, index_capacity
     from vllm_sparse.kernels.triton_select import page_scores_triton, token_scores_triton
-    from vllm_sparse.policies.budget import attended_tokens, n_alpha_budget
+    from vllm_sparse.policies.budget import n_alpha_budget
 
     h, hkv, d = args.num_heads, args.num_kv_heads, args.head_size
     esz = torch.tensor([], dtype=dtype).element_size()
     cuda = device.type == "cuda"
-    budget = n_alpha_budget(n, args.k, args.alpha, args.min_budget)
-    att = attended_tokens(n, budget, args.sink_tokens, args.local_window)
-    row = dict(context=n, batch=batch, budget=budget, attended=att)
-    kv_bytes = batch * n * hkv * d * esz * 2
+    row = dict(context=n, batch=batch, budget=n_alpha_budget(n, args.k, args.alpha, args.min_budget),
+               **traffic(args, n, batch, esz))
+    att, kv_bytes = row["attended"], row["dense_bytes"]
     token_scores_bytes = 3 * batch * hkv * n * 4
     if cuda:
         free = torch.cuda.mem_get_info(device)[0]
@@ -264,7 +263,6 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
         except Exception as e:  # noqa: BLE001
             row["dense_graph_error"] = f"{type(e).__name__}: {e}"[:200]
 
-    row.update(traffic(args, n, batch, esz))
     row["times_ms"] = t
     for name, _, _ in args.variants:
         p = f"sparse_{name}"

@@ -4,6 +4,6 @@ Installed as ``vllm_sparse.kernels``. Never imports vLLM: it runs on GPU machine
 is not installed.
 """
 
-from .layout import PagedKVCache, meta_slots
+from .layout import PagedKVCache, summary_states
 
-__all__ = ["PagedKVCache", "meta_slots"]
+__all__ = ["PagedKVCache", "summary_states"]

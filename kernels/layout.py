@@ -1,20 +1,26 @@
 """The paged KV layout this plugin owns.
 
-It is vLLM's own per-layer cache view, ``[num_blocks, head_slots, block_size, 2 * head_size]``
-(vLLM's logical ``[B, H, N, C]`` page with head-major block interiors, ``KVCacheLayout.LBHNC``),
-with two uses of it:
+It is vLLM's own per-layer cache view ``[num_blocks, num_kv_heads, block_size + pages_per_block,
+2 * head_size]`` (vLLM's logical ``[B, H, N, C]`` page with head-major block interiors,
+``KVCacheLayout.LBHNC``): each KV head of each block owns one contiguous *head slot* of
+``(block_size + pages_per_block) * 2 * head_size`` elements, laid out as
 
-* head slots ``[0, num_kv_heads)`` hold each KV head's ``block_size`` token rows as
-  ``[key | value]`` (``C = 2 * head_size``);
-* ``meta_slots = ceil(num_kv_heads / page_size)`` extra head slots hold the per-page
-  **selection metadata**: the element-wise min and max of the keys of every page of
-  ``page_size`` tokens (Quest's page summary), as rows ``[key min | key max]``, one row per
-  (KV head, page) — row ``h * pages_per_block + p`` of the extra slots' rows.
+* ``[0, block_size * head_size)`` — the keys, ``[block_size, head_size]`` row-major, or, with
+  ``key_transposed=True``, ``[head_size, block_size]`` (keys transposed — the layout of vLLM's
+  own CPU attention kernels, ``cpu_attn_reshape_and_cache`` with ISA ``vec``/``vec16``);
+* ``[block_size * head_size, 2 * block_size * head_size)`` — the values, ``[block_size, head_size]``;
+* the last ``pages_per_block * 2 * head_size`` elements — the per-page **selection metadata**:
+  for every page of ``page_size`` tokens the element-wise key min and max (Quest's page
+  summary), one row ``[key min | key max]`` per page.
 
-The backend asks vLLM for ``num_kv_heads + meta_slots`` head slots per block (see
-``vllm_sparse.backend``), so the metadata lives in vLLM's paged blocks and is freed and
-reused with them. Overhead: ``meta_slots / num_kv_heads`` of the KV memory (1/16 for
-16 KV heads with 16-token pages, 1/3 for SmolLM2's 3 KV heads).
+The backend asks vLLM for ``block_size + pages_per_block`` states per head slot instead of
+``block_size`` (``AttentionSpec.tokens_per_state = block_size / (block_size + pages_per_block)``,
+see ``vllm_sparse.backend``), so the metadata lives in vLLM's paged blocks, is freed and reused
+with them, and costs exactly ``1 / page_size`` of the K/V bytes, for any number of KV heads.
+Because every head slot has the same size, the cache can also be viewed as
+``[num_blocks * num_kv_heads]`` single-head blocks: block ``b``'s head ``h`` is block
+``b * num_kv_heads + h`` of that view, which is how a selection of pages becomes a compacted
+block table for vLLM's own paged-attention op (``vllm_sparse.cpu_attention``).
 
 :class:`PagedKVCache` exposes the four parts as strided views::
 
@@ -39,13 +45,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["PagedKVCache", "meta_slots"]
+__all__ = ["PagedKVCache", "summary_states"]
 
 
-def meta_slots(num_kv_heads: int, block_size: int, page_size: int) -> int:
-    """Extra head slots a block needs for the page min/max of ``num_kv_heads`` heads."""
+def summary_states(block_size: int, page_size: int) -> int:
+    """Extra states (rows of ``2 * head_size``) a head slot needs for its pages' key min/max."""
     _check_page_size(block_size, page_size)
-    return -(-num_kv_heads // page_size)
+    return block_size // page_size
 
 
 def _check_page_size(block_size: int, page_size: int) -> None:
@@ -66,6 +72,7 @@ class PagedKVCache:
         key_min:     ``[num_blocks, pages_per_block, num_kv_heads, head_size]``
         key_max:     ``[num_blocks, pages_per_block, num_kv_heads, head_size]``
         page_size:   tokens summarised by one ``key_min``/``key_max`` row.
+        key_transposed: keys stored ``[head_size, block_size]`` per head slot (vLLM's CPU layout).
     All four tensors share one dtype and device; their strides are arbitrary.
     """
 
@@ -74,12 +81,9 @@ class PagedKVCache:
     key_min: torch.Tensor
     key_max: torch.Tensor
     page_size: int
-    #: ``[num_blocks * head_slots * pages_per_block, page_size * 2 * head_size]`` rows of whole
-    #: pages (keys and values interleaved per token) when the raw cache is contiguous, else None:
-    #: lets the CPU path gather pages with one ``index_select`` (memcpy) instead of strided copies
-    page_rows: torch.Tensor | None = field(default=None, compare=False, repr=False)
-    #: ``[num_blocks, num_kv_heads * pages_per_block * 2 * head_size]`` per-block metadata rows (same condition)
-    meta_rows: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    key_transposed: bool = False
+    #: ``[num_blocks, num_kv_heads, slot_size]`` the raw head slots (a view; None for views built by hand)
+    slots: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         nb, bs, h, d = self.key_cache.shape
@@ -120,47 +124,49 @@ class PagedKVCache:
 
     # -- construction ----------------------------------------------------------------
     @classmethod
-    def from_raw(cls, raw: torch.Tensor, num_kv_heads: int, page_size: int) -> "PagedKVCache":
-        """Views over a ``[num_blocks, num_kv_heads + meta_slots, block_size, 2 * head_size]`` cache.
+    def from_raw(cls, raw: torch.Tensor, num_kv_heads: int, page_size: int,
+                 key_transposed: bool = False) -> "PagedKVCache":
+        """Views over a ``[num_blocks, num_kv_heads, block_size + block_size // page_size, 2 * head_size]`` cache.
 
-        ``raw`` may be any strided tensor (e.g. vLLM's per-layer view) as long as the extra
-        slots' (slot, token) dims merge, i.e. the block interior is head-major.
+        ``raw`` may be any strided tensor (e.g. vLLM's per-layer view, possibly with other
+        layers between its blocks) as long as each head slot is contiguous.
         """
-        nb, slots, bs, c = raw.shape if raw.dim() == 4 else (None,) * 4
-        if raw.dim() != 4 or c % 2:
-            raise ValueError(f"cache must be [num_blocks, head_slots, block_size, 2*head_size]; got {tuple(raw.shape)}")
-        extra = meta_slots(num_kv_heads, bs, page_size)
-        if slots != num_kv_heads + extra:
+        if raw.dim() != 4 or raw.shape[3] % 2:
+            raise ValueError(f"cache must be [num_blocks, num_kv_heads, states, 2*head_size]; got {tuple(raw.shape)}")
+        nb, slots, states, c = raw.shape
+        if slots != num_kv_heads:
+            raise ValueError(f"cache has {slots} head slots; expected num_kv_heads={num_kv_heads}")
+        bs = states * page_size // (page_size + 1) if page_size >= 1 else 0
+        if page_size < 1 or bs < 1 or bs + bs // page_size != states or bs % page_size:
             raise ValueError(
-                f"cache has {slots} head slots; num_kv_heads={num_kv_heads} with block_size={bs} and "
-                f"page_size={page_size} needs {num_kv_heads} + {extra}"
+                f"cache has {states} states per head slot, which is no block_size + block_size / page_size "
+                f"for page_size={page_size}"
             )
-        d, h, ppb = c // 2, num_kv_heads, bs // page_size
-        try:
-            meta = raw[:, h:].flatten(1, 2)  # [NB, extra * bs, 2D], a view only for head-major blocks
-        except RuntimeError as e:  # pragma: no cover - depends on vLLM's resolved layout
-            raise ValueError(f"cache blocks must be head-major (KVCacheLayout.LBHNC); strides {raw.stride()}") from e
-        if meta.data_ptr() != raw[:, h:].data_ptr() or meta.stride(1) != raw.stride(2):
-            raise ValueError(f"cache blocks must be head-major (KVCacheLayout.LBHNC); strides {raw.stride()}")
-        page_rows = meta_rows = None
-        if raw.is_contiguous():
-            page_rows = raw.unflatten(2, (ppb, page_size)).view(nb * slots * ppb, page_size * c)
-            meta_rows = meta[:, : h * ppb].flatten(1)
-        meta = meta[:, : h * ppb].unflatten(1, (h, ppb)).transpose(1, 2)  # [NB, ppb, H, 2D]
+        d, ppb = c // 2, bs // page_size
+        size = states * c
+        if raw.stride(3) != 1 or raw.stride(2) != c or (slots > 1 and raw.stride(1) != size):
+            raise ValueError(f"cache head slots must be contiguous (KVCacheLayout.LBHNC); strides {raw.stride()}")
+        slot = raw.flatten(2)  # [NB, H, size]
+        if key_transposed:  # element (t, e) of a block's keys at e * bs + t
+            keys = slot[..., : bs * d].unflatten(-1, (d, bs)).permute(0, 3, 1, 2)
+        else:
+            keys = slot[..., : bs * d].unflatten(-1, (bs, d)).transpose(1, 2)
+        values = slot[..., bs * d : 2 * bs * d].unflatten(-1, (bs, d)).transpose(1, 2)
+        meta = slot[..., 2 * bs * d :].unflatten(-1, (ppb, c)).transpose(1, 2)  # [NB, ppb, H, 2D]
         return cls(
-            key_cache=raw[:, :h, :, :d].transpose(1, 2),
-            value_cache=raw[:, :h, :, d:].transpose(1, 2),
+            key_cache=keys,
+            value_cache=values,
             key_min=meta[..., :d],
             key_max=meta[..., d:],
             page_size=page_size,
-            page_rows=page_rows,
-            meta_rows=meta_rows,
+            key_transposed=key_transposed,
+            slots=slot,
         )
 
     @staticmethod
     def raw_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, page_size: int) -> tuple:
         """Shape of the whole per-layer cache tensor."""
-        return (num_blocks, num_kv_heads + meta_slots(num_kv_heads, block_size, page_size), block_size, 2 * head_size)
+        return (num_blocks, num_kv_heads, block_size + summary_states(block_size, page_size), 2 * head_size)
 
     @classmethod
     def allocate(
@@ -173,11 +179,42 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float16,
         device: torch.device | str = "cpu",
         fill: float = float("nan"),
+        key_transposed: bool = False,
     ) -> "PagedKVCache":
         """Allocate a cache (NaN-poisoned by default so reads of unwritten rows show up)."""
         shape = cls.raw_shape(num_blocks, block_size, num_kv_heads, head_size, page_size)
         raw = torch.full(shape, fill, dtype=dtype, device=device)
-        return cls.from_raw(raw, num_kv_heads, page_size)
+        return cls.from_raw(raw, num_kv_heads, page_size, key_transposed)
+
+    @property
+    def slot_rows(self) -> torch.Tensor | None:
+        """``[num_blocks * num_kv_heads, slot_size]`` whole head slots when they are evenly spaced
+        (a contiguous cache), else None: lets the CPU path gather pages and summaries with one
+        ``index_select`` (memcpy) instead of strided copies."""
+        s = self.slots
+        if s is None or s.stride(0) != s.shape[1] * s.shape[2]:
+            return None
+        return s.view(s.shape[0] * s.shape[1], s.shape[2])
+
+    # -- single-KV-head block views (vLLM's paged-attention op over compacted block tables) ----
+    def head_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(key_cache, value_cache)`` viewed as ``num_blocks * num_kv_heads`` one-head blocks.
+
+        Shapes ``[num_blocks * num_kv_heads, 1, block_size, head_size]`` in vLLM's
+        ``[blocks, heads, tokens, dims]`` kernel order (keys: the raw ``[head_size, block_size]``
+        memory when ``key_transposed``, as vLLM's CPU kernels expect). Needs a contiguous cache.
+        """
+        if self.slot_rows is None:
+            raise ValueError("head_blocks() needs a contiguous cache")
+        bs, d = self.block_size, self.head_size
+        rows = self.slot_rows[:, None]  # [NB*H, 1, size]
+        return rows[..., : bs * d].unflatten(-1, (bs, d)), rows[..., bs * d : 2 * bs * d].unflatten(-1, (bs, d))
+
+    def kernel_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(key_cache, value_cache)`` as ``[num_blocks, num_kv_heads, block_size, head_size]`` views of
+        the raw memory (vLLM's paged-attention argument order; keys in their stored order)."""
+        bs, d = self.block_size, self.head_size
+        return self.slots[..., : bs * d].unflatten(-1, (bs, d)), self.slots[..., bs * d : 2 * bs * d].unflatten(-1, (bs, d))
 
     # -- gathers used by the reference ops -------------------------------------------
     def gather(self, block_table: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,11 +260,14 @@ class PagedKVCache:
         pg = pages.clamp_min(0)
         blk = block_table.long().gather(1, (pg // ppb).view(b, s * c)).view(b, s, c).clamp_min(0)
         heads = kv_head.view(1, s, 1).expand(b, s, c)
-        if self.page_rows is not None:
-            slots = self.page_rows.shape[0] // (self.num_blocks * ppb)
-            rows = (blk * slots + heads) * ppb + pg % ppb
-            kv = self.page_rows.index_select(0, rows.flatten()).view(b, s, c * ps, 2 * d)
-            return kv[..., :d], kv[..., d:]
+        rows_view = self.slot_rows
+        if rows_view is not None and ppb == 1:  # a page is a whole head slot: one row gather
+            kv = rows_view.index_select(0, (blk * self.num_kv_heads + heads).flatten()).view(b, s, c, -1)
+            k = kv[..., : ps * d].unflatten(-1, (d, ps) if self.key_transposed else (ps, d))
+            if self.key_transposed:
+                k = k.transpose(-1, -2)
+            v = kv[..., ps * d : 2 * ps * d].unflatten(-1, (ps, d))
+            return k.flatten(2, 3), v.flatten(2, 3)
         k = self.key_cache.unflatten(1, (ppb, ps))[blk, pg % ppb, :, heads].flatten(2, 3)
         v = self.value_cache.unflatten(1, (ppb, ps))[blk, pg % ppb, :, heads].flatten(2, 3)
         return k, v
@@ -235,13 +275,14 @@ class PagedKVCache:
     def gather_page_bounds(self, block_table: torch.Tensor, num_pages: int,
                            kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Page key min/max of the first ``num_pages`` pages: ``[B, S, num_pages, head_size]`` each."""
-        if self.meta_rows is None:
+        rows_view = self.slot_rows
+        if rows_view is None:
             kmin, kmax = self.gather_page_summaries(block_table, num_pages)  # [B, P, H, D]
             return kmin[:, :, kv_head].transpose(1, 2), kmax[:, :, kv_head].transpose(1, 2)
-        ppb, h, d = self.pages_per_block, self.num_kv_heads, self.head_size
+        ppb, h, d, bs = self.pages_per_block, self.num_kv_heads, self.head_size, self.block_size
         nblk = -(-num_pages // ppb)
         ids = block_table[:, :nblk].long().clamp_min(0)
-        b = ids.shape[0]
-        meta = self.meta_rows.index_select(0, ids.flatten()).view(b, nblk, h, ppb, 2 * d)
-        meta = meta[:, :, kv_head].transpose(1, 2).flatten(2, 3)[:, :, :num_pages]  # [B, S, P, 2D]
+        b, s = ids.shape[0], kv_head.numel()
+        rows = (ids[:, None, :] * h + kv_head.view(1, s, 1)).flatten()  # [B*S*nblk]
+        meta = rows_view[:, 2 * bs * d :].index_select(0, rows).view(b, s, nblk * ppb, 2 * d)[:, :, :num_pages]
         return meta[..., :d], meta[..., d:]

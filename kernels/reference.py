@@ -37,6 +37,7 @@ from .selection import (GRANULARITIES, SELECTIONS, index_capacity, page_counts, 
 
 __all__ = [
     "write_kv",
+    "update_page_summaries",
     "paged_attention",
     "dense_decode",
     "select_topk",
@@ -64,9 +65,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
         slot_mapping: ``[num_tokens]`` int, ``block_id * block_size + offset``; ``< 0`` skipped.
         cache: the layer's :class:`PagedKVCache` (updated in place).
 
-    Page summary semantics: a touched page's min/max is recomputed over its rows
-    ``[0, last offset written by this call]`` (pages fill in order, so that is exactly the
-    page's valid tokens).
+    Page summary semantics: see :func:`update_page_summaries`.
     """
     # key: [T, H, D]
     n = min(key.shape[0], slot_mapping.shape[0])
@@ -75,24 +74,46 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
     if not bool(keep.any()):
         return
     slots = slots[keep]
-    bs, ps = cache.block_size, cache.page_size
+    bs = cache.block_size
     blk, off = slots // bs, slots % bs
     cache.key_cache[blk, off] = key[:n][keep].to(cache.dtype)
     cache.value_cache[blk, off] = value[:n][keep].to(cache.dtype)
+    update_page_summaries(key[:n], slot_mapping[:n], cache)
 
-    # Unique touched pages and the last offset written into each.
-    page_global = slots // ps  # = blk * ppb + off // ps
-    last_in_page = slots % ps
-    pages, inv = torch.unique(page_global, return_inverse=True)
-    last = torch.full((pages.numel(),), -1, dtype=torch.long, device=slots.device)
-    last = last.scatter_reduce(0, inv, last_in_page, reduce="amax")
-    ppb = cache.pages_per_block
+
+def update_page_summaries(key: torch.Tensor, slot_mapping: torch.Tensor, cache: PagedKVCache) -> None:
+    """Fold this call's keys into the min/max of the pages they land in.
+
+    Args:
+        key: ``[num_tokens, num_kv_heads, head_size]``, the rows just written (any dtype; cast
+            to the cache dtype first, so the summary bounds exactly the stored keys).
+        slot_mapping: ``[num_tokens]`` int, ``< 0`` skipped.
+
+    A page whose offset 0 is written by this call starts afresh (its summary is the min/max of
+    this call's rows in it); any other touched page keeps min/max(old summary, new rows). Pages
+    fill in order, so either way the summary covers exactly the page's rows
+    ``[0, last written offset]``. Reads only the incoming keys and the touched summaries, never
+    the cached keys.
+    """
+    n = min(key.shape[0], slot_mapping.shape[0])
+    slots = slot_mapping[:n].long()
+    keep = slots >= 0
+    slots, k = slots[keep], key[:n][keep].to(cache.dtype)  # k: [T, H, D]
+    if slots.numel() == 0:
+        return
+    ps, ppb = cache.page_size, cache.pages_per_block
+    pages, inv = torch.unique(slots // ps, return_inverse=True)  # global page = blk * ppb + page in block
+    idx = inv[:, None, None].expand_as(k)
+    first = torch.full((pages.numel(),), ps, dtype=torch.long, device=slots.device)
+    fresh = (first.scatter_reduce(0, inv, slots % ps, reduce="amin") == 0)[:, None, None]
+    new_min = torch.full((pages.numel(), *k.shape[1:]), math.inf, dtype=k.dtype, device=k.device)
+    new_max = torch.full_like(new_min, -math.inf)
+    new_min = new_min.scatter_reduce(0, idx, k, reduce="amin")
+    new_max = new_max.scatter_reduce(0, idx, k, reduce="amax")
     pblk, pidx = pages // ppb, pages % ppb
-    # rows of every touched page: [U, ps, H, D]
-    rows = cache.key_cache.unflatten(1, (ppb, ps))[pblk, pidx].float()
-    valid = (torch.arange(ps, device=rows.device)[None, :] <= last[:, None])[:, :, None, None]
-    cache.key_min[pblk, pidx] = torch.where(valid, rows, math.inf).amin(1).to(cache.dtype)
-    cache.key_max[pblk, pidx] = torch.where(valid, rows, -math.inf).amax(1).to(cache.dtype)
+    old_min, old_max = cache.key_min[pblk, pidx], cache.key_max[pblk, pidx]  # [U, H, D]
+    cache.key_min[pblk, pidx] = torch.where(fresh, new_min, torch.minimum(old_min, new_min))
+    cache.key_max[pblk, pidx] = torch.where(fresh, new_max, torch.maximum(old_max, new_max))
 
 
 # --------------------------------------------------------------------------------------

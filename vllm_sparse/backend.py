@@ -9,16 +9,23 @@ batch into decodes (query length 1, ordered first by vLLM because
 token count with the configured policy (dense below ``dense_below``).
 
 Per layer (run, in :class:`SparseAttentionImpl`): ``do_kv_cache_update`` writes K/V and the
-page key min/max into the layout of :mod:`vllm_sparse.kernels.layout`; ``forward`` runs
-:func:`~vllm_sparse.kernels.ops.sparse_decode` (or dense decode where the budget covers the
-context) for decodes and dense causal :func:`~vllm_sparse.kernels.ops.paged_attention` for
-(chunked) prefills. CPU tensors take the torch reference path, CUDA tensors the Triton kernels.
+page key min/max into the layout of :mod:`vllm_sparse.kernels.layout`; ``forward`` runs sparse
+decode (or dense decode where the budget covers the context) for decodes and dense causal
+attention for (chunked) prefills.
+
+One page is one KV block: the backend sets vLLM's block size to ``page_size``. On the CPU
+platform keys are stored in vLLM's CPU kernel layout and every attention runs through vLLM's
+own CPU paged-attention op (:mod:`vllm_sparse.cpu_attention`): prefill over the requests' block
+tables, ``quest`` decode over compacted per-head block tables of the selected pages. The other
+selections (``token``, ``page``, ``recent``) and ``granularity="query_head"`` run the torch
+reference on CPU. CUDA tensors take the Triton kernels (:mod:`vllm_sparse.kernels.ops`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import ClassVar
 
 import torch
@@ -37,10 +44,10 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from vllm_sparse import stats
+from vllm_sparse import cpu_attention, stats
 from vllm_sparse.config import SparseConfig
 from vllm_sparse.cpu_tuning import tune_malloc
-from vllm_sparse.kernels import PagedKVCache, meta_slots
+from vllm_sparse.kernels import PagedKVCache, summary_states
 from vllm_sparse.kernels import ops
 from vllm_sparse.kernels.selection import index_capacity
 
@@ -78,7 +85,11 @@ class SparseAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
-        return [MultipleOf(16)]
+        """One page per KV block: the block size is ``page_size`` (vLLM picks it as the preferred size)."""
+        try:
+            return [_sparse_config().page_size]
+        except Exception:  # no vLLM config in scope (e.g. a registry listing): any page size
+            return [MultipleOf(16)]
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
@@ -95,14 +106,23 @@ class SparseAttentionBackend(AttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """Ask vLLM for extra head slots per block: they hold the page key min/max."""
-        if spec.num_head_slots is not None or spec.state_content_bytes is not None:
+        """Ask vLLM for ``block_size / page_size`` extra states per head slot: they hold the page key min/max.
+
+        ``tokens_per_state = block_size / (block_size + pages)`` makes each head slot
+        ``block_size + pages`` rows of ``2 * head_size`` — exactly ``1 / page_size`` more bytes.
+        """
+        if spec.num_head_slots is not None or spec.state_content_bytes is not None or spec.tokens_per_state != 1:
             raise ValueError(f"vllm-sparse cannot combine with a packed KV-cache spec ({spec})")
         if cls.process_config is None:
             raise RuntimeError("vllm-sparse: KV-cache spec requested before any attention layer was built")
-        page_size = cls.process_config.page_size
-        extra = meta_slots(spec.num_kv_heads, spec.block_size, page_size)
-        return dataclasses.replace(spec, num_head_slots=spec.num_kv_heads + extra)
+        bs, page_size = spec.block_size, cls.process_config.page_size
+        if bs != page_size:
+            raise ValueError(
+                f"vllm-sparse needs the KV block size to equal its page_size={page_size} (one page per block); "
+                f"got block_size={bs}. Drop --block-size, or set both to the same value."
+            )
+        states = bs + summary_states(bs, page_size)
+        return dataclasses.replace(spec, tokens_per_state=Fraction(bs, states))
 
 
 @dataclass
@@ -121,7 +141,10 @@ class SparseAttentionMetadata:
     # decode plan (None when the step has no decode requests)
     decode_attended: torch.Tensor | None  # [num_decodes] int64, tokens attended per request
     decode_capacity: int  # max(decode_attended): static width of the index buffers
-    decode_is_dense: bool  # every decode request attends its whole context
+    decode_is_dense: bool  # every decode request attends its whole context (and force_sparse is off)
+    # fused CPU path (None on CUDA / when unused)
+    cpu_decode: "cpu_attention.DecodePlan | None" = None
+    cpu_prefill_metadata: torch.Tensor | None = None  # scheduler metadata of the dense part of the batch
 
 
 class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
@@ -133,22 +156,43 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.config = _sparse_config(vllm_config)
         self._init_reorder_batch_threshold(1)
+        self.spec = kv_cache_spec
+        self.num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+        self.dtype = kv_cache_spec.dtype
+        self.cpu = device.type == "cpu"
+        self.isa = cpu_attention.cpu_isa(kv_cache_spec.block_size) if self.cpu else None
+        #: the fused CPU decode serves kv_head-granular quest; the rest run the torch reference
+        self.cpu_fused_decode = self.cpu and self.config.selection == "quest" and self.config.granularity == "kv_head"
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SparseAttentionMetadata:
-        cm = common_attn_metadata
+        cm, cfg = common_attn_metadata, self.config
         num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
         if num_decode_tokens != num_decodes:  # zero-length padded requests: take the general path
             num_decodes = num_decode_tokens = 0
-        attended, capacity, dense = None, 0, True
+        attended, capacity, dense, cpu_decode = None, 0, True, None
         if num_decodes:
             seq = cm.seq_lens[:num_decodes]
-            attended = self.config.attended(seq)
-            dense = bool((attended >= seq).all())
-            cfg = self.config
+            attended = cfg.attended(seq)
+            dense = bool((attended >= seq).all()) and not cfg.force_sparse
             capacity = index_capacity(cfg.selection, int(attended.max()), cfg.page_size, cfg.sink_tokens,
                                       cfg.local_window)
-            stats.record_step(num_decodes, int(attended.sum()), int(seq.sum()))
+            attended_total = int(torch.minimum(attended, seq.long()).sum())
+            if self.cpu_fused_decode and not dense:
+                cpu_decode = cpu_attention.plan_decode(
+                    seq, attended, cm.block_table_tensor[:num_decodes], block_size=self.spec.block_size,
+                    sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, num_heads=self.num_heads,
+                    num_kv_heads=self.spec.num_kv_heads, head_size=self.spec.head_size, dtype=self.dtype,
+                    isa=self.isa)
+                attended_total = cpu_decode.attended_tokens  # whole pages: what the op reads
+            stats.record_step(num_decodes, attended_total, int(seq.sum()))
+        prefill_md = None
+        if self.cpu:  # dense part of the batch: everything when decode is dense, else the prefills
+            first = 0 if dense else num_decodes
+            if first < cm.num_reqs:
+                prefill_md = cpu_attention.scheduler_metadata(
+                    cm.seq_lens[first:], cm.query_start_loc[first:] - cm.query_start_loc[first], self.num_heads,
+                    self.spec.num_kv_heads, self.spec.head_size, self.dtype, self.isa)
         return SparseAttentionMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             num_decodes=num_decodes,
@@ -162,6 +206,8 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             decode_attended=attended,
             decode_capacity=capacity,
             decode_is_dense=dense,
+            cpu_decode=cpu_decode,
+            cpu_prefill_metadata=prefill_md,
         )
 
 
@@ -205,21 +251,27 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         self.config = _sparse_config()
         from vllm.platforms import current_platform
 
-        if current_platform.is_cpu():
+        self.cpu = current_platform.is_cpu()
+        if self.cpu:
             tune_malloc()
         self._views: tuple[int, PagedKVCache] | None = None
 
     def _cache(self, kv_cache: torch.Tensor) -> PagedKVCache:
-        """Strided views of this layer's cache (built once per cache tensor)."""
+        """Strided views of this layer's cache (built once per cache tensor); CPU: vLLM's CPU key layout."""
         key = kv_cache.data_ptr()
         if self._views is None or self._views[0] != key:
-            self._views = (key, PagedKVCache.from_raw(kv_cache, self.num_kv_heads, self.config.page_size))
+            cache = PagedKVCache.from_raw(kv_cache, self.num_kv_heads, self.config.page_size, key_transposed=self.cpu)
+            self._views = (key, cache)
         return self._views[1]
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if self.kv_sharing_target_layer_name is not None:
             return  # this layer reads another layer's cache
-        ops.write_kv(key, value, slot_mapping, self._cache(kv_cache))
+        cache = self._cache(kv_cache)
+        if self.cpu:
+            cpu_attention.write_kv(key, value, slot_mapping, cache, cpu_attention.cpu_isa(cache.block_size))
+        else:
+            ops.write_kv(key, value, slot_mapping, cache)
 
     def forward(
         self,
@@ -238,8 +290,11 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             raise NotImplementedError("vllm-sparse does not support fused output quantization")
         if attn_metadata is None:  # memory-profiling run
             return output
-        md, cfg = attn_metadata, self.config
+        md = attn_metadata
         cache = self._cache(kv_cache)
+        if self.cpu:
+            return self._forward_cpu(query, cache, md, output)
+        cfg = self.config
         nd, ndt, n = md.num_decodes, md.num_decode_tokens, md.num_actual_tokens
         if nd:
             q = query[:ndt]
@@ -258,4 +313,27 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             output[ndt:n] = ops.paged_attention(query[ndt:n], cache, md.block_table[nd:], md.seq_lens[nd:],
                                                 qsl, self.scale, max_query_len=md.max_query_len,
                                                 max_seq_len=md.max_seq_len)
+        return output
+
+    def _forward_cpu(self, query: torch.Tensor, cache: PagedKVCache, md: SparseAttentionMetadata,
+                     output: torch.Tensor) -> torch.Tensor:
+        """vLLM's CPU op for the dense part of the batch; sparse decodes fused (quest) or by the reference."""
+        cfg = self.config
+        nd, ndt, n = md.num_decodes, md.num_decode_tokens, md.num_actual_tokens
+        if nd and not md.decode_is_dense:
+            q = query[:ndt]
+            if md.cpu_decode is not None:
+                cpu_attention.sparse_decode(q, cache, md.cpu_decode, self.scale, output[:ndt])
+            else:
+                output[:ndt] = ops.sparse_decode(
+                    q, cache, md.block_table[:nd], md.seq_lens[:nd], md.decode_attended, self.scale,
+                    sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, selection=cfg.selection,
+                    granularity=cfg.granularity, candidate_factor=cfg.candidate_factor)
+            first, t0 = nd, ndt
+        else:
+            first, t0 = 0, 0
+        if n > t0:
+            cpu_attention.attention(query[t0:n], cache, md.block_table[first:], md.seq_lens[first:],
+                                    md.query_start_loc[first:] - t0, md.cpu_prefill_metadata, self.scale,
+                                    output[t0:n])
         return output

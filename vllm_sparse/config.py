@@ -20,7 +20,7 @@ max_budget     None      upper clamp of the budget (None: no clamp)
 sink_tokens    4         first tokens always attended (inside the budget)
 local_window   64        most recent tokens always attended (inside the budget)
 page_size      16        tokens per selection page (its key min/max is the page summary);
-                         a power of two dividing vLLM's block size
+                         one page is one KV block: sets vLLM's block size (power of two >= 16)
 selection      token     ``token``: exact q·k of every key; ``page``: rank pages by their
                          min/max upper bound, then score the best pages' tokens;
                          ``quest``: attend every token of the best pages (Quest's
@@ -31,6 +31,8 @@ candidate_factor 4.0     ``page`` mode: candidate pages hold this many times the
 granularity    kv_head   ``kv_head``: one token set per KV head (GQA group shares it);
                          ``query_head``: one set per query head
 dense_below    1024      sequences shorter than this decode densely
+force_sparse   False     run the selection even when the budget covers the whole context
+                         (tests: checks the sparse path against dense end to end)
 ============== ========= ==============================================================
 
 The budget (policy ``n_alpha``) is the *total* number of tokens attended per head at
@@ -86,6 +88,7 @@ class SparseConfig:
     candidate_factor: float = 4.0
     granularity: str = "kv_head"
     dense_below: int = 1024
+    force_sparse: bool = False
 
     def __post_init__(self) -> None:
         self._validate()
@@ -147,8 +150,10 @@ class SparseConfig:
         if self.max_budget is not None and (not _is_int(self.max_budget) or self.max_budget < self.min_budget):
             raise _err("max_budget", self.max_budget, f"null or an integer >= min_budget ({self.min_budget})")
         ps = self.page_size
-        if not _is_int(ps) or ps < 1 or ps & (ps - 1):
-            raise _err("page_size", ps, "a power of two >= 1 that divides the KV block size")
+        if not _is_int(ps) or ps < 16 or ps & (ps - 1):
+            raise _err("page_size", ps, "a power of two >= 16 (one page per KV block: it sets vLLM's block size)")
+        if not isinstance(self.force_sparse, bool):
+            raise _err("force_sparse", self.force_sparse, "true or false")
         if self.selection not in SELECTIONS:
             raise _err("selection", self.selection, f"one of {list(SELECTIONS)}")
         if self.granularity not in GRANULARITIES:

@@ -2,8 +2,9 @@
 
 The stock :class:`vllm.platforms.cpu.CpuPlatform` always answers with ``CPU_ATTN``. Here an
 explicit ``CUSTOM`` selection is validated like the CUDA platform does (a ``ValueError``
-listing the reasons when the model/config is unsupported) and returned; every other
-selection goes to the stock code unchanged.
+listing the reasons when the model/config is unsupported) and returned, and the KV block size
+becomes the plugin's ``page_size`` (one page per block; the stock CPU default is 128); every
+other selection goes to the stock code unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +17,23 @@ logger = init_logger(__name__)
 
 
 class SparseCpuPlatform(CpuPlatform):
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        super().check_and_update_config(vllm_config)
+        attention = getattr(vllm_config, "attention_config", None)
+        if attention is None or attention.backend != AttentionBackendEnum.CUSTOM:
+            return
+        from vllm_sparse.config import SparseConfig
+
+        page_size = SparseConfig.from_additional_config(vllm_config.additional_config).page_size
+        cache = vllm_config.cache_config
+        if cache.user_specified_block_size and cache.block_size != page_size:
+            raise ValueError(
+                f"vllm-sparse needs --block-size equal to its page_size ({page_size}; one page per KV block); "
+                f"got --block-size {cache.block_size}. Drop --block-size or set page_size to the same value."
+            )
+        cache.block_size = page_size
+
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
         if selected_backend != AttentionBackendEnum.CUSTOM:

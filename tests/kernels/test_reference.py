@@ -253,12 +253,12 @@ def test_strided_cache_takes_the_general_path_and_agrees(selection):
     from vllm_sparse.kernels import PagedKVCache
 
     case = make_case([300, 77], 6, 2, 64, 16, 16, torch.float32)
-    raw = case.cache.key_cache._base if case.cache.key_cache._base is not None else None
-    assert raw is not None and case.cache.page_rows is not None
+    raw = case.cache.slots.unflatten(2, (-1, 128))  # [NB, H, N, 2D]
+    assert case.cache.slot_rows is not None
     interleaved = torch.full((raw.shape[0], 2, *raw.shape[1:]), float("nan"))
     interleaved[:, 1] = raw
     strided = PagedKVCache.from_raw(interleaved[:, 1], 2, 16)
-    assert strided.page_rows is None and strided.meta_rows is None
+    assert strided.slot_rows is None
     q = torch.randn(2, 6, 64)
     att = torch.tensor([64, 40])
     args = (case.block_table, case.seq_lens, att, 0.125)

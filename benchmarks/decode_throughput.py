@@ -4,8 +4,9 @@ For every (context, batch) the script generates ``1 + D`` tokens from ``batch`` 
 prompts of ``context`` tokens (greedy, ``ignore_eos``, prefix caching off) with the engine
 in-process, and times every engine step. A *decode step* is a step whose scheduler output is
 exactly one token for each of the ``batch`` requests (no prefill chunk mixed in); the median of
-those step times is the decode step time, and ``batch / step`` the decode tokens/s. It prints
-a table with the sparse/stock ratio and writes JSON + a PNG plot.
+those step times is the decode step time, and ``batch / step`` the decode tokens/s. The other
+steps (those that carry prompt tokens) add up to the prefill time. It prints a table with the
+sparse/stock ratios and writes JSON + a PNG plot.
 
 Example (CPU machine, SmolLM2-135M, about 15 minutes)::
 
@@ -28,7 +29,18 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine must run in-process to be timed
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "6")
 
-DEFAULT_BACKENDS = ["stock", "sparse={}", 'sparse-page={"selection": "page"}']
+DEFAULT_BACKENDS = ["stock", "sparse={}", 'token={"selection": "token"}']
+
+
+def cpu_model() -> str:
+    """The CPU model name as ``lscpu`` prints it (ratios differ between machines)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def parse_backend(spec: str) -> tuple[str, dict | None]:
@@ -42,6 +54,7 @@ class StepTimer:
     def __init__(self, llm):
         core = llm.llm_engine.engine_core.engine_core  # in-process EngineCore
         self.decode_steps: list[float] = []
+        self.prefill_s = 0.0  # steps that carried prompt tokens
         self.batch = 0
         last = {}
         schedule, step = core.scheduler.schedule, core.step_fn
@@ -58,6 +71,8 @@ class StepTimer:
             if so is not None and len(so.num_scheduled_tokens) == self.batch and all(
                     v == 1 for v in so.num_scheduled_tokens.values()):
                 self.decode_steps.append(dt)
+            elif so is not None and any(v > 1 for v in so.num_scheduled_tokens.values()):
+                self.prefill_s += dt
             return result
 
         core.scheduler.schedule, core.step_fn = timed_schedule, timed_step
@@ -88,7 +103,7 @@ def run_backend(model: str, settings: dict | None, contexts, batches, decode_tok
             for b in batches:
                 prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, vocab, (n,), generator=gen).tolist())
                            for _ in range(b)]
-                timer.batch, timer.decode_steps = b, []
+                timer.batch, timer.decode_steps, timer.prefill_s = b, [], 0.0
                 t = time.perf_counter()
                 llm.generate(prompts, sp, use_tqdm=False)
                 wall = time.perf_counter() - t
@@ -96,7 +111,7 @@ def run_backend(model: str, settings: dict | None, contexts, batches, decode_tok
                     raise RuntimeError(f"no pure decode step of batch {b} was seen; raise --decode-tokens")
                 step = statistics.median(timer.decode_steps)
                 rows.append(dict(context=n, batch=b, wall_s=wall, decode_steps_timed=len(timer.decode_steps),
-                                 step_ms=1e3 * step, decode_tokens_per_s=b / step))
+                                 step_ms=1e3 * step, decode_tokens_per_s=b / step, prefill_s=timer.prefill_s))
                 print(f"  context {n:6d} batch {b:3d}: {len(timer.decode_steps)} decode steps, median "
                       f"{1e3 * step:8.1f} ms ({wall:.0f} s in all)", flush=True)
     finally:
@@ -115,6 +130,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
+    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs", flush=True)
 
     if args.model is None:
         from vllm_sparse.models import prepare_model
@@ -128,18 +144,21 @@ def main() -> None:
                                                                  args.decode_tokens, args.seed))
 
     base = {(r["context"], r["batch"]): r for r in results.get("stock", {}).get("rows", [])}
-    header = f"{'backend':<14}{'context':>8}{'batch':>6}{'step ms':>10}{'tok/s':>9}{'vs stock':>10}"
+    header = (f"{'backend':<24}{'context':>8}{'batch':>6}{'step ms':>10}{'tok/s':>9}{'vs stock':>10}"
+              f"{'prefill s':>11}{'vs stock':>10}")
     print("\n" + header + "\n" + "-" * len(header))
     for name, res in results.items():
         for r in res["rows"]:
             ref = base.get((r["context"], r["batch"]))
             r["speedup_vs_stock"] = ref["step_ms"] / r["step_ms"] if ref else None
+            r["prefill_speed_vs_stock"] = ref["prefill_s"] / r["prefill_s"] if ref and r["prefill_s"] else None
             ratio = f"{r['speedup_vs_stock']:.2f}x" if ref else "-"
-            print(f"{name:<14}{r['context']:>8}{r['batch']:>6}{r['step_ms']:>10.1f}{r['decode_tokens_per_s']:>9.1f}"
-                  f"{ratio:>10}")
+            pratio = f"{r['prefill_speed_vs_stock']:.2f}x" if r["prefill_speed_vs_stock"] else "-"
+            print(f"{name:<24}{r['context']:>8}{r['batch']:>6}{r['step_ms']:>10.1f}{r['decode_tokens_per_s']:>9.1f}"
+                  f"{ratio:>10}{r['prefill_s']:>11.1f}{pratio:>10}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(model=args.model, machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+    meta = dict(model=args.model, machine=cpu_model(), cpus=os.cpu_count(),
                 decode_tokens=args.decode_tokens,
                 method="median engine-step time over pure full-batch decode steps, in-process engine, prefix caching off")
     (args.out / "decode_throughput.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))

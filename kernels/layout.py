@@ -42,6 +42,7 @@ A token's *slot* is ``block_id * block_size + offset`` (vLLM's ``slot_mapping``)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -186,7 +187,7 @@ class PagedKVCache:
         raw = torch.full(shape, fill, dtype=dtype, device=device)
         return cls.from_raw(raw, num_kv_heads, page_size, key_transposed)
 
-    @property
+    @cached_property
     def slot_rows(self) -> torch.Tensor | None:
         """``[num_blocks * num_kv_heads, slot_size]`` whole head slots when they are evenly spaced
         (a contiguous cache), else None: lets the CPU path gather pages and summaries with one
@@ -197,6 +198,7 @@ class PagedKVCache:
         return s.view(s.shape[0] * s.shape[1], s.shape[2])
 
     # -- single-KV-head block views (vLLM's paged-attention op over compacted block tables) ----
+    @cached_property
     def head_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(key_cache, value_cache)`` viewed as ``num_blocks * num_kv_heads`` one-head blocks.
 
@@ -205,11 +207,12 @@ class PagedKVCache:
         memory when ``key_transposed``, as vLLM's CPU kernels expect). Needs a contiguous cache.
         """
         if self.slot_rows is None:
-            raise ValueError("head_blocks() needs a contiguous cache")
+            raise ValueError("head_blocks needs a contiguous cache")
         bs, d = self.block_size, self.head_size
         rows = self.slot_rows[:, None]  # [NB*H, 1, size]
         return rows[..., : bs * d].unflatten(-1, (bs, d)), rows[..., bs * d : 2 * bs * d].unflatten(-1, (bs, d))
 
+    @cached_property
     def kernel_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(key_cache, value_cache)`` as ``[num_blocks, num_kv_heads, block_size, head_size]`` views of
         the raw memory (vLLM's paged-attention argument order; keys in their stored order)."""
@@ -275,14 +278,22 @@ class PagedKVCache:
     def gather_page_bounds(self, block_table: torch.Tensor, num_pages: int,
                            kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Page key min/max of the first ``num_pages`` pages: ``[B, S, num_pages, head_size]`` each."""
-        rows_view = self.slot_rows
-        if rows_view is None:
+        rows = self.gather_page_summary_rows(block_table, num_pages, kv_head)
+        if rows is None:
             kmin, kmax = self.gather_page_summaries(block_table, num_pages)  # [B, P, H, D]
             return kmin[:, :, kv_head].transpose(1, 2), kmax[:, :, kv_head].transpose(1, 2)
+        return rows[..., : self.head_size], rows[..., self.head_size :]
+
+    def gather_page_summary_rows(self, block_table: torch.Tensor, num_pages: int,
+                                 kv_head: torch.Tensor) -> torch.Tensor | None:
+        """Rows ``[key min | key max]`` of the first ``num_pages`` pages, ``[B, S, num_pages, 2 * head_size]``
+        (one contiguous copy; ``None`` when the cache is not contiguous)."""
+        rows_view = self.slot_rows
+        if rows_view is None:
+            return None
         ppb, h, d, bs = self.pages_per_block, self.num_kv_heads, self.head_size, self.block_size
         nblk = -(-num_pages // ppb)
         ids = block_table[:, :nblk].long().clamp_min(0)
         b, s = ids.shape[0], kv_head.numel()
         rows = (ids[:, None, :] * h + kv_head.view(1, s, 1)).flatten()  # [B*S*nblk]
-        meta = rows_view[:, 2 * bs * d :].index_select(0, rows).view(b, s, nblk * ppb, 2 * d)[:, :, :num_pages]
-        return meta[..., :d], meta[..., d:]
+        return rows_view[:, 2 * bs * d :].index_select(0, rows).view(b, s, nblk * ppb, 2 * d)[:, :, :num_pages]

@@ -17,6 +17,7 @@ __all__ = [
     "GRANULARITIES",
     "page_counts",
     "index_capacity",
+    "quest_attended",
     "candidate_capacity",
     "candidate_pages",
     "page_positions",
@@ -56,6 +57,19 @@ def page_counts(seq_lens: torch.Tensor, count: torch.Tensor, page_size: int, sin
     else:
         wanted = torch.ceil(candidate_factor * count.double() / ps).long() + n_forced
     return torch.minimum(wanted, num_pages)
+
+
+def quest_attended(seq_lens: torch.Tensor, count: torch.Tensor, page_size: int, sink_tokens: int,
+                   local_window: int) -> torch.Tensor:
+    """Tokens ``"quest"`` really attends per head, ``[B]`` int64: its whole pages, the last one partial.
+
+    ``count``: ``[B]`` the budget's tokens (:func:`page_counts` rounds them up to pages, forced
+    pages included). What the kernels read, so what the stats count.
+    """
+    seq = seq_lens.long()
+    num_pages = (seq + page_size - 1) // page_size
+    pages = page_counts(seq, torch.minimum(count.long(), seq), page_size, sink_tokens, local_window, 1.0, quest=True)
+    return seq - (num_pages - pages) * page_size
 
 
 def index_capacity(selection: str, max_count: int, page_size: int, sink_tokens: int, local_window: int) -> int:

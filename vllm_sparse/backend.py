@@ -49,7 +49,7 @@ from vllm_sparse.config import SparseConfig
 from vllm_sparse.cpu_tuning import tune_malloc
 from vllm_sparse.kernels import PagedKVCache, summary_states
 from vllm_sparse.kernels import ops
-from vllm_sparse.kernels.selection import index_capacity
+from vllm_sparse.kernels.selection import index_capacity, quest_attended
 
 logger = init_logger(__name__)
 
@@ -145,6 +145,7 @@ class SparseAttentionMetadata:
     # fused CPU path (None on CUDA / when unused)
     cpu_decode: "cpu_attention.DecodePlan | None" = None
     cpu_prefill_metadata: torch.Tensor | None = None  # scheduler metadata of the dense part of the batch
+    cpu_dense_metadata: torch.Tensor | None = None  # the whole batch dense (layers below dense_layers)
 
 
 class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
@@ -177,22 +178,25 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             dense = bool((attended >= seq).all()) and not cfg.force_sparse
             capacity = index_capacity(cfg.selection, int(attended.max()), cfg.page_size, cfg.sink_tokens,
                                       cfg.local_window)
-            attended_total = int(torch.minimum(attended, seq.long()).sum())
+            if cfg.selection == "quest":  # whole pages: what the kernels read
+                attended_total = int(quest_attended(seq, attended, cfg.page_size, cfg.sink_tokens,
+                                                    cfg.local_window).sum())
+            else:
+                attended_total = int(torch.minimum(attended, seq.long()).sum())
             if self.cpu_fused_decode and not dense:
                 cpu_decode = cpu_attention.plan_decode(
                     seq, attended, cm.block_table_tensor[:num_decodes], block_size=self.spec.block_size,
                     sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, num_heads=self.num_heads,
                     num_kv_heads=self.spec.num_kv_heads, head_size=self.spec.head_size, dtype=self.dtype,
                     isa=self.isa)
-                attended_total = cpu_decode.attended_tokens  # whole pages: what the op reads
             stats.record_step(num_decodes, attended_total, int(seq.sum()))
-        prefill_md = None
+        prefill_md = dense_md = None
         if self.cpu:  # dense part of the batch: everything when decode is dense, else the prefills
             first = 0 if dense else num_decodes
             if first < cm.num_reqs:
-                prefill_md = cpu_attention.scheduler_metadata(
-                    cm.seq_lens[first:], cm.query_start_loc[first:] - cm.query_start_loc[first], self.num_heads,
-                    self.spec.num_kv_heads, self.spec.head_size, self.dtype, self.isa)
+                prefill_md = self._cpu_metadata(cm, first)
+            if not dense and cfg.dense_layers:
+                dense_md = self._cpu_metadata(cm, 0)
         return SparseAttentionMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             num_decodes=num_decodes,
@@ -208,7 +212,14 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             decode_is_dense=dense,
             cpu_decode=cpu_decode,
             cpu_prefill_metadata=prefill_md,
+            cpu_dense_metadata=dense_md,
         )
+
+    def _cpu_metadata(self, cm: CommonAttentionMetadata, first: int) -> torch.Tensor:
+        """vLLM CPU op's scheduler metadata for requests ``first:`` of the batch, all dense."""
+        return cpu_attention.scheduler_metadata(
+            cm.seq_lens[first:], cm.query_start_loc[first:] - cm.query_start_loc[first], self.num_heads,
+            self.spec.num_kv_heads, self.spec.head_size, self.dtype, self.isa)
 
 
 class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
@@ -255,6 +266,14 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         if self.cpu:
             tune_malloc()
         self._views: tuple[int, PagedKVCache] | None = None
+        self._dense_layer: bool | None = None  # below dense_layers (known at the first forward)
+
+    def _is_dense_layer(self, layer: AttentionLayer) -> bool:
+        if self._dense_layer is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self._dense_layer = extract_layer_index(layer.layer_name) < self.config.dense_layers
+        return self._dense_layer
 
     def _cache(self, kv_cache: torch.Tensor) -> PagedKVCache:
         """Strided views of this layer's cache (built once per cache tensor); CPU: vLLM's CPU key layout."""
@@ -292,14 +311,15 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             return output
         md = attn_metadata
         cache = self._cache(kv_cache)
+        dense_layer = self.config.dense_layers > 0 and self._is_dense_layer(layer)
         if self.cpu:
-            return self._forward_cpu(query, cache, md, output)
+            return self._forward_cpu(query, cache, md, output, dense_layer)
         cfg = self.config
         nd, ndt, n = md.num_decodes, md.num_decode_tokens, md.num_actual_tokens
         if nd:
             q = query[:ndt]
             seq, bt = md.seq_lens[:nd], md.block_table[:nd]
-            if md.decode_is_dense:
+            if md.decode_is_dense or dense_layer:
                 output[:ndt] = ops.dense_decode(q, cache, bt, seq, self.scale, max_seq_len=md.max_seq_len)
             else:
                 output[:ndt] = ops.sparse_decode(
@@ -316,10 +336,14 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         return output
 
     def _forward_cpu(self, query: torch.Tensor, cache: PagedKVCache, md: SparseAttentionMetadata,
-                     output: torch.Tensor) -> torch.Tensor:
+                     output: torch.Tensor, dense_layer: bool) -> torch.Tensor:
         """vLLM's CPU op for the dense part of the batch; sparse decodes fused (quest) or by the reference."""
         cfg = self.config
         nd, ndt, n = md.num_decodes, md.num_decode_tokens, md.num_actual_tokens
+        if dense_layer and md.cpu_dense_metadata is not None:
+            cpu_attention.attention(query[:n], cache, md.block_table, md.seq_lens, md.query_start_loc,
+                                    md.cpu_dense_metadata, self.scale, output[:n])
+            return output
         if nd and not md.decode_is_dense:
             q = query[:ndt]
             if md.cpu_decode is not None:

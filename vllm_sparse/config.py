@@ -31,6 +31,8 @@ candidate_factor 4.0     ``page`` mode: candidate pages hold this many times the
 granularity    kv_head   ``kv_head``: one token set per KV head (GQA group shares it);
                          ``query_head``: one set per query head
 dense_below    1024      sequences shorter than this decode densely
+dense_layers   0         the first N attention layers decode densely (Quest keeps its
+                         first two dense: early layers attend broadly)
 force_sparse   False     run the selection even when the budget covers the whole context
                          (tests: checks the sparse path against dense end to end)
 ============== ========= ==============================================================
@@ -88,6 +90,7 @@ class SparseConfig:
     candidate_factor: float = 4.0
     granularity: str = "kv_head"
     dense_below: int = 1024
+    dense_layers: int = 0
     force_sparse: bool = False
 
     def __post_init__(self) -> None:
@@ -140,7 +143,7 @@ class SparseConfig:
             raise _err("alpha", self.alpha, "a number with 0 < alpha <= 1")
         if not _is_real(self.k) or self.k <= 0:
             raise _err("k", self.k, "a number > 0")
-        for key in ("sink_tokens", "local_window", "dense_below"):
+        for key in ("sink_tokens", "local_window", "dense_below", "dense_layers"):
             v = getattr(self, key)
             if not _is_int(v) or v < 0:
                 raise _err(key, v, "an integer >= 0")

@@ -14,11 +14,13 @@ layout of :mod:`vllm_sparse.kernels.layout`, written by ``cpu_attn_reshape_and_c
   form that head's compacted block table, ascending, so the request's last (partial) page
   comes last and the op's causal length arithmetic holds.
 
-*Plan* (:func:`plan_step`, once per step in the metadata builder, shared by all layers): page
-counts from the budget rule, the compacted sequence lengths, the forced/invalid page bias,
+*Plan* (:func:`plan_decode`, once per step in the metadata builder, shared by all layers): page
+counts from the budget rule, the forced (sink/window) pages, the compacted sequence lengths
 and the op's scheduler metadata — all of which depend only on the sequence lengths. *Run*
-(:func:`sparse_decode`, per layer): 2 matmuls + top-k + sort + one gather build the table,
-then the op. No Python loop over requests, heads or layers.
+(per layer): :func:`write_kv` (vLLM's ``reshape_and_cache`` + one C++ call folding the keys into
+the page summaries) and :func:`sparse_decode` (one C++ call ranks the pages and writes the
+compacted table, then vLLM's op). Four calls per layer, no Python loop over requests, heads or
+layers; the C++ kernels (``kernels/cpu_select.cpp``) are checked against their torch twins.
 
 The pure-torch oracle of the decode is :func:`vllm_sparse.kernels.reference.sparse_decode`
 with ``selection="quest"`` and ``page_size == block_size``.
@@ -32,11 +34,11 @@ import torch
 from vllm import _custom_ops as vllm_ops
 from vllm import envs
 
-from vllm_sparse.kernels import PagedKVCache
-from vllm_sparse.kernels import reference
-from vllm_sparse.kernels.selection import page_counts
+from vllm_sparse.kernels import PagedKVCache, cpu_ext
+from vllm_sparse.kernels.selection import page_counts, quest_attended
 
-__all__ = ["cpu_isa", "DecodePlan", "plan_decode", "scheduler_metadata", "write_kv", "attention", "sparse_decode"]
+__all__ = ["cpu_isa", "DecodePlan", "plan_decode", "scheduler_metadata", "write_kv", "attention", "select_pages",
+           "select_pages_reference", "sparse_decode"]
 
 
 def cpu_isa(block_size: int) -> str:
@@ -64,9 +66,10 @@ class DecodePlan:
 
     Attributes:
         block_table: ``[B, P]`` int64 block ids of each request's first ``P`` pages (``P`` = max pages).
-        bias: ``[B, 1, P]`` cache dtype: ``+inf`` on forced (sink/window) pages, ``-inf`` past a
-            request's pages, 0 elsewhere — added to the page scores.
-        keep: ``[B, 1, width]`` bool, rank ``< count[b]``: the top-``count`` pages of each row.
+        num_pages: ``[B]`` int64 pages of each request.
+        count: ``[B]`` int64 pages each KV head attends (Quest's rule on the budget, forced pages included).
+        forced_lo: ``[B]`` int64 pages ``[0, forced_lo)`` hold sinks: always attended.
+        forced_hi: ``[B]`` int64 pages ``[forced_hi, num_pages)`` hold the local window: always attended.
         seq_lens: ``[B * num_kv_heads]`` int32 tokens each (request, KV head) sequence attends
             (its pages, the last one partial).
         query_start_loc: ``[B * num_kv_heads + 1]`` int32 (one query per sequence).
@@ -75,16 +78,15 @@ class DecodePlan:
     """
 
     block_table: torch.Tensor
-    bias: torch.Tensor
-    keep: torch.Tensor
+    num_pages: torch.Tensor
+    count: torch.Tensor
+    forced_lo: torch.Tensor
+    forced_hi: torch.Tensor
     seq_lens: torch.Tensor
     query_start_loc: torch.Tensor
     metadata: torch.Tensor
     attended_tokens: int
-
-    @property
-    def width(self) -> int:
-        return self.keep.shape[-1]
+    width: int
 
 
 def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: torch.Tensor, *, block_size: int,
@@ -102,24 +104,22 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
     bs = block_size
     num_pages = (seq + bs - 1) // bs
     count = page_counts(seq, torch.minimum(attended.long(), seq), bs, sink_tokens, local_window, 1.0, quest=True)
-    p_max, width = int(num_pages.max()), int(count.max())
-    page = torch.arange(p_max)[None, :]
-    forced = (page < -(-sink_tokens // bs)) | (page >= (seq[:, None] - local_window).clamp_min(0) // bs)
-    bias = torch.zeros(seq.shape[0], 1, p_max, dtype=dtype)
-    bias.masked_fill_(forced[:, None] & (page < num_pages[:, None])[:, None], float("inf"))
-    bias.masked_fill_((page >= num_pages[:, None])[:, None], float("-inf"))
+    forced_lo = torch.full_like(num_pages, -(-sink_tokens // bs)).minimum(num_pages)
+    forced_hi = (seq - local_window).clamp_min(0) // bs if local_window > 0 else num_pages.clone()
     # each head attends its `count` pages; all are whole but the request's last
-    lens = (seq - (num_pages - count) * bs).to(torch.int32)
-    lens = lens.repeat_interleave(num_kv_heads)
+    lens = quest_attended(seq, attended, bs, sink_tokens, local_window).to(torch.int32).repeat_interleave(num_kv_heads)
     qsl = torch.arange(lens.shape[0] + 1, dtype=torch.int32)
     return DecodePlan(
-        block_table=block_table[:, :p_max].long().clamp_min(0),
-        bias=bias,
-        keep=(torch.arange(width)[None, None, :] < count[:, None, None]),
+        block_table=block_table[:, : int(num_pages.max())].long().clamp_min(0).contiguous(),
+        num_pages=num_pages,
+        count=count,
+        forced_lo=forced_lo,
+        forced_hi=forced_hi,
         seq_lens=lens,
         query_start_loc=qsl,
         metadata=scheduler_metadata(lens, qsl, num_heads // num_kv_heads, 1, head_size, dtype, isa),
         attended_tokens=int(lens.sum()) // num_kv_heads,
+        width=int(count.max()),
     )
 
 
@@ -131,9 +131,16 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
         key, value: ``[num_tokens, num_kv_heads, head_size]``; slot_mapping: ``[num_tokens]`` (``< 0`` skipped).
     """
     assert cache.key_transposed, "the fused CPU path needs the key_transposed layout"
-    key_cache, value_cache = cache.kernel_blocks()
+    key_cache, value_cache = cache.kernel_blocks
     vllm_ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, isa)
-    reference.update_page_summaries(key, slot_mapping, cache)
+    n = min(key.shape[0], slot_mapping.shape[0])
+    cpu_ext.load().update_page_summaries(key[:n], slot_mapping[:n].long().contiguous(), cache.slot_rows,
+                                         _summary_offset(cache), cache.block_size, cache.page_size)
+
+
+def _summary_offset(cache: PagedKVCache) -> int:
+    """Where a head slot's page summaries start (elements), see :mod:`vllm_sparse.kernels.layout`."""
+    return 2 * cache.block_size * cache.head_size
 
 
 def attention(query: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -143,7 +150,7 @@ def attention(query: torch.Tensor, cache: PagedKVCache, block_table: torch.Tenso
     Args:
         query, out: ``[num_tokens, num_heads, head_size]``; the rest as vLLM's ``CommonAttentionMetadata``.
     """
-    key_cache, value_cache = cache.kernel_blocks()
+    key_cache, value_cache = cache.kernel_blocks
     vllm_ops.cpu_attention_with_kv_cache(
         query=query, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=query_start_loc,
         seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
@@ -155,23 +162,41 @@ def select_pages(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan) -> 
     """Compacted one-head block table of the chosen pages: ``[B * num_kv_heads, width]`` int32.
 
     Row ``b * num_kv_heads + h`` lists, ascending, the one-head blocks (``block * num_kv_heads +
-    h``) of the ``count[b]`` best pages of request ``b``, KV head ``h``; entries past ``count[b]``
-    are never read (the op stops at ``plan.seq_lens``).
+    h``) of the ``count[b]`` best pages of request ``b``, KV head ``h`` by Quest's bound
+    ``q⁻·min + q⁺·max`` (maxed over the GQA group; sink and window pages first); entries past
+    ``count[b]`` repeat the last one and are never read (the op stops at ``plan.seq_lens``).
+    One call of the C++ kernel (fp32 accumulation); :func:`select_pages_reference` is its twin.
 
     Args:
         query: ``[B, num_heads, head_size]`` in the cache dtype.
     """
+    b = query.shape[0]
+    table = torch.empty(b * cache.num_kv_heads, plan.width, dtype=torch.int32)
+    cpu_ext.load().quest_select(query, cache.slot_rows, _summary_offset(cache), plan.block_table, plan.num_pages,
+                                plan.count, plan.forced_lo, plan.forced_hi, table)
+    return table
+
+
+def select_pages_reference(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan) -> torch.Tensor:
+    """Pure-torch twin of :func:`select_pages` (float32 scores; ties to the lower page)."""
     b, num_heads, d = query.shape
     h = cache.num_kv_heads
     heads = torch.arange(h)
-    kmin, kmax = cache.gather_page_bounds(plan.block_table, plan.block_table.shape[1], heads)  # [B, H, P, D]
-    q = query.view(b, h, num_heads // h, d)  # [B, H, G, D]
-    # upper bound of q·k over a page: q⁺·max + q⁻·min (cache dtype, fp32 accumulation in the matmul)
-    ub = torch.matmul(q.clamp_min(0), kmax.transpose(-1, -2))
-    ub += torch.matmul(q.clamp_max(0), kmin.transpose(-1, -2))  # [B, H, G, P]
-    score = ub.amax(2) + plan.bias  # [B, H, P]
-    top = score.topk(plan.width, dim=-1, sorted=True).indices  # best first
-    top = top.masked_fill(~plan.keep, torch.iinfo(top.dtype).max).sort(dim=-1).values.clamp_max(score.shape[-1] - 1)
+    p_max = plan.block_table.shape[1]
+    kmin, kmax = cache.gather_page_bounds(plan.block_table, p_max, heads)  # [B, H, P, D]
+    q = query.float().view(b, h, num_heads // h, d)
+    ub = q.clamp_max(0) @ kmin.float().transpose(-1, -2) + q.clamp_min(0) @ kmax.float().transpose(-1, -2)
+    score = ub.amax(2)  # [B, H, P]
+    page = torch.arange(p_max)[None, :]
+    forced = (page < plan.forced_lo[:, None]) | (page >= plan.forced_hi[:, None])
+    score = score.masked_fill(forced[:, None], float("inf"))
+    score = score.masked_fill((page >= plan.num_pages[:, None])[:, None], float("-inf"))
+    # stable descending sort: equal scores keep the lower page first
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., : plan.width]
+    keep = torch.arange(plan.width)[None, None, :] < plan.count[:, None, None]
+    top = torch.where(keep, order, torch.iinfo(order.dtype).max).sort(dim=-1).values
+    last = top.gather(-1, (plan.count[:, None, None] - 1).expand(b, h, 1))
+    top = torch.where(keep, top, last)
     blocks = plan.block_table.gather(1, top.view(b, -1)).view(b, h, -1)
     return (blocks * h + heads.view(1, h, 1)).view(b * h, -1).to(torch.int32)
 
@@ -182,7 +207,7 @@ def sparse_decode(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, sc
     b, num_heads, d = query.shape
     h = cache.num_kv_heads
     table = select_pages(query, cache, plan)
-    key_cache, value_cache = cache.head_blocks()
+    key_cache, value_cache = cache.head_blocks
     g = num_heads // h
     vllm_ops.cpu_attention_with_kv_cache(
         query=query.reshape(b * h, g, d), key_cache=key_cache, value_cache=value_cache,

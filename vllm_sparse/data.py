@@ -162,3 +162,57 @@ def retrieved(case: NeedleCase, output_text: str) -> bool:
 def score(cases, outputs) -> tuple[int, int]:
     """(number retrieved, number of cases) for parallel lists of cases and output texts."""
     return sum(retrieved(c, o) for c, o in zip(cases, outputs, strict=True)), len(cases)
+
+
+def _insert_sentences(tokenizer, ids, length: int, needles: list[tuple[float, str]], fmt: dict, chat: bool):
+    """Prompt of ~``length`` tokens with each ``(depth, sentence)`` at its depth of the haystack."""
+    overhead = len(_encode(tokenizer, _render(tokenizer, " ".join(s for _, s in needles), chat, fmt)))
+    budget = length - overhead
+    best = None
+    for _ in range(6):
+        hay = tokenizer.decode(list(ids[:budget]))
+        hay = hay[: len(hay.rstrip().rsplit(None, 1)[0])]
+        pieces, last = [], 0
+        for depth, sentence in sorted(needles):
+            pos = max(last, _sentence_start_before(hay, len(tokenizer.decode(list(ids[: int(round(budget * depth))])))))
+            pieces += [hay[last:pos].rstrip(), sentence]
+            last = pos
+        context = " ".join(p for p in pieces + [hay[last:].lstrip()] if p)
+        prompt = _render(tokenizer, context, chat, fmt)
+        n = len(_encode(tokenizer, prompt))
+        if best is None or abs(n - length) < abs(best[1] - length):
+            best = (prompt, n)
+        if abs(n - length) <= max(2, length // 500):
+            break
+        budget += length - n
+    return best
+
+
+def multikey_prompts(tokenizer, lengths=(4096, 7700), cases_per_length: int = 12, num_keys: int = 4,
+                     seed: int = 0, chat: bool = False) -> list[NeedleCase]:
+    """Key→value lookup among distractors (RULER's multi-key NIAH): ``num_keys`` magic-number
+    sentences with distinct keys at random depths, the question asks for one of them.
+
+    Each case's ``answer`` is unique among its sentences (the distractors' numbers differ), so
+    exact match on the number scores it. ``depth`` is the queried sentence's depth.
+    """
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    ids = _essay_ids(tokenizer)
+    rng = random.Random(seed)
+    style = STYLES[DEFAULT_STYLE]
+    cases = []
+    for length in lengths:
+        for _ in range(cases_per_length):
+            words = rng.sample(_WORDS, num_keys)
+            numbers = rng.sample(range(1000, 10000), num_keys)
+            depths = [rng.uniform(0.02, 0.98) for _ in words]
+            sentences = [style["needle"].format(word=w, number=x) for w, x in zip(words, numbers)]
+            q = rng.randrange(num_keys)
+            fmt = {k: v.format(word=words[q], number=numbers[q]) for k, v in style.items()}
+            prompt, n = _insert_sentences(tokenizer, ids, length, list(zip(depths, sentences)), fmt, chat)
+            cases.append(NeedleCase(prompt=prompt, answer=fmt["answer"], needle=sentences[q], length=length,
+                                    context_tokens=n, depth=depths[q], actual_depth=depths[q], chat=chat))
+    return cases

@@ -31,7 +31,7 @@ def test_views_partition_the_block(num_kv_heads, block_size, page_size, key_tran
     got = keys.view(d, block_size)[:, t] if key_transposed else keys.view(block_size, d)[t]
     assert torch.equal(got, torch.arange(d, dtype=torch.float32))
     # one-head block view: block b's head h is block b * H + h
-    kb, vb = c.head_blocks()
+    kb, vb = c.head_blocks
     assert kb.shape == (5 * num_kv_heads, 1, block_size, d)
     assert torch.equal(vb[2 * num_kv_heads + h, 0], c.value_cache[2, :, h])
 
@@ -44,7 +44,7 @@ def test_transposed_keys_match_vllm_cpu_kernel_layout():
     n = 2 * bs + 5
     k, v = torch.randn(n, h, d).bfloat16(), torch.randn(n, h, d).bfloat16()
     slots = torch.cat([torch.arange(4 * bs, 5 * bs), torch.arange(1 * bs, 2 * bs), torch.arange(2 * bs, 2 * bs + 5)])
-    kc, vc = c.kernel_blocks()
+    kc, vc = c.kernel_blocks
     ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, "vec16")
     assert torch.equal(c.key_cache[slots // bs, slots % bs], k)
     assert torch.equal(c.value_cache[slots // bs, slots % bs], v)

@@ -36,8 +36,10 @@ def test_custom_backend_runs_sparse_decode_and_records_sparsity(tiny_llama_dir, 
 
 
 @pytest.mark.parametrize("selection", ["token", "quest"])
-def test_full_budget_matches_stock_backend(tiny_llama_dir, stock_outputs, selection):
-    settings = {"alpha": 1.0, "k": 1.0, "dense_below": 0, "selection": selection}
+@pytest.mark.parametrize("force_sparse", [False, True])
+def test_full_budget_matches_stock_backend(tiny_llama_dir, stock_outputs, selection, force_sparse):
+    """Budget = context: the dense shortcut, and the sparse path itself (force_sparse), give stock's tokens."""
+    settings = {"alpha": 1.0, "k": 1.0, "dense_below": 0, "selection": selection, "force_sparse": force_sparse}
     with make_llm(tiny_llama_dir, sparse=settings) as llm:
         outs = [o.token_ids for o in greedy(llm, PROMPTS)]
     assert outs == stock_outputs
@@ -81,3 +83,37 @@ def test_unsupported_models_are_refused_at_start_up(tiny_llama_dir, tmp_path):
     with pytest.raises(ValueError, match="sliding window not supported"):
         with make_llm(swa):
             pass
+
+
+def _cache_tokens(llm) -> int:
+    """Tokens vLLM says its KV cache holds (blocks × block size), as it logs 'KV cache size'."""
+    cache = llm.llm_engine.vllm_config.cache_config
+    return cache.num_gpu_blocks * cache.block_size
+
+
+@pytest.mark.parametrize("num_kv_heads", [3, 8, 16])
+def test_page_summaries_cost_one_page_size_th_of_kv_memory(tiny_llama_dir, tmp_path, num_kv_heads):
+    """The plugin's cache holds >= 93% of the tokens the stock backend's holds (16-token pages: 16/17)."""
+    model = _variant(tiny_llama_dir, tmp_path / f"kv{num_kv_heads}", num_attention_heads=48,
+                     num_key_value_heads=num_kv_heads, head_dim=64)
+    tokens = {}
+    for backend in ("stock", "CUSTOM"):
+        with make_llm(model, backend=backend, load_format="dummy", max_model_len=2048) as llm:
+            tokens[backend] = _cache_tokens(llm)
+    ratio = tokens["CUSTOM"] / tokens["stock"]
+    print(f"{num_kv_heads} KV heads: cache tokens stock {tokens['stock']}, vllm-sparse {tokens['CUSTOM']} ({ratio:.3f})")
+    assert 0.93 <= ratio <= 16 / 17 + 1e-3
+
+
+def test_block_size_other_than_page_size_is_refused_at_start_up(tiny_llama_dir):
+    with pytest.raises(ValueError, match=r"block-size.*page_size"):
+        with make_llm(tiny_llama_dir, sparse={"page_size": 16}, block_size=32):
+            pass
+
+
+def test_dense_layers_and_quest_run_in_vllm(tiny_llama_dir, stock_outputs):
+    """dense_layers=2 keeps both layers of the tiny model dense: stock's tokens even at a tiny budget."""
+    settings = {"dense_below": 0, "min_budget": 68, "k": 1.0, "selection": "quest", "dense_layers": 2}
+    with make_llm(tiny_llama_dir, sparse=settings) as llm:
+        outs = [o.token_ids for o in greedy(llm, PROMPTS)]
+    assert outs == stock_outputs

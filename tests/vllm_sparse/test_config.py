@@ -47,6 +47,9 @@ def test_from_additional_config():
         ({"dense_below": -5}, "dense_below"),
         ({"page_size": 12}, "page_size"),
         ({"page_size": 0}, "page_size"),
+        ({"page_size": 8}, "page_size"),  # pages are KV blocks: >= 16
+        ({"dense_layers": -1}, "dense_layers"),
+        ({"force_sparse": "yes"}, "force_sparse"),
         ({"selection": "pages"}, "selection"),
         ({"granularity": "layer"}, "granularity"),
         ({"candidate_factor": 0.5}, "candidate_factor"),

@@ -21,15 +21,17 @@ def essay_prompts(smollm2_dir):
 
 
 def test_budget_covering_context_is_token_identical_to_stock(smollm2_dir, essay_prompts):
-    """alpha = 1, k = 1: budget(n) = n, so every decode step attends all of its context.
+    """alpha = 1, k = 1: budget(n) = n, so every decode step attends all of its context — through
+    the sparse path (``force_sparse``: page scoring, top-k, compacted per-head block tables,
+    the fused CPU op), not the dense shortcut.
 
     float32, because in bf16 the top two logits of this model often tie *exactly* (bf16 logit
     margins of 0.0 were measured on these prompts), and then any kernel with another summation
     order flips greedy tokens; in float32 a tie needs agreement to ~1e-7.
     """
     stock = generate_once(smollm2_dir, essay_prompts, backend="stock", dtype="float32")
-    ours = generate_once(smollm2_dir, essay_prompts, sparse={"alpha": 1.0, "k": 1.0, "dense_below": 0},
-                         dtype="float32")
+    ours = generate_once(smollm2_dir, essay_prompts, dtype="float32",
+                         sparse={"alpha": 1.0, "k": 1.0, "dense_below": 0, "force_sparse": True, "selection": "quest"})
     assert [o.token_ids for o in ours] == [o.token_ids for o in stock]
 
 

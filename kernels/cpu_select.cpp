@@ -1,0 +1,174 @@
+// Fused CPU kernels of the sparse decode step (one call per layer each), built with torch's
+// cpp_extension on first use (kernels/cpu_ext.py). Pure-torch twins, the test oracles:
+//   update_page_summaries  -> kernels/reference.py::update_page_summaries
+//   quest_select           -> vllm_sparse/cpu_attention.py::select_pages_reference
+//
+// Cache memory (kernels/layout.py): head slot r = block * num_kv_heads + head holds
+// `slot_size` elements; its page summaries start at `summary_offset`: one row
+// [key min (head_size) | key max (head_size)] per page of the block.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float f32(T x) {
+  return static_cast<float>(x);
+}
+
+// n elements to float32 (bf16: a shift of the bit pattern, so the loop vectorizes)
+template <typename T>
+inline void to_f32(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+template <>
+inline void to_f32<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+
+// Fold each written key into its page's min/max. Tokens of one page arrive in offset order
+// within a call, so a sequential pass per head is exact: offset 0 starts the page afresh.
+template <typename T>
+void summaries_impl(const at::Tensor& key, const at::Tensor& slots, at::Tensor& rows, int64_t summary_offset,
+                    int64_t block_size, int64_t page_size) {
+  const int64_t n = key.size(0), h = key.size(1), d = key.size(2);
+  const int64_t pages_per_block = block_size / page_size;
+  const T* k = key.data_ptr<T>();
+  const int64_t ks0 = key.stride(0), ks1 = key.stride(1);
+  const int64_t* s = slots.data_ptr<int64_t>();
+  T* base = rows.data_ptr<T>();
+  const int64_t rs = rows.stride(0);
+#pragma omp parallel for if (n * h > 64)
+  for (int64_t head = 0; head < h; ++head) {
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t slot = s[t];
+      if (slot < 0) continue;
+      const int64_t blk = slot / block_size, off = slot % block_size;
+      T* row = base + (blk * h + head) * rs + summary_offset + (off / page_size) * 2 * d;
+      const T* kt = k + t * ks0 + head * ks1;
+      if (off % page_size == 0) {
+        for (int64_t e = 0; e < d; ++e) row[e] = row[d + e] = kt[e];
+      } else {
+        for (int64_t e = 0; e < d; ++e) {
+          row[e] = f32(kt[e]) < f32(row[e]) ? kt[e] : row[e];
+          row[d + e] = f32(kt[e]) > f32(row[d + e]) ? kt[e] : row[d + e];
+        }
+      }
+    }
+  }
+}
+
+// Per (request, KV head): Quest's bound of every page, sum_e max(q_e*min_e, q_e*max_e) maxed
+// over the GQA group, forced pages (sinks, window) first, then the best `count` pages; their
+// one-head block ids (block * num_kv_heads + head) ascending into table[b * H + head].
+template <typename T>
+void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary_offset, const at::Tensor& block_table,
+                const at::Tensor& num_pages, const at::Tensor& count, const at::Tensor& forced_lo,
+                const at::Tensor& forced_hi, at::Tensor& table) {
+  const int64_t b = query.size(0), nh = query.size(1), d = query.size(2);
+  const int64_t h = table.size(0) / b, g = nh / h, width = table.size(1);
+  const int64_t p_max = block_table.size(1);
+  const T* q = query.data_ptr<T>();
+  const int64_t qs0 = query.stride(0), qs1 = query.stride(1);
+  const T* base = rows.data_ptr<T>();
+  const int64_t rs = rows.stride(0), bts = block_table.stride(0);
+  const int64_t* bt = block_table.data_ptr<int64_t>();
+  const int64_t *np = num_pages.data_ptr<int64_t>(), *cnt = count.data_ptr<int64_t>();
+  const int64_t *lo = forced_lo.data_ptr<int64_t>(), *hi = forced_hi.data_ptr<int64_t>();
+  int32_t* out = table.data_ptr<int32_t>();
+  const float inf = std::numeric_limits<float>::infinity();
+#pragma omp parallel
+  {
+    std::vector<float> score(p_max), qpos(g * d), qneg(g * d), meta(2 * d);
+    std::vector<int64_t> idx(p_max);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < b * h; ++r) {
+      const int64_t req = r / h, head = r % h, pages = np[req];
+      for (int64_t j = 0; j < g; ++j) {
+        const T* qr = q + req * qs0 + (head * g + j) * qs1;
+        for (int64_t e = 0; e < d; ++e) {
+          const float x = f32(qr[e]);
+          qpos[j * d + e] = x > 0.f ? x : 0.f;
+          qneg[j * d + e] = x < 0.f ? x : 0.f;
+        }
+      }
+      constexpr int64_t kAhead = 16;  // rows sit in random blocks: keep several loads in flight
+      const int64_t row_bytes = 2 * d * static_cast<int64_t>(sizeof(T));
+      for (int64_t p = 0; p < std::min(pages, kAhead); ++p) {
+        const char* a = reinterpret_cast<const char*>(base + (bt[req * bts + p] * h + head) * rs + summary_offset);
+        for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(a + c);
+      }
+      for (int64_t p = 0; p < pages; ++p) {
+        if (p + kAhead < pages) {
+          const char* a =
+              reinterpret_cast<const char*>(base + (bt[req * bts + p + kAhead] * h + head) * rs + summary_offset);
+          for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(a + c);
+        }
+        if (p < lo[req] || p >= hi[req]) {
+          score[p] = inf;
+          continue;
+        }
+        to_f32(base + (bt[req * bts + p] * h + head) * rs + summary_offset, meta.data(), 2 * d);
+        const float *mn = meta.data(), *mx = meta.data() + d;
+        float best = -inf;
+        for (int64_t j = 0; j < g; ++j) {
+          float acc = 0.f;
+          const float *qp = qpos.data() + j * d, *qn = qneg.data() + j * d;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t e = 0; e < d; ++e) acc += qn[e] * mn[e] + qp[e] * mx[e];
+          best = acc > best ? acc : best;
+        }
+        score[p] = best;
+      }
+      const int64_t k = std::min(cnt[req], pages);
+      for (int64_t p = 0; p < pages; ++p) idx[p] = p;
+      std::nth_element(idx.begin(), idx.begin() + (k > 0 ? k - 1 : 0), idx.begin() + pages,
+                       [&](int64_t x, int64_t y) { return score[x] > score[y] || (score[x] == score[y] && x < y); });
+      std::sort(idx.begin(), idx.begin() + k);
+      int32_t* o = out + r * width;
+      for (int64_t i = 0; i < width; ++i) {
+        const int64_t p = idx[i < k ? i : k - 1];
+        o[i] = static_cast<int32_t>(bt[req * bts + p] * h + head);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void update_page_summaries(const at::Tensor& key, const at::Tensor& slots, at::Tensor rows, int64_t summary_offset,
+                           int64_t block_size, int64_t page_size) {
+  TORCH_CHECK(key.dim() == 3 && key.stride(2) == 1, "key must be [T, H, D] with unit last stride");
+  TORCH_CHECK(key.scalar_type() == rows.scalar_type(), "key and cache dtypes differ");
+  TORCH_CHECK(rows.dim() == 2 && rows.stride(1) == 1, "rows must be [slots, slot_size]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots must be contiguous int64");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "update_page_summaries", [&] {
+    summaries_impl<scalar_t>(key, slots, rows, summary_offset, block_size, page_size);
+  });
+}
+
+void quest_select(const at::Tensor& query, const at::Tensor& rows, int64_t summary_offset,
+                  const at::Tensor& block_table, const at::Tensor& num_pages, const at::Tensor& count,
+                  const at::Tensor& forced_lo, const at::Tensor& forced_hi, at::Tensor table) {
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [B, num_heads, D] with unit last stride");
+  TORCH_CHECK(query.scalar_type() == rows.scalar_type(), "query and cache dtypes differ");
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.stride(1) == 1, "block_table: int64 rows");
+  TORCH_CHECK(table.scalar_type() == at::kInt && table.is_contiguous(), "table must be contiguous int32");
+  for (const auto* t : {&num_pages, &count, &forced_lo, &forced_hi})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "per-request counts must be contiguous int64");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "quest_select", [&] {
+    quest_impl<scalar_t>(query, rows, summary_offset, block_table, num_pages, count, forced_lo, forced_hi, table);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("update_page_summaries", &update_page_summaries, "fold written keys into page min/max (in place)");
+  m.def("quest_select", &quest_select, "Quest page selection into a compacted one-head block table");
+}

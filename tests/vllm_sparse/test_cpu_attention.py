@@ -1,0 +1,210 @@
+"""The fused CPU path (vLLM's CPU paged-attention op over compacted block tables) against the torch reference."""
+
+import math
+
+import pytest
+import torch
+
+from vllm_sparse.kernels import PagedKVCache
+from vllm_sparse.kernels import reference as R
+
+C = pytest.importorskip("vllm_sparse.cpu_attention")
+
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+SINK, WINDOW = 4, 16
+
+
+def make_cache(lens, num_kv_heads, head_size, block_size, dtype):
+    """Requests of ``lens`` tokens written by the fused path into shuffled blocks; spare blocks stay NaN.
+
+    vLLM zero-fills its caches and the op reads a partial last block's tail (masked), so the
+    requests' own blocks start at zero; every block no request owns is NaN-poisoned, so a read
+    outside the selection shows up.
+    """
+    nblk = [-(-n // block_size) for n in lens]
+    nb = sum(nblk) + 5
+    cache = PagedKVCache.allocate(nb, block_size, num_kv_heads, head_size, block_size, dtype, key_transposed=True)
+    perm = torch.randperm(nb)
+    bt = torch.full((len(lens), max(nblk) + 2), -1, dtype=torch.int32)
+    used = 0
+    for b, m in enumerate(nblk):
+        bt[b, :m] = perm[used: used + m]
+        used += m
+    isa = C.cpu_isa(block_size)
+    keys, values = [], []
+    for b, n in enumerate(lens):
+        pos = torch.arange(nblk[b] * block_size)
+        slots = bt[b, pos // block_size].long() * block_size + pos % block_size
+        zeros = torch.zeros(len(pos), num_kv_heads, head_size, dtype=dtype)
+        C.write_kv(zeros, zeros, slots, cache, isa)
+        k, v = (torch.randn(n, num_kv_heads, head_size).to(dtype) for _ in range(2))
+        half = n // 2  # two writes: the second continues a half-filled page
+        for lo, hi in ((0, half), (half, n)):
+            C.write_kv(k[lo:hi], v[lo:hi], slots[lo:hi], cache, isa)
+        keys.append(k)
+        values.append(v)
+    return cache, bt, keys, values
+
+
+def plan(cache, bt, seq, attended, num_heads):
+    return C.plan_decode(seq, attended, bt, block_size=cache.block_size, sink_tokens=SINK, local_window=WINDOW,
+                         num_heads=num_heads, num_kv_heads=cache.num_kv_heads, head_size=cache.head_size,
+                         dtype=cache.dtype, isa=C.cpu_isa(cache.block_size))
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def naive_pages_attention(q, keys, values, table, lens, num_kv_heads, block_of, scale):
+    """float64 attention of each (request, KV head) over the positions of its chosen pages."""
+    b, num_heads, d = q.shape
+    g = num_heads // num_kv_heads
+    out = torch.empty(b, num_heads, d, dtype=torch.float64)
+    for r in range(b):
+        for h in range(num_kv_heads):
+            row = table[r * num_kv_heads + h]
+            n_pages = -(-int(lens[r * num_kv_heads + h]) // block_of.block_size)
+            pos = torch.cat([block_of.positions(r, int(x) // num_kv_heads) for x in row[:n_pages]])
+            k, v = keys[r][pos, h].double(), values[r][pos, h].double()
+            p = torch.softmax(q[r, h * g:(h + 1) * g].double() @ k.T * scale, -1)
+            out[r, h * g:(h + 1) * g] = p @ v
+    return out
+
+
+class BlockPositions:
+    def __init__(self, bt, lens, block_size):
+        self.bt, self.lens, self.block_size = bt, lens, block_size
+
+    def positions(self, r, block):
+        j = (self.bt[r] == block).nonzero()[0, 0].item()
+        return torch.arange(j * self.block_size, min((j + 1) * self.block_size, self.lens[r]))
+
+
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+def test_fused_quest_decode_equals_reference_float32(group, head_size):
+    torch.manual_seed(torch.seed() % 2**31)
+    lens, hkv, bs = [1000, 37, 513, 260, 16, 17], 2, 16
+    cache, bt, keys, values = make_cache(lens, hkv, head_size, bs, torch.float32)
+    seq = torch.tensor(lens)
+    attended = torch.tensor([200, 37, 100, 260, 16, 20])  # sparse, and budget >= context
+    q = torch.randn(len(lens), hkv * group, head_size)
+    scale = head_size ** -0.5
+    p = plan(cache, bt, seq, attended, hkv * group)
+    out = torch.full_like(q, float("nan"))
+    C.sparse_decode(q, cache, p, scale, out)
+    ref = R.sparse_decode(q, cache, bt, seq, attended, scale, SINK, WINDOW, "quest")
+    assert rel_err(out, ref) < RTOL[torch.float32]
+    # and the set really is the reference's: whole best pages, as many as Quest's rule says
+    table = C.select_pages(q, cache, p)
+    idx = R.select_topk(q, cache, bt, seq, attended, scale, SINK, WINDOW, "quest")
+    for r in range(len(lens)):
+        for h in range(hkv):
+            n_pages = -(-int(p.seq_lens[r * hkv + h]) // bs)
+            blocks = sorted(int(x) // hkv for x in table[r * hkv + h, :n_pages])
+            want = idx[r, h][idx[r, h] >= 0]
+            assert blocks == sorted({int(bt[r, int(x) // bs]) for x in want})
+    # stats count what the op reads: whole pages, never past the context
+    assert p.attended_tokens == int(p.seq_lens.view(-1, hkv)[:, 0].sum()) <= int(seq.sum())
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_fused_quest_decode_bfloat16_attends_its_pages_exactly(group):
+    lens, hkv, bs, d = [700, 300, 90], 3, 16, 64
+    cache, bt, keys, values = make_cache(lens, hkv, d, bs, torch.bfloat16)
+    seq = torch.tensor(lens)
+    q = torch.randn(len(lens), hkv * group, d).bfloat16()
+    p = plan(cache, bt, seq, torch.tensor([150, 120, 90]), hkv * group)
+    out = torch.empty_like(q)
+    C.sparse_decode(q, cache, p, 0.125, out)
+    table = C.select_pages(q, cache, p)
+    ref = naive_pages_attention(q, keys, values, table, p.seq_lens, hkv, BlockPositions(bt, lens, bs), 0.125)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < RTOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_budget_through_the_sparse_path_equals_dense(dtype):
+    lens, hkv, g, d, bs = [333, 48, 1024], 2, 4, 128, 32
+    cache, bt, keys, values = make_cache(lens, hkv, d, bs, dtype)
+    seq = torch.tensor(lens)
+    q = torch.randn(len(lens), hkv * g, d).to(dtype)
+    p = plan(cache, bt, seq, seq.clone(), hkv * g)
+    assert p.attended_tokens == sum(lens)
+    out = torch.empty_like(q)
+    C.sparse_decode(q, cache, p, d ** -0.5, out)
+    dense = torch.empty_like(q)
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32)
+    md = C.scheduler_metadata(seq.int(), qsl, hkv * g, hkv, d, dtype, C.cpu_isa(bs))
+    C.attention(q, cache, bt, seq.int(), qsl, md, d ** -0.5, dense)
+    ref = R.dense_decode(q, cache, bt, seq, d ** -0.5)
+    assert rel_err(out, ref) < RTOL[dtype] and rel_err(dense, ref) < RTOL[dtype]
+
+
+def test_prefill_through_vllm_op_equals_reference():
+    lens, hkv, g, d, bs = [300, 77, 129], 2, 3, 64, 16
+    cache, bt, keys, values = make_cache(lens, hkv, d, bs, torch.float32)
+    q_lens = [50, 77, 1]  # chunked prefill: the last q_len tokens of each request
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(qsl[-1]), hkv * g, d)
+    seq = torch.tensor(lens, dtype=torch.int32)
+    out = torch.empty_like(q)
+    md = C.scheduler_metadata(seq, qsl, hkv * g, hkv, d, torch.float32, C.cpu_isa(bs))
+    C.attention(q, cache, bt, seq, qsl, md, 0.125, out)
+    assert rel_err(out, R.paged_attention(q, cache, bt, seq, qsl, 0.125)) < RTOL[torch.float32]
+
+
+def test_write_keeps_page_summaries_exact():
+    """Summaries folded from the incoming keys equal the min/max over each page's stored keys."""
+    lens, hkv, d, bs = [70, 33], 2, 64, 16
+    cache, bt, keys, _ = make_cache(lens, hkv, d, bs, torch.bfloat16)
+    for r, n in enumerate(lens):
+        for p in range(-(-n // bs)):
+            blk = int(bt[r, p])
+            rows = keys[r][p * bs: min((p + 1) * bs, n)]  # [t, H, D]
+            assert torch.equal(cache.key_min[blk, 0], rows.amin(0)) and torch.equal(cache.key_max[blk, 0], rows.amax(0))
+            # and the keys vLLM's op wrote read back through the layout's views
+            assert torch.equal(cache.key_cache[blk, : rows.shape[0]], rows)
+
+
+def test_isa_matches_the_layout():
+    assert C.cpu_isa(16) == "vec16" and C.cpu_isa(32) == "vec" and C.cpu_isa(128) == "vec"
+    assert math.isclose(1 / 16, (PagedKVCache.raw_shape(1, 16, 3, 64, 16)[2] - 16) / 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_cpp_page_selection_equals_its_torch_twin(dtype, group):
+    lens, hkv, d, bs = [900, 17, 450, 1600], 3, 64, 16
+    cache, bt, _, _ = make_cache(lens, hkv, d, bs, dtype)
+    seq = torch.tensor(lens)
+    q = torch.randn(len(lens), hkv * group, d).to(dtype)
+    p = plan(cache, bt, seq, torch.tensor([160, 17, 300, 200]), hkv * group)
+    got, want = C.select_pages(q, cache, p), C.select_pages_reference(q, cache, p)
+    if dtype == torch.float32:
+        assert torch.equal(got, want)
+    else:  # bf16 inputs, fp32 sums in another order: near-ties may swap, nothing else
+        same = sum(len(set(a[: -(-int(n) // bs)].tolist()) & set(b[: -(-int(n) // bs)].tolist()))
+                   for a, b, n in zip(got, want, p.seq_lens))
+        assert same >= 0.95 * sum(-(-int(n) // bs) for n in p.seq_lens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpp_summary_update_equals_reference(dtype):
+    from vllm_sparse.kernels import cpu_ext
+
+    hkv, d, bs, ps = 2, 64, 32, 16  # two pages per block: the kernel handles any page size
+    ours = PagedKVCache.allocate(12, bs, hkv, d, ps, dtype)
+    ref = PagedKVCache.allocate(12, bs, hkv, d, ps, dtype)
+    order = torch.randperm(12)
+    for lo, hi in ((0, 37), (37, 38), (38, 200), (200, 201)):  # chunks across page and block edges, then decode
+        pos = torch.arange(lo, hi)
+        slots = torch.cat([order[pos // bs] * bs + pos % bs, torch.full((3,), -1)])  # padding slots: skipped
+        k = torch.randn(hi - lo + 3, hkv, d).to(dtype)
+        cpu_ext.load().update_page_summaries(k, slots.contiguous(), ours.slot_rows, 2 * bs * d, bs, ps)
+        R.update_page_summaries(k, slots, ref)
+        touched = order[: -(-hi // bs)]  # pages not yet written stay NaN in both
+        for a, b in ((ours.key_min, ref.key_min), (ours.key_max, ref.key_max)):
+            torch.testing.assert_close(a[touched], b[touched], rtol=0, atol=0, equal_nan=True)
+        assert not ours.key_min[order[0]].isnan().any()

@@ -34,6 +34,10 @@ endif
 assets: venv
 	$(PY) -m vllm_sparse.models prepare smollm2
 	$(PY) -m vllm_sparse.models prepare tiny-llama
+ifeq ($(VLLM_EXTRA),cpu)
+	# the fused CPU kernels (kernels/cpu_select.cpp): compiled once per machine, cached
+	$(PY) -c "from vllm_sparse.kernels import cpu_ext; cpu_ext.load()"
+endif
 
 test: assets
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -10,11 +10,13 @@ heads, head 64, bf16, 16-token pages — batch 16 at 7,000 tokens), same process
 * ``torch.compile quest``: the same reference compiled by inductor's C++ backend (option c of the
   design choice);
 * ``fused quest (vLLM op)``: page scores from the summaries, top-k, a compacted per-head block
-  table, vLLM's op over it (option a — what the backend runs), plus its selection alone.
+  table, vLLM's op over it (option a — what the backend runs), plus its selection alone;
+* ``fused exact_pages cf4``: the same with 4 × the budget's pages rescored by their exact max q·k
+  (the default selection).
 
-Prints a table (median ms, speed-up over dense) and writes JSON + PNG::
+Prints a table (median ms, speed-up over dense) and writes ``cpu_paths_block{N}.json`` + PNG::
 
-    python benchmarks/cpu_paths.py --out benchmarks/results
+    python benchmarks/cpu_paths.py --out benchmarks/results --block-size 32
 """
 
 from __future__ import annotations
@@ -59,6 +61,35 @@ def make_cache(batch, context, num_kv_heads, head_size, block_size, dtype, seed)
     return cache, block_table
 
 
+def layer_cost(args, cfg: SparseConfig) -> dict:
+    """One layer's decode with ``cfg`` (fused path for quest/exact_pages, the torch reference otherwise)
+    against vLLM's dense op, same cache and query. ``args``: batch, context, num_kv_heads, group,
+    head_size, block_size, dtype, repeats, seed."""
+    dtype = getattr(torch, args.dtype)
+    b, n, h, g, d, bs = args.batch, args.context, args.num_kv_heads, args.group, args.head_size, args.block_size
+    cache, bt = make_cache(b, n, h, d, bs, dtype, args.seed)
+    seq = torch.full((b,), n)
+    attended = cfg.attended(seq)
+    q = torch.randn(b, h * g, d).to(dtype)
+    scale, isa, out = d ** -0.5, C.cpu_isa(bs), torch.empty_like(q)
+    qsl = torch.arange(b + 1, dtype=torch.int32)
+    dense_md = C.scheduler_metadata(seq.int(), qsl, h * g, h, d, dtype, isa)
+    dense = median_ms(lambda: C.attention(q, cache, bt, seq.int(), qsl, dense_md, scale, out), args.repeats)
+    if cfg.selection in ("quest", "exact_pages"):
+        plan = C.plan_decode(seq, attended, bt, block_size=bs, sink_tokens=cfg.sink_tokens,
+                             local_window=cfg.local_window, num_heads=h * g, num_kv_heads=h, head_size=d,
+                             dtype=dtype, isa=isa,
+                             candidate_factor=cfg.candidate_factor if cfg.selection == "exact_pages" else 1.0)
+        ms = median_ms(lambda: C.sparse_decode(q, cache, plan, scale, out), args.repeats)
+        tokens = plan.attended_tokens
+    else:
+        kw = dict(sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, selection=cfg.selection,
+                  candidate_factor=cfg.candidate_factor)
+        ms = median_ms(lambda: R.sparse_decode(q, cache, bt, seq, attended, scale, **kw), max(3, args.repeats // 4))
+        tokens = int(torch.minimum(attended, seq).sum())
+    return dict(ms=ms, dense_ms=dense, speedup_vs_dense=dense / ms, attended_fraction=tokens / (b * n))
+
+
 def run(args, k: float) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     cfg = SparseConfig(k=k, selection="quest", page_size=args.block_size)
@@ -90,6 +121,11 @@ def run(args, k: float) -> list[dict]:
         cases["torch.compile quest"] = lambda: compiled(q, cache, bt, seq, attended, scale, selection="quest", **sel)
     cases["fused quest: selection only"] = lambda: C.select_pages(q, cache, plan)
     cases["fused quest (vLLM op)"] = lambda: C.sparse_decode(q, cache, plan, scale, out)
+    exact = C.plan_decode(seq, attended, bt, block_size=bs, sink_tokens=cfg.sink_tokens,
+                          local_window=cfg.local_window, num_heads=h * g, num_kv_heads=h, head_size=d, dtype=dtype,
+                          isa=isa, candidate_factor=4.0)
+    cases["fused exact_pages cf4: selection"] = lambda: C.select_pages(q, cache, exact)
+    cases["fused exact_pages cf4 (vLLM op)"] = lambda: C.sparse_decode(q, cache, exact, scale, out)
     rows = []
     for name, fn in cases.items():
         ms = median_ms(fn, args.repeats)
@@ -125,7 +161,8 @@ def main() -> None:
         print(f"{r['path']:<30}{r['k']:>5g}{r['ms']:>10.2f}{r['speedup_vs_dense']:>9.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(vars(args), out=str(args.out), machine=cpu_model(), threads=torch.get_num_threads())
-    (args.out / "cpu_paths.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    stem = f"cpu_paths_block{args.block_size}"
+    (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +180,7 @@ def main() -> None:
     ax.set_title(f"one layer's decode, batch {args.batch} × {args.context} tokens, {args.dtype}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.out / "cpu_paths.png", dpi=120)
+    fig.savefig(args.out / f"{stem}.png", dpi=120)
 
 
 if __name__ == "__main__":

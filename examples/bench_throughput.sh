@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # `vllm bench throughput` at long input, vLLM's stock backend vs the sparse backend, same machine.
 #   bash examples/bench_throughput.sh [MODEL] [INPUT_LEN] [OUTPUT_LEN] [NUM_PROMPTS]
-# Default: the prepared SmolLM2-135M-Instruct, 7000 input / 128 output tokens, 16 prompts
-# (about 7 minutes per backend on a 2-core CPU). Results land in bench-{stock,sparse}.json.
+# Default: the prepared SmolLM2-135M-Instruct, 7000 input / 256 output tokens, 8 prompts
+# (about 4 minutes per backend on a 2-core CPU). Results land in bench-{stock,sparse}.json.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 MODEL=${1:-$($PY -m vllm_sparse.models path smollm2)}
-IN=${2:-7000}; OUT=${3:-128}; N=${4:-16}
+IN=${2:-7000}; OUT=${3:-256}; N=${4:-8}
 VS=$(dirname "$PY")/vllm-sparse
 common=(bench throughput --model "$MODEL" --dataset-name random --random-input-len "$IN"
         --random-output-len "$OUT" --num-prompts "$N" --max-model-len $((IN + OUT + 16)) --enforce-eager)

@@ -65,13 +65,44 @@ void summaries_impl(const at::Tensor& key, const at::Tensor& slots, at::Tensor& 
   }
 }
 
+// Exact max over the page's first `valid` tokens and the GQA group of q·k; keys stored [d, BS].
+template <typename T, int BS>
+float exact_page_score(const T* kt, const float* qf, int64_t g, int64_t d, int64_t valid, float* keys) {
+  to_f32(kt, keys, d * BS);
+  float best = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < g; ++j) {
+    float acc[BS] = {};
+    const float* qj = qf + j * d;
+    for (int64_t e = 0; e < d; ++e) {
+      const float x = qj[e];
+      const float* kr = keys + e * BS;
+#pragma omp simd
+      for (int t = 0; t < BS; ++t) acc[t] += x * kr[t];
+    }
+    for (int64_t t = 0; t < valid; ++t) best = acc[t] > best ? acc[t] : best;
+  }
+  return best;
+}
+
+template <typename T>
+float exact_score(const T* kt, const float* qf, int64_t g, int64_t d, int64_t bs, int64_t valid, float* keys) {
+  switch (bs) {
+    case 16: return exact_page_score<T, 16>(kt, qf, g, d, valid, keys);
+    case 32: return exact_page_score<T, 32>(kt, qf, g, d, valid, keys);
+    case 64: return exact_page_score<T, 64>(kt, qf, g, d, valid, keys);
+    case 128: return exact_page_score<T, 128>(kt, qf, g, d, valid, keys);
+    default: TORCH_CHECK(false, "exact page scores support block sizes 16/32/64/128, got ", bs);
+  }
+  return 0.f;
+}
+
 // Per (request, KV head): Quest's bound of every page, sum_e max(q_e*min_e, q_e*max_e) maxed
 // over the GQA group, forced pages (sinks, window) first, then the best `count` pages; their
 // one-head block ids (block * num_kv_heads + head) ascending into table[b * H + head].
 template <typename T>
 void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary_offset, const at::Tensor& block_table,
-                const at::Tensor& num_pages, const at::Tensor& count, const at::Tensor& forced_lo,
-                const at::Tensor& forced_hi, at::Tensor& table) {
+                const at::Tensor& seq_lens, const at::Tensor& count, const at::Tensor& candidates,
+                const at::Tensor& forced_lo, const at::Tensor& forced_hi, int64_t block_size, at::Tensor& table) {
   const int64_t b = query.size(0), nh = query.size(1), d = query.size(2);
   const int64_t h = table.size(0) / b, g = nh / h, width = table.size(1);
   const int64_t p_max = block_table.size(1);
@@ -80,21 +111,24 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
   const T* base = rows.data_ptr<T>();
   const int64_t rs = rows.stride(0), bts = block_table.stride(0);
   const int64_t* bt = block_table.data_ptr<int64_t>();
-  const int64_t *np = num_pages.data_ptr<int64_t>(), *cnt = count.data_ptr<int64_t>();
+  const int64_t *sl = seq_lens.data_ptr<int64_t>(), *cnt = count.data_ptr<int64_t>();
+  const int64_t* cand = candidates.data_ptr<int64_t>();
+  const int64_t bs = block_size;
   const int64_t *lo = forced_lo.data_ptr<int64_t>(), *hi = forced_hi.data_ptr<int64_t>();
   int32_t* out = table.data_ptr<int32_t>();
   const float inf = std::numeric_limits<float>::infinity();
 #pragma omp parallel
   {
-    std::vector<float> score(p_max), qpos(g * d), qneg(g * d), meta(2 * d);
+    std::vector<float> score(p_max), qpos(g * d), qneg(g * d), qfull(g * d), meta(2 * d), keys(d * bs);
     std::vector<int64_t> idx(p_max);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < b * h; ++r) {
-      const int64_t req = r / h, head = r % h, pages = np[req];
+      const int64_t req = r / h, head = r % h, pages = (sl[req] + bs - 1) / bs;
       for (int64_t j = 0; j < g; ++j) {
         const T* qr = q + req * qs0 + (head * g + j) * qs1;
         for (int64_t e = 0; e < d; ++e) {
           const float x = f32(qr[e]);
+          qfull[j * d + e] = x;
           qpos[j * d + e] = x > 0.f ? x : 0.f;
           qneg[j * d + e] = x < 0.f ? x : 0.f;
         }
@@ -129,8 +163,30 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
       }
       const int64_t k = std::min(cnt[req], pages);
       for (int64_t p = 0; p < pages; ++p) idx[p] = p;
-      std::nth_element(idx.begin(), idx.begin() + (k > 0 ? k - 1 : 0), idx.begin() + pages,
-                       [&](int64_t x, int64_t y) { return score[x] > score[y] || (score[x] == score[y] && x < y); });
+      auto better = [&](int64_t x, int64_t y) { return score[x] > score[y] || (score[x] == score[y] && x < y); };
+      const int64_t c = std::min(std::max(cand[req], k), pages);
+      if (c > k) {
+        // stage 2: rescore the best `c` pages by their exact max q·k (keys stored [d, bs] per page)
+        std::nth_element(idx.begin(), idx.begin() + (c - 1), idx.begin() + pages, better);
+        const int64_t key_bytes = d * bs * static_cast<int64_t>(sizeof(T));
+        auto prefetch_keys = [&](int64_t i) {
+          const char* a = reinterpret_cast<const char*>(base + (bt[req * bts + idx[i]] * h + head) * rs);
+          for (int64_t o = 0; o < key_bytes; o += 64) __builtin_prefetch(a + o);
+        };
+        for (int64_t i = 0; i < std::min(c, int64_t(2)); ++i) prefetch_keys(i);
+        for (int64_t i = 0; i < c; ++i) {
+          if (i + 2 < c) prefetch_keys(i + 2);
+          const int64_t p = idx[i];
+          if (score[p] == inf) continue;  // forced pages stay first
+          const int64_t valid = std::min(bs, sl[req] - p * bs);
+          const float best = exact_score(base + (bt[req * bts + p] * h + head) * rs, qfull.data(), g, d, bs, valid,
+                                         keys.data());
+          score[p] = best;
+        }
+        std::nth_element(idx.begin(), idx.begin() + (k > 0 ? k - 1 : 0), idx.begin() + c, better);
+      } else {
+        std::nth_element(idx.begin(), idx.begin() + (k > 0 ? k - 1 : 0), idx.begin() + pages, better);
+      }
       std::sort(idx.begin(), idx.begin() + k);
       int32_t* o = out + r * width;
       for (int64_t i = 0; i < width; ++i) {
@@ -155,16 +211,18 @@ void update_page_summaries(const at::Tensor& key, const at::Tensor& slots, at::T
 }
 
 void quest_select(const at::Tensor& query, const at::Tensor& rows, int64_t summary_offset,
-                  const at::Tensor& block_table, const at::Tensor& num_pages, const at::Tensor& count,
-                  const at::Tensor& forced_lo, const at::Tensor& forced_hi, at::Tensor table) {
+                  const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& count,
+                  const at::Tensor& candidates, const at::Tensor& forced_lo, const at::Tensor& forced_hi,
+                  int64_t block_size, at::Tensor table) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [B, num_heads, D] with unit last stride");
   TORCH_CHECK(query.scalar_type() == rows.scalar_type(), "query and cache dtypes differ");
   TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.stride(1) == 1, "block_table: int64 rows");
   TORCH_CHECK(table.scalar_type() == at::kInt && table.is_contiguous(), "table must be contiguous int32");
-  for (const auto* t : {&num_pages, &count, &forced_lo, &forced_hi})
+  for (const auto* t : {&seq_lens, &count, &candidates, &forced_lo, &forced_hi})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "per-request counts must be contiguous int64");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "quest_select", [&] {
-    quest_impl<scalar_t>(query, rows, summary_offset, block_table, num_pages, count, forced_lo, forced_hi, table);
+    quest_impl<scalar_t>(query, rows, summary_offset, block_table, seq_lens, count, candidates, forced_lo, forced_hi,
+                         block_size, table);
   });
 }
 

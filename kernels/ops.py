@@ -169,7 +169,7 @@ def select_topk(
         ``[B, S, capacity]`` ascending positions, ``-1`` padded (``out`` when given); each row
         holds the reference's set.
     """
-    if uses_triton(query, force_triton):
+    if uses_triton(query, force_triton) and selection != "exact_pages":  # no Triton kernel for it yet
         from .triton_select import select_topk_triton
 
         return select_topk_triton(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window,

@@ -260,6 +260,9 @@ def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, l
     elif selection in ("page", "quest"):
         pages = _candidate_pages(query.float(), cache, block_table, seq_lens, count, heads, scale,
                                  sink_tokens, local_window, candidate_factor, quest=selection == "quest")
+    elif selection == "exact_pages":
+        pages = _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_tokens, local_window,
+                             candidate_factor)
     else:
         raise ValueError(f"selection={selection!r}; allowed: {SELECTIONS}")
 
@@ -267,7 +270,7 @@ def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, l
     k, v = cache.gather_pages(block_table, pages, heads)  # [B, S, L, D] each
     q = query.float().view(b, s, num_heads // s, d)
     logits = torch.matmul(q, k.float().transpose(-1, -2)) * scale  # [B, S, G, L]
-    if selection == "quest":  # every token of the chosen pages
+    if selection in ("quest", "exact_pages"):  # every token of the chosen pages
         return pos, (pos >= 0) & (pos < n), logits, v
     scores = logits.amax(2)
     scores = scores.masked_fill((pos < 0) | (pos >= n), _NEG_INF)
@@ -307,7 +310,8 @@ def select_topk(
             them plus the sink/window pages, then score their tokens exactly), ``"quest"``
             (rank pages the same way and attend every token of the best
             ``max(ceil(attended / page_size), sink/window pages)`` pages — Quest's rule, no
-            token scoring) or ``"recent"`` (no scoring: sinks + the most recent tokens,
+            token scoring), ``"exact_pages"`` (as many whole pages as ``"quest"``, chosen among
+            ``candidate_factor ×`` as many bound-ranked candidates by their exact ``max q·k``) or ``"recent"`` (no scoring: sinks + the most recent tokens,
             StreamingLLM's rule at the same budget — the baseline).
         granularity: ``"kv_head"`` (one set per KV head, score = max over its query group)
             or ``"query_head"`` (one set per query head).
@@ -325,8 +329,10 @@ def select_topk(
 
 
 def _candidate_pages(q, cache, block_table, seq_lens, count, heads, scale, sink_tokens, local_window,
-                     candidate_factor, quest=False) -> torch.Tensor:
-    """Stage 1 of page selection: the best pages by upper bound, ``[B, S, C]``, −1 padded."""
+                     candidate_factor, quest=False, n_cand=None) -> torch.Tensor:
+    """Stage 1 of page selection: the best pages by upper bound, ``[B, S, C]``, −1 padded.
+
+    ``n_cand`` (``[B]``) overrides how many pages each row keeps (default: :func:`page_counts`)."""
     b, num_heads, d = q.shape
     s, ps, dev = heads.numel(), cache.page_size, q.device
     num_pages = (seq_lens + ps - 1) // ps  # [B]
@@ -345,9 +351,37 @@ def _candidate_pages(q, cache, block_table, seq_lens, count, heads, scale, sink_
     valid = page[None, :] < num_pages[:, None]
     forced = forced & valid
     ub = ub.masked_fill(~valid[:, None, :], _NEG_INF).masked_fill(forced[:, None, :], math.inf)
-    n_cand = page_counts(seq_lens, count, ps, sink_tokens, local_window, candidate_factor, quest)  # [B]
+    if n_cand is None:
+        n_cand = page_counts(seq_lens, count, ps, sink_tokens, local_window, candidate_factor, quest)  # [B]
     top, keep = topk_rows(ub, n_cand, int(n_cand.max()))
     return torch.where(keep, top, -1)
+
+
+def _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_tokens, local_window,
+                 candidate_factor) -> torch.Tensor:
+    """``"exact_pages"``: Quest's page count, chosen among ``ceil(candidate_factor ×)`` as many
+    candidates (by the bound) by each page's exact ``max q·k`` (over its tokens and the GQA group).
+
+    Returns ``[B, S, C]`` page ids, −1 padded; sink/window pages always in.
+    """
+    b, num_heads, d = query.shape
+    s, ps = heads.numel(), cache.page_size
+    num_pages = (seq_lens + ps - 1) // ps
+    n_pages = page_counts(seq_lens, count, ps, sink_tokens, local_window, 1.0, quest=True)
+    n_cand = torch.minimum(torch.ceil(n_pages.double() * candidate_factor).long(), num_pages)
+    cand = _candidate_pages(query.float(), cache, block_table, seq_lens, count, heads, scale, sink_tokens,
+                            local_window, candidate_factor, n_cand=n_cand)  # [B, S, C]
+    pos = page_positions(cand, ps)  # [B, S, C * ps]
+    n = seq_lens[:, None, None]
+    k, _ = cache.gather_pages(block_table, cand, heads)
+    logits = torch.matmul(query.float().view(b, s, num_heads // s, d), k.float().transpose(-1, -2)).amax(2)
+    logits = logits.masked_fill((pos < 0) | (pos >= n), _NEG_INF)
+    score = logits.view(b, s, cand.shape[-1], ps).amax(-1)  # [B, S, C]
+    first_window_page = (seq_lens - local_window).clamp_min(0) // ps if local_window > 0 else num_pages
+    forced = (cand >= 0) & ((cand < -(-sink_tokens // ps)) | (cand >= first_window_page[:, None, None]))
+    top, keep = topk_rows(score.masked_fill(forced, math.inf).masked_fill(cand < 0, _NEG_INF), n_pages,
+                          int(n_pages.max()))
+    return torch.where(keep, cand.gather(-1, top), -1)
 
 
 # --------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 #: Allowed ``selection`` values (see :func:`.reference.select_topk`).
-SELECTIONS = ("token", "page", "quest", "recent")
+SELECTIONS = ("token", "page", "quest", "exact_pages", "recent")
 #: Allowed ``granularity`` values: one selected set per KV head or per query head.
 GRANULARITIES = ("kv_head", "query_head")
 
@@ -78,7 +78,7 @@ def index_capacity(selection: str, max_count: int, page_size: int, sink_tokens: 
     ``max_count``: ``max(min(attended, seq_lens))`` of the step. ``"quest"`` rounds to whole
     pages and may exceed the budget by the forced sink/window pages.
     """
-    if selection != "quest":
+    if selection not in ("quest", "exact_pages"):
         return max_count
     ps = page_size
     forced = -(-sink_tokens // ps) + ((-(-local_window // ps) + 1) if local_window > 0 else 0)

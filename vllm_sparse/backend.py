@@ -163,7 +163,8 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
         self.cpu = device.type == "cpu"
         self.isa = cpu_attention.cpu_isa(kv_cache_spec.block_size) if self.cpu else None
         #: the fused CPU decode serves kv_head-granular quest; the rest run the torch reference
-        self.cpu_fused_decode = self.cpu and self.config.selection == "quest" and self.config.granularity == "kv_head"
+        self.cpu_fused_decode = (self.cpu and self.config.selection in ("quest", "exact_pages")
+                                 and self.config.granularity == "kv_head")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SparseAttentionMetadata:
@@ -178,7 +179,7 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             dense = bool((attended >= seq).all()) and not cfg.force_sparse
             capacity = index_capacity(cfg.selection, int(attended.max()), cfg.page_size, cfg.sink_tokens,
                                       cfg.local_window)
-            if cfg.selection == "quest":  # whole pages: what the kernels read
+            if cfg.selection in ("quest", "exact_pages"):  # whole pages: what the kernels read
                 attended_total = int(quest_attended(seq, attended, cfg.page_size, cfg.sink_tokens,
                                                     cfg.local_window).sum())
             else:
@@ -188,7 +189,8 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
                     seq, attended, cm.block_table_tensor[:num_decodes], block_size=self.spec.block_size,
                     sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, num_heads=self.num_heads,
                     num_kv_heads=self.spec.num_kv_heads, head_size=self.spec.head_size, dtype=self.dtype,
-                    isa=self.isa)
+                    isa=self.isa,
+                    candidate_factor=cfg.candidate_factor if cfg.selection == "exact_pages" else 1.0)
             stats.record_step(num_decodes, attended_total, int(seq.sum()))
         prefill_md = dense_md = None
         if self.cpu:  # dense part of the batch: everything when decode is dense, else the prefills

@@ -19,15 +19,18 @@ min_budget     128       lower clamp of the budget, ≥ sink_tokens + local_wind
 max_budget     None      upper clamp of the budget (None: no clamp)
 sink_tokens    4         first tokens always attended (inside the budget)
 local_window   64        most recent tokens always attended (inside the budget)
-page_size      16        tokens per selection page (its key min/max is the page summary);
+page_size      32        tokens per selection page (its key min/max is the page summary);
                          one page is one KV block: sets vLLM's block size (power of two >= 16)
-selection      token     ``token``: exact q·k of every key; ``page``: rank pages by their
-                         min/max upper bound, then score the best pages' tokens;
-                         ``quest``: attend every token of the best pages (Quest's
-                         rule: budget rounded up to whole pages, reads no key to
-                         select); ``recent``: no scoring, sinks + most recent tokens
-                         (the StreamingLLM baseline at the same budget)
-candidate_factor 4.0     ``page`` mode: candidate pages hold this many times the budget
+selection      exact_pages  ``exact_pages``: rank pages by their min/max upper bound, rescore
+                         the best ``candidate_factor ×`` as many as the budget needs by
+                         their exact max q·k, attend the best whole pages; ``quest``: attend
+                         the best pages by the bound alone (Quest's rule, reads no key to
+                         select); ``token``: exact q·k of every key, top tokens; ``page``:
+                         bound-ranked candidate pages, then their top tokens; ``recent``: no
+                         scoring, sinks + most recent tokens (StreamingLLM's rule at the same
+                         budget, the baseline). Page selections round the budget up to whole
+                         pages.
+candidate_factor 4.0     ``exact_pages``/``page``: candidates per page (token) of the budget
 granularity    kv_head   ``kv_head``: one token set per KV head (GQA group shares it);
                          ``query_head``: one set per query head
 dense_below    1024      sequences shorter than this decode densely
@@ -85,8 +88,8 @@ class SparseConfig:
     max_budget: int | None = None
     sink_tokens: int = 4
     local_window: int = 64
-    page_size: int = 16
-    selection: str = "token"
+    page_size: int = 32
+    selection: str = "exact_pages"
     candidate_factor: float = 4.0
     granularity: str = "kv_head"
     dense_below: int = 1024

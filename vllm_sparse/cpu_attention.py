@@ -66,8 +66,11 @@ class DecodePlan:
 
     Attributes:
         block_table: ``[B, P]`` int64 block ids of each request's first ``P`` pages (``P`` = max pages).
+        seq: ``[B]`` int64 context lengths.
         num_pages: ``[B]`` int64 pages of each request.
         count: ``[B]`` int64 pages each KV head attends (Quest's rule on the budget, forced pages included).
+        candidates: ``[B]`` int64 pages ranked by the bound and rescored by their exact max ``q·k``
+            (``== count``: no rescoring, plain Quest).
         forced_lo: ``[B]`` int64 pages ``[0, forced_lo)`` hold sinks: always attended.
         forced_hi: ``[B]`` int64 pages ``[forced_hi, num_pages)`` hold the local window: always attended.
         seq_lens: ``[B * num_kv_heads]`` int32 tokens each (request, KV head) sequence attends
@@ -78,8 +81,10 @@ class DecodePlan:
     """
 
     block_table: torch.Tensor
+    seq: torch.Tensor
     num_pages: torch.Tensor
     count: torch.Tensor
+    candidates: torch.Tensor
     forced_lo: torch.Tensor
     forced_hi: torch.Tensor
     seq_lens: torch.Tensor
@@ -91,7 +96,7 @@ class DecodePlan:
 
 def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: torch.Tensor, *, block_size: int,
                 sink_tokens: int, local_window: int, num_heads: int, num_kv_heads: int, head_size: int,
-                dtype: torch.dtype, isa: str) -> DecodePlan:
+                dtype: torch.dtype, isa: str, candidate_factor: float = 1.0) -> DecodePlan:
     """Plan a sparse decode step: which pages count, and the compacted sequences' lengths.
 
     Args:
@@ -99,6 +104,8 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
         attended: ``[B]`` tokens to attend per KV head (budget rule, sinks and window included);
             Quest rounds it up to whole pages (:func:`~vllm_sparse.kernels.selection.page_counts`).
         block_table: ``[B, max_blocks]`` int.
+        candidate_factor: ``> 1`` rescores ``candidate_factor ×`` the budget's pages exactly
+            (``selection="exact_pages"``); 1 is Quest.
     """
     seq = seq_lens.long()
     bs = block_size
@@ -111,8 +118,10 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
     qsl = torch.arange(lens.shape[0] + 1, dtype=torch.int32)
     return DecodePlan(
         block_table=block_table[:, : int(num_pages.max())].long().clamp_min(0).contiguous(),
+        seq=seq,
         num_pages=num_pages,
         count=count,
+        candidates=torch.ceil(count.double() * candidate_factor).long().minimum(num_pages),
         forced_lo=forced_lo,
         forced_hi=forced_hi,
         seq_lens=lens,
@@ -172,8 +181,8 @@ def select_pages(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan) -> 
     """
     b = query.shape[0]
     table = torch.empty(b * cache.num_kv_heads, plan.width, dtype=torch.int32)
-    cpu_ext.load().quest_select(query, cache.slot_rows, _summary_offset(cache), plan.block_table, plan.num_pages,
-                                plan.count, plan.forced_lo, plan.forced_hi, table)
+    cpu_ext.load().quest_select(query, cache.slot_rows, _summary_offset(cache), plan.block_table, plan.seq,
+                                plan.count, plan.candidates, plan.forced_lo, plan.forced_hi, cache.block_size, table)
     return table
 
 

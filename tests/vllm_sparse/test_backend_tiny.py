@@ -19,7 +19,7 @@ def stock_outputs(tiny_llama_dir):
         return [o.token_ids for o in greedy(llm, PROMPTS)]
 
 
-@pytest.mark.parametrize("selection", ["token", "quest"])
+@pytest.mark.parametrize("selection", ["token", "quest", "exact_pages"])
 def test_custom_backend_runs_sparse_decode_and_records_sparsity(tiny_llama_dir, selection):
     before = stats.snapshot()
     # budget 68..: well below the 1.8k-token prompt, so decode is really sparse
@@ -35,7 +35,7 @@ def test_custom_backend_runs_sparse_decode_and_records_sparsity(tiny_llama_dir, 
     assert 0 < attended < 0.5 * context  # sparse: well under half of the context attended
 
 
-@pytest.mark.parametrize("selection", ["token", "quest"])
+@pytest.mark.parametrize("selection", ["token", "quest", "exact_pages"])
 @pytest.mark.parametrize("force_sparse", [False, True])
 def test_full_budget_matches_stock_backend(tiny_llama_dir, stock_outputs, selection, force_sparse):
     """Budget = context: the dense shortcut, and the sparse path itself (force_sparse), give stock's tokens."""
@@ -91,23 +91,25 @@ def _cache_tokens(llm) -> int:
     return cache.num_gpu_blocks * cache.block_size
 
 
-@pytest.mark.parametrize("num_kv_heads", [3, 8, 16])
-def test_page_summaries_cost_one_page_size_th_of_kv_memory(tiny_llama_dir, tmp_path, num_kv_heads):
-    """The plugin's cache holds >= 93% of the tokens the stock backend's holds (16-token pages: 16/17)."""
+@pytest.mark.parametrize("num_kv_heads, page_size", [(3, 32), (8, 32), (16, 32), (3, 16)])
+def test_page_summaries_cost_one_page_size_th_of_kv_memory(tiny_llama_dir, tmp_path, num_kv_heads, page_size):
+    """The plugin's cache holds page_size / (page_size + 1) of the tokens the stock backend's holds (>= 93%)."""
     model = _variant(tiny_llama_dir, tmp_path / f"kv{num_kv_heads}", num_attention_heads=48,
                      num_key_value_heads=num_kv_heads, head_dim=64)
     tokens = {}
     for backend in ("stock", "CUSTOM"):
-        with make_llm(model, backend=backend, load_format="dummy", max_model_len=2048) as llm:
+        with make_llm(model, backend=backend, load_format="dummy", max_model_len=2048,
+                      sparse={"page_size": page_size}) as llm:
             tokens[backend] = _cache_tokens(llm)
     ratio = tokens["CUSTOM"] / tokens["stock"]
-    print(f"{num_kv_heads} KV heads: cache tokens stock {tokens['stock']}, vllm-sparse {tokens['CUSTOM']} ({ratio:.3f})")
-    assert 0.93 <= ratio <= 16 / 17 + 1e-3
+    print(f"{num_kv_heads} KV heads, page {page_size}: cache tokens stock {tokens['stock']}, "
+          f"vllm-sparse {tokens['CUSTOM']} ({ratio:.3f})")
+    assert ratio >= 0.93 and abs(ratio - page_size / (page_size + 1)) < 0.005
 
 
 def test_block_size_other_than_page_size_is_refused_at_start_up(tiny_llama_dir):
     with pytest.raises(ValueError, match=r"block-size.*page_size"):
-        with make_llm(tiny_llama_dir, sparse={"page_size": 16}, block_size=32):
+        with make_llm(tiny_llama_dir, sparse={"page_size": 16}, block_size=64):
             pass
 
 

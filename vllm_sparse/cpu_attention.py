@@ -9,10 +9,11 @@ layout of :mod:`vllm_sparse.kernels.layout`, written by ``cpu_attn_reshape_and_c
 * **sparse decode**: every (request, KV head) becomes one single-KV-head sequence over the
   cache viewed as ``num_blocks * num_kv_heads`` one-head blocks
   (:meth:`~vllm_sparse.kernels.PagedKVCache.head_blocks`). A page is one KV block; the pages
-  are ranked by Quest's upper bound ``q⁺·max + q⁻·min`` from the page summaries (no key is
-  read to select), the best ``count`` pages of each head — sink and window pages always —
-  form that head's compacted block table, ascending, so the request's last (partial) page
-  comes last and the op's causal length arithmetic holds.
+  are ranked by Quest's upper bound ``q⁺·max + q⁻·min`` from the page summaries (``quest``:
+  no key is read to select; ``exact_pages``: the best ``candidate_factor × count`` are rescored
+  by their exact max ``q·k``), the best ``count`` pages of each head — sink and window pages
+  always — form that head's compacted block table, ascending, so the request's last (partial)
+  page comes last and the op's causal length arithmetic holds.
 
 *Plan* (:func:`plan_decode`, once per step in the metadata builder, shared by all layers): page
 counts from the budget rule, the forced (sink/window) pages, the compacted sequence lengths
@@ -187,7 +188,11 @@ def select_pages(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan) -> 
 
 
 def select_pages_reference(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan) -> torch.Tensor:
-    """Pure-torch twin of :func:`select_pages` (float32 scores; ties to the lower page)."""
+    """Pure-torch twin of :func:`select_pages` for plain Quest (``candidates == count``; float32
+    scores, ties to the lower page). The oracle of the rescoring (``exact_pages``) is
+    :func:`vllm_sparse.kernels.reference.select_topk` with ``selection="exact_pages"``."""
+    if bool((plan.candidates > plan.count).any()):
+        raise ValueError("select_pages_reference covers plain Quest plans (candidate_factor 1) only")
     b, num_heads, d = query.shape
     h = cache.num_kv_heads
     heads = torch.arange(h)
@@ -212,7 +217,11 @@ def select_pages_reference(query: torch.Tensor, cache: PagedKVCache, plan: Decod
 
 def sparse_decode(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, scale: float,
                   out: torch.Tensor) -> None:
-    """Quest-selected sparse decode through vLLM's CPU op; writes ``out`` ``[B, num_heads, head_size]``."""
+    """Page-selected sparse decode (``quest`` / ``exact_pages``) through vLLM's CPU op.
+
+    Args:
+        query: ``[B, num_heads, head_size]`` in the cache dtype; out: the same shape, written in place.
+    """
     b, num_heads, d = query.shape
     h = cache.num_kv_heads
     table = select_pages(query, cache, plan)

@@ -11,8 +11,9 @@ heads, head 64, bf16, 16-token pages — batch 16 at 7,000 tokens), same process
   design choice);
 * ``fused quest (vLLM op)``: page scores from the summaries, top-k, a compacted per-head block
   table, vLLM's op over it (option a — what the backend runs), plus its selection alone;
-* ``fused exact_pages cf4``: the same with 4 × the budget's pages rescored by their exact max q·k
-  (the default selection).
+* ``fused exact_pages cfC [rR]``: the same with ``C`` × the budget's pages rescored by their
+  exact max q·k (the ``exact_pages`` selection), or by q·k over the ``R`` dims of largest |q|
+  (``rescore_dims``, SparQ's approximation).
 
 Prints a table (median ms, speed-up over dense) and writes ``cpu_paths_block{N}.json`` + PNG::
 
@@ -79,12 +80,13 @@ def layer_cost(args, cfg: SparseConfig) -> dict:
         plan = C.plan_decode(seq, attended, bt, block_size=bs, sink_tokens=cfg.sink_tokens,
                              local_window=cfg.local_window, num_heads=h * g, num_kv_heads=h, head_size=d,
                              dtype=dtype, isa=isa,
-                             candidate_factor=cfg.candidate_factor if cfg.selection == "exact_pages" else 1.0)
+                             candidate_factor=cfg.candidate_factor if cfg.selection == "exact_pages" else 1.0,
+                             rescore_dims=cfg.rescore_dims)
         ms = median_ms(lambda: C.sparse_decode(q, cache, plan, scale, out), args.repeats)
         tokens = plan.attended_tokens
     else:
         kw = dict(sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, selection=cfg.selection,
-                  candidate_factor=cfg.candidate_factor)
+                  candidate_factor=cfg.candidate_factor, rescore_dims=cfg.rescore_dims)
         ms = median_ms(lambda: R.sparse_decode(q, cache, bt, seq, attended, scale, **kw), max(3, args.repeats // 4))
         tokens = int(torch.minimum(attended, seq).sum())
     return dict(ms=ms, dense_ms=dense, speedup_vs_dense=dense / ms, attended_fraction=tokens / (b * n))
@@ -121,16 +123,19 @@ def run(args, k: float) -> list[dict]:
         cases["torch.compile quest"] = lambda: compiled(q, cache, bt, seq, attended, scale, selection="quest", **sel)
     cases["fused quest: selection only"] = lambda: C.select_pages(q, cache, plan)
     cases["fused quest (vLLM op)"] = lambda: C.sparse_decode(q, cache, plan, scale, out)
-    exact = C.plan_decode(seq, attended, bt, block_size=bs, sink_tokens=cfg.sink_tokens,
-                          local_window=cfg.local_window, num_heads=h * g, num_kv_heads=h, head_size=d, dtype=dtype,
-                          isa=isa, candidate_factor=4.0)
-    cases["fused exact_pages cf4: selection"] = lambda: C.select_pages(q, cache, exact)
-    cases["fused exact_pages cf4 (vLLM op)"] = lambda: C.sparse_decode(q, cache, exact, scale, out)
+    for spec in args.rescore:
+        cf, r = (float(x) for x in spec.split(":"))
+        exact = C.plan_decode(seq, attended, bt, block_size=bs, sink_tokens=cfg.sink_tokens,
+                              local_window=cfg.local_window, num_heads=h * g, num_kv_heads=h, head_size=d,
+                              dtype=dtype, isa=isa, candidate_factor=cf, rescore_dims=int(r))
+        name = f"fused exact_pages cf{cf:g}" + (f" r{int(r)}" if 0 < r < d else "")
+        cases[f"{name}: selection"] = (lambda p: lambda: C.select_pages(q, cache, p))(exact)
+        cases[f"{name} (vLLM op)"] = (lambda p: lambda: C.sparse_decode(q, cache, p, scale, out))(exact)
     rows = []
     for name, fn in cases.items():
         ms = median_ms(fn, args.repeats)
         rows.append(dict(path=name, k=k, ms=ms, attended_tokens=plan.attended_tokens // b))
-        print(f"  k={k:<4g} {name:<30}{ms:9.2f} ms", flush=True)
+        print(f"  k={k:<4g} {name:<40}{ms:9.2f} ms", flush=True)
     base = rows[0]["ms"]
     for r in rows:
         r["speedup_vs_dense"] = base / r["ms"]
@@ -147,6 +152,8 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16, help="KV block = page size")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--k", type=float, nargs="+", default=[8.0, 24.0], help="budget coefficients (alpha 0.5)")
+    ap.add_argument("--rescore", nargs="+", default=["4:0", "4:16", "8:16", "8:8"],
+                    help="exact_pages variants as CANDIDATE_FACTOR:RESCORE_DIMS (0: every dim)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")

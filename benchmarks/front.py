@@ -35,10 +35,13 @@ DEFAULT_SETTINGS = [
     'quest-k16={"selection": "quest", "k": 16}',
     'quest-k24={"selection": "quest", "k": 24}',
     'quest-k32={"selection": "quest", "k": 32}',
-    'exact-cf2-k8={"selection": "exact_pages", "candidate_factor": 2}',
-    'exact-cf4-k4={"selection": "exact_pages", "candidate_factor": 4, "k": 4}',
-    'exact-cf4-k8={"selection": "exact_pages", "candidate_factor": 4}',
-    'exact-cf4-k16={"selection": "exact_pages", "candidate_factor": 4, "k": 16}',
+    'exact-cf2-k8={"selection": "exact_pages", "candidate_factor": 2, "rescore_dims": 0}',
+    'exact-cf4-k4={"selection": "exact_pages", "candidate_factor": 4, "k": 4, "rescore_dims": 0}',
+    'exact-cf4-k8={"selection": "exact_pages", "candidate_factor": 4, "rescore_dims": 0}',
+    'exact-cf4-r16={"rescore_dims": 16}',
+    'exact-cf4-r32={"rescore_dims": 32}',
+    'exact-cf8-r16={"rescore_dims": 16, "candidate_factor": 8}',
+    'exact-cf8-r8={"rescore_dims": 8, "candidate_factor": 8}',
 ]
 
 
@@ -121,6 +124,10 @@ def main() -> None:
                 speed=f"one layer's decode step, batch {args.batch} x {args.context} tokens, vs vLLM's dense CPU op")
     (args.out / "front.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
 
+    plot(rows, args.out / "front.png", args.batch, args.context)
+
+
+def plot(rows, path: Path, batch: int, context: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,10 +140,10 @@ def main() -> None:
         ax.scatter(x, y)
         ax.annotate(r["name"], (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set(xlabel=f"decode speed-up of one layer's attention vs dense (batch {args.batch} × {args.context})",
+    ax.set(xlabel=f"decode speed-up of one layer's attention vs dense (batch {batch} × {context})",
            ylabel="retrieval accuracy (needles + multi-key)", title="speed × accuracy, SmolLM2-135M, CPU")
     fig.tight_layout()
-    fig.savefig(args.out / "front.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

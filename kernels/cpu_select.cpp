@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -65,33 +66,38 @@ void summaries_impl(const at::Tensor& key, const at::Tensor& slots, at::Tensor& 
   }
 }
 
-// Exact max over the page's first `valid` tokens and the GQA group of q·k; keys stored [d, BS].
+// Max over the page's first `valid` tokens and the GQA group of q·k restricted to the `r` dims
+// `dims` (all `d` dims: the exact score; fewer: SparQ's approximation from the largest |q|
+// components). Keys stored [d, BS]: dim e of the page is one contiguous row of BS keys.
 template <typename T, int BS>
-float exact_page_score(const T* kt, const float* qf, int64_t g, int64_t d, int64_t valid, float* keys) {
-  to_f32(kt, keys, d * BS);
-  float best = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < g; ++j) {
-    float acc[BS] = {};
-    const float* qj = qf + j * d;
-    for (int64_t e = 0; e < d; ++e) {
-      const float x = qj[e];
-      const float* kr = keys + e * BS;
+float page_score(const T* kt, const float* qsel, const int64_t* dims, int64_t g, int64_t r, int64_t valid,
+                 float* acc) {
+  std::fill(acc, acc + g * BS, 0.f);
+  float row[BS];
+  for (int64_t i = 0; i < r; ++i) {
+    to_f32(kt + dims[i] * BS, row, BS);
+    for (int64_t j = 0; j < g; ++j) {
+      const float x = qsel[j * r + i];
+      float* a = acc + j * BS;
 #pragma omp simd
-      for (int t = 0; t < BS; ++t) acc[t] += x * kr[t];
+      for (int t = 0; t < BS; ++t) a[t] += x * row[t];
     }
-    for (int64_t t = 0; t < valid; ++t) best = acc[t] > best ? acc[t] : best;
   }
+  float best = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < g; ++j)
+    for (int64_t t = 0; t < valid; ++t) best = acc[j * BS + t] > best ? acc[j * BS + t] : best;
   return best;
 }
 
 template <typename T>
-float exact_score(const T* kt, const float* qf, int64_t g, int64_t d, int64_t bs, int64_t valid, float* keys) {
+float rescore(const T* kt, const float* qsel, const int64_t* dims, int64_t g, int64_t r, int64_t bs, int64_t valid,
+              float* acc) {
   switch (bs) {
-    case 16: return exact_page_score<T, 16>(kt, qf, g, d, valid, keys);
-    case 32: return exact_page_score<T, 32>(kt, qf, g, d, valid, keys);
-    case 64: return exact_page_score<T, 64>(kt, qf, g, d, valid, keys);
-    case 128: return exact_page_score<T, 128>(kt, qf, g, d, valid, keys);
-    default: TORCH_CHECK(false, "exact page scores support block sizes 16/32/64/128, got ", bs);
+    case 16: return page_score<T, 16>(kt, qsel, dims, g, r, valid, acc);
+    case 32: return page_score<T, 32>(kt, qsel, dims, g, r, valid, acc);
+    case 64: return page_score<T, 64>(kt, qsel, dims, g, r, valid, acc);
+    case 128: return page_score<T, 128>(kt, qsel, dims, g, r, valid, acc);
+    default: TORCH_CHECK(false, "page rescoring supports block sizes 16/32/64/128, got ", bs);
   }
   return 0.f;
 }
@@ -102,7 +108,8 @@ float exact_score(const T* kt, const float* qf, int64_t g, int64_t d, int64_t bs
 template <typename T>
 void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary_offset, const at::Tensor& block_table,
                 const at::Tensor& seq_lens, const at::Tensor& count, const at::Tensor& candidates,
-                const at::Tensor& forced_lo, const at::Tensor& forced_hi, int64_t block_size, at::Tensor& table) {
+                const at::Tensor& forced_lo, const at::Tensor& forced_hi, int64_t block_size, int64_t rescore_dims,
+                at::Tensor& table) {
   const int64_t b = query.size(0), nh = query.size(1), d = query.size(2);
   const int64_t h = table.size(0) / b, g = nh / h, width = table.size(1);
   const int64_t p_max = block_table.size(1);
@@ -119,8 +126,9 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
   const float inf = std::numeric_limits<float>::infinity();
 #pragma omp parallel
   {
-    std::vector<float> score(p_max), qpos(g * d), qneg(g * d), qfull(g * d), meta(2 * d), keys(d * bs);
-    std::vector<int64_t> idx(p_max);
+    const int64_t r_dims = rescore_dims > 0 && rescore_dims < d ? rescore_dims : d;
+    std::vector<float> score(p_max), qpos(g * d), qneg(g * d), qsel(g * r_dims), weight(d), meta(2 * d), acc(g * bs);
+    std::vector<int64_t> idx(p_max), dims(d);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < b * h; ++r) {
       const int64_t req = r / h, head = r % h, pages = (sl[req] + bs - 1) / bs;
@@ -128,7 +136,6 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
         const T* qr = q + req * qs0 + (head * g + j) * qs1;
         for (int64_t e = 0; e < d; ++e) {
           const float x = f32(qr[e]);
-          qfull[j * d + e] = x;
           qpos[j * d + e] = x > 0.f ? x : 0.f;
           qneg[j * d + e] = x < 0.f ? x : 0.f;
         }
@@ -166,22 +173,38 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
       auto better = [&](int64_t x, int64_t y) { return score[x] > score[y] || (score[x] == score[y] && x < y); };
       const int64_t c = std::min(std::max(cand[req], k), pages);
       if (c > k) {
-        // stage 2: rescore the best `c` pages by their exact max q·k (keys stored [d, bs] per page)
+        // stage 2: rescore the best `c` pages by max q·k over the `r_dims` dims where the group's
+        // |q| is largest (all dims: exact), reading only those rows of the pages' keys
         std::nth_element(idx.begin(), idx.begin() + (c - 1), idx.begin() + pages, better);
-        const int64_t key_bytes = d * bs * static_cast<int64_t>(sizeof(T));
+        for (int64_t e = 0; e < d; ++e) {
+          float w = 0.f;
+          for (int64_t j = 0; j < g; ++j) w += std::abs(qpos[j * d + e] + qneg[j * d + e]);
+          weight[e] = w;
+          dims[e] = e;
+        }
+        if (r_dims < d) {
+          std::partial_sort(dims.begin(), dims.begin() + r_dims, dims.end(), [&](int64_t x, int64_t y) {
+            return weight[x] > weight[y] || (weight[x] == weight[y] && x < y);
+          });
+          std::sort(dims.begin(), dims.begin() + r_dims);  // memory order
+        }
+        for (int64_t j = 0; j < g; ++j)
+          for (int64_t i = 0; i < r_dims; ++i) qsel[j * r_dims + i] = qpos[j * d + dims[i]] + qneg[j * d + dims[i]];
+        const int64_t row_len = bs * static_cast<int64_t>(sizeof(T));
         auto prefetch_keys = [&](int64_t i) {
           const char* a = reinterpret_cast<const char*>(base + (bt[req * bts + idx[i]] * h + head) * rs);
-          for (int64_t o = 0; o < key_bytes; o += 64) __builtin_prefetch(a + o);
+          for (int64_t e = 0; e < r_dims; ++e)
+            for (int64_t o = 0; o < row_len; o += 64) __builtin_prefetch(a + dims[e] * row_len + o);
         };
-        for (int64_t i = 0; i < std::min(c, int64_t(2)); ++i) prefetch_keys(i);
+        constexpr int64_t kPagesAhead = 2;
+        for (int64_t i = 0; i < std::min(c, kPagesAhead); ++i) prefetch_keys(i);
         for (int64_t i = 0; i < c; ++i) {
-          if (i + 2 < c) prefetch_keys(i + 2);
+          if (i + kPagesAhead < c) prefetch_keys(i + kPagesAhead);
           const int64_t p = idx[i];
           if (score[p] == inf) continue;  // forced pages stay first
           const int64_t valid = std::min(bs, sl[req] - p * bs);
-          const float best = exact_score(base + (bt[req * bts + p] * h + head) * rs, qfull.data(), g, d, bs, valid,
-                                         keys.data());
-          score[p] = best;
+          score[p] = rescore(base + (bt[req * bts + p] * h + head) * rs, qsel.data(), dims.data(), g, r_dims, bs,
+                             valid, acc.data());
         }
         std::nth_element(idx.begin(), idx.begin() + (k > 0 ? k - 1 : 0), idx.begin() + c, better);
       } else {
@@ -213,7 +236,7 @@ void update_page_summaries(const at::Tensor& key, const at::Tensor& slots, at::T
 void quest_select(const at::Tensor& query, const at::Tensor& rows, int64_t summary_offset,
                   const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& count,
                   const at::Tensor& candidates, const at::Tensor& forced_lo, const at::Tensor& forced_hi,
-                  int64_t block_size, at::Tensor table) {
+                  int64_t block_size, int64_t rescore_dims, at::Tensor table) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [B, num_heads, D] with unit last stride");
   TORCH_CHECK(query.scalar_type() == rows.scalar_type(), "query and cache dtypes differ");
   TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.stride(1) == 1, "block_table: int64 rows");
@@ -222,7 +245,7 @@ void quest_select(const at::Tensor& query, const at::Tensor& rows, int64_t summa
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "per-request counts must be contiguous int64");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "quest_select", [&] {
     quest_impl<scalar_t>(query, rows, summary_offset, block_table, seq_lens, count, candidates, forced_lo, forced_hi,
-                         block_size, table);
+                         block_size, rescore_dims, table);
   });
 }
 

@@ -149,6 +149,7 @@ def select_topk(
     selection: str = "token",
     granularity: str = "kv_head",
     candidate_factor: float = 4.0,
+    rescore_dims: int = 0,
     *,
     out: torch.Tensor | None = None,
     capacity: int | None = None,
@@ -176,7 +177,7 @@ def select_topk(
                                   selection, granularity, candidate_factor, out=out, capacity=capacity,
                                   max_seq_len=max_seq_len)
     idx = reference.select_topk(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window,
-                                selection, granularity, candidate_factor)
+                                selection, granularity, candidate_factor, rescore_dims)
     if out is None and capacity is None:
         return idx
     if out is None:
@@ -228,6 +229,7 @@ def sparse_decode(
     selection: str = "token",
     granularity: str = "kv_head",
     candidate_factor: float = 4.0,
+    rescore_dims: int = 0,
     *,
     out: torch.Tensor | None = None,
     indices_out: torch.Tensor | None = None,
@@ -244,7 +246,7 @@ def sparse_decode(
         ``[B, num_heads, head_size]`` (``out`` when given).
     """
     select = dict(sink_tokens=sink_tokens, local_window=local_window, selection=selection,
-                  granularity=granularity, candidate_factor=candidate_factor)
+                  granularity=granularity, candidate_factor=candidate_factor, rescore_dims=rescore_dims)
     if not uses_triton(query, force_triton) and indices_out is None:
         # the reference fuses selection and attention (its selection logits are the attention logits)
         return _into(out, reference.sparse_decode(query, cache, block_table, seq_lens, attended, scale, **select))

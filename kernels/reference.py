@@ -231,7 +231,7 @@ def _selection_heads(num_heads: int, num_kv_heads: int, granularity: str, device
 
 
 def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window, selection,
-            granularity, candidate_factor):
+            granularity, candidate_factor, rescore_dims=0):
     """Shared core of :func:`select_topk` and :func:`sparse_decode`.
 
     Returns ``(pos, keep, logits, values)``: ``pos``/``keep`` ``[B, S, W]`` chosen positions and
@@ -262,7 +262,7 @@ def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, l
                                  sink_tokens, local_window, candidate_factor, quest=selection == "quest")
     elif selection == "exact_pages":
         pages = _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_tokens, local_window,
-                             candidate_factor)
+                             candidate_factor, rescore_dims)
     else:
         raise ValueError(f"selection={selection!r}; allowed: {SELECTIONS}")
 
@@ -296,6 +296,7 @@ def select_topk(
     selection: str = "token",
     granularity: str = "kv_head",
     candidate_factor: float = 4.0,
+    rescore_dims: int = 0,
 ) -> torch.Tensor:
     """Choose the positions each (request, selection head) attends in this decode step.
 
@@ -311,8 +312,10 @@ def select_topk(
             (rank pages the same way and attend every token of the best
             ``max(ceil(attended / page_size), sink/window pages)`` pages — Quest's rule, no
             token scoring), ``"exact_pages"`` (as many whole pages as ``"quest"``, chosen among
-            ``candidate_factor ×`` as many bound-ranked candidates by their exact ``max q·k``) or ``"recent"`` (no scoring: sinks + the most recent tokens,
-            StreamingLLM's rule at the same budget — the baseline).
+            ``candidate_factor ×`` as many bound-ranked candidates by their exact ``max q·k``,
+            or by ``q·k`` over the ``rescore_dims`` largest-``|q|`` dimensions when
+            ``0 < rescore_dims < head_size``) or ``"recent"`` (no scoring: sinks + the most
+            recent tokens, StreamingLLM's rule at the same budget — the baseline).
         granularity: ``"kv_head"`` (one set per KV head, score = max over its query group)
             or ``"query_head"`` (one set per query head).
     Returns:
@@ -324,7 +327,7 @@ def select_topk(
         ``W <= index_capacity(selection, max(min(attended, seq_lens)), ...)``.
     """
     pos, keep, _, _ = _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window,
-                              selection, granularity, candidate_factor)
+                              selection, granularity, candidate_factor, rescore_dims)
     return sorted_positions(pos, keep)
 
 
@@ -358,9 +361,12 @@ def _candidate_pages(q, cache, block_table, seq_lens, count, heads, scale, sink_
 
 
 def _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_tokens, local_window,
-                 candidate_factor) -> torch.Tensor:
+                 candidate_factor, rescore_dims=0) -> torch.Tensor:
     """``"exact_pages"``: Quest's page count, chosen among ``ceil(candidate_factor ×)`` as many
     candidates (by the bound) by each page's exact ``max q·k`` (over its tokens and the GQA group).
+
+    ``0 < rescore_dims < head_size`` scores with only the ``rescore_dims`` dimensions where the
+    group's ``Σ|q|`` is largest (SparQ's approximation, Ribar et al. 2023): ``q`` is zero elsewhere.
 
     Returns ``[B, S, C]`` page ids, −1 padded; sink/window pages always in.
     """
@@ -374,7 +380,13 @@ def _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_
     pos = page_positions(cand, ps)  # [B, S, C * ps]
     n = seq_lens[:, None, None]
     k, _ = cache.gather_pages(block_table, cand, heads)
-    logits = torch.matmul(query.float().view(b, s, num_heads // s, d), k.float().transpose(-1, -2)).amax(2)
+    q = query.float().view(b, s, num_heads // s, d)
+    if 0 < rescore_dims < d:
+        w = q.abs().sum(2)  # [B, S, D]
+        order = torch.sort(w, dim=-1, descending=True, stable=True).indices[..., :rescore_dims]
+        keep_dims = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, order, True)
+        q = q * keep_dims[:, :, None, :]
+    logits = torch.matmul(q, k.float().transpose(-1, -2)).amax(2)
     logits = logits.masked_fill((pos < 0) | (pos >= n), _NEG_INF)
     score = logits.view(b, s, cand.shape[-1], ps).amax(-1)  # [B, S, C]
     first_window_page = (seq_lens - local_window).clamp_min(0) // ps if local_window > 0 else num_pages
@@ -428,11 +440,12 @@ def sparse_decode(
     selection: str = "token",
     granularity: str = "kv_head",
     candidate_factor: float = 4.0,
+    rescore_dims: int = 0,
 ) -> torch.Tensor:
     """:func:`select_topk` then :func:`sparse_attention`, fused: the scores computed for the
     selection are reused as the attention logits. Returns ``[B, num_heads, head_size]``."""
     pos, keep, logits, v = _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens,
-                                   local_window, selection, granularity, candidate_factor)
+                                   local_window, selection, granularity, candidate_factor, rescore_dims)
     if logits is None:
         return sparse_attention(query, cache, block_table, torch.where(keep, pos, -1), scale)
     b, num_heads, d = query.shape

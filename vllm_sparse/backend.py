@@ -59,6 +59,7 @@ def _sparse_config(vllm_config: VllmConfig | None = None) -> SparseConfig:
     sparse = SparseConfig.from_additional_config(cfg.additional_config)
     # the layers are built before vLLM asks for KV-cache specs, and customize_spec gets no config
     SparseAttentionBackend.process_config = sparse
+    SparseAttentionBackend.process_limits = (cfg.max_in_flight_tokens, cfg.model_config.max_model_len)
     return sparse
 
 
@@ -70,6 +71,8 @@ class SparseAttentionBackend(AttentionBackend):
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
     #: this process's settings, recorded when the attention layers are built
     process_config: ClassVar[SparseConfig | None] = None
+    #: this process's engine limits (max in-flight tokens, max model length): size eviction's admission cap
+    process_limits: ClassVar[tuple[int, int] | None] = None
 
     @staticmethod
     def get_name() -> str:
@@ -122,7 +125,13 @@ class SparseAttentionBackend(AttentionBackend):
                 f"got block_size={bs}. Drop --block-size, or set both to the same value."
             )
         states = bs + summary_states(bs, page_size)
-        return dataclasses.replace(spec, tokens_per_state=Fraction(bs, states))
+        spec = dataclasses.replace(spec, tokens_per_state=Fraction(bs, states))
+        rule = cls.process_config.eviction_rule(bs)
+        if rule is None:
+            return spec
+        from vllm_sparse import eviction
+
+        return eviction.evicting_spec(spec, rule, *cls.process_limits)
 
 
 @dataclass
@@ -163,19 +172,33 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
         self.cpu = device.type == "cpu"
         self.isa = cpu_attention.cpu_isa(kv_cache_spec.block_size) if self.cpu else None
         #: the fused CPU decode serves kv_head-granular quest; the rest run the torch reference
+        #: blocks each request frees (``evict``); the builder compacts block tables to the live ones
+        self.evict_rule = self.config.eviction_rule(kv_cache_spec.block_size)
+        if self.evict_rule is not None:
+            from vllm_sparse.eviction import check_engine_config
+
+            check_engine_config(vllm_config)
         self.cpu_fused_decode = (self.cpu and self.config.selection in ("quest", "exact_pages")
                                  and self.config.granularity == "kv_head")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SparseAttentionMetadata:
         cm, cfg = common_attn_metadata, self.config
+        context = cm.seq_lens
+        if self.evict_rule is not None:  # attend to the live blocks only: [sink blocks | recent tail]
+            from vllm_sparse.eviction import compact_block_table
+
+            query_lens = cm.query_start_loc[1:] - cm.query_start_loc[:-1]
+            table, lens = compact_block_table(self.evict_rule, cm.block_table_tensor[: cm.num_reqs],
+                                              cm.seq_lens[: cm.num_reqs], query_lens[: cm.num_reqs])
+            cm = dataclasses.replace(cm, block_table_tensor=table, seq_lens=lens, max_seq_len=int(lens.max()))
         num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
         if num_decode_tokens != num_decodes:  # zero-length padded requests: take the general path
             num_decodes = num_decode_tokens = 0
         attended, capacity, dense, cpu_decode = None, 0, True, None
         if num_decodes:
             seq = cm.seq_lens[:num_decodes]
-            attended = cfg.attended(seq)
+            attended = torch.minimum(cfg.attended(context[:num_decodes]), seq.long())  # budget by true length
             dense = bool((attended >= seq).all()) and not cfg.force_sparse
             capacity = index_capacity(cfg.selection, int(attended.max()), cfg.page_size, cfg.sink_tokens,
                                       cfg.local_window)
@@ -190,8 +213,9 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
                     sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, num_heads=self.num_heads,
                     num_kv_heads=self.spec.num_kv_heads, head_size=self.spec.head_size, dtype=self.dtype,
                     isa=self.isa,
-                    candidate_factor=cfg.candidate_factor if cfg.selection == "exact_pages" else 1.0)
-            stats.record_step(num_decodes, attended_total, int(seq.sum()))
+                    candidate_factor=cfg.candidate_factor if cfg.selection == "exact_pages" else 1.0,
+                    rescore_dims=cfg.rescore_dims)
+            stats.record_step(num_decodes, attended_total, int(context[:num_decodes].sum()))
         prefill_md = dense_md = None
         if self.cpu:  # dense part of the batch: everything when decode is dense, else the prefills
             first = 0 if dense else num_decodes
@@ -328,6 +352,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
                     q, cache, bt, seq, md.decode_attended, self.scale,
                     sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, selection=cfg.selection,
                     granularity=cfg.granularity, candidate_factor=cfg.candidate_factor,
+                    rescore_dims=cfg.rescore_dims,
                     capacity=md.decode_capacity, max_seq_len=md.max_seq_len,
                 )
         if n > ndt:
@@ -354,7 +379,8 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
                 output[:ndt] = ops.sparse_decode(
                     q, cache, md.block_table[:nd], md.seq_lens[:nd], md.decode_attended, self.scale,
                     sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, selection=cfg.selection,
-                    granularity=cfg.granularity, candidate_factor=cfg.candidate_factor)
+                    granularity=cfg.granularity, candidate_factor=cfg.candidate_factor,
+                    rescore_dims=cfg.rescore_dims)
             first, t0 = nd, ndt
         else:
             first, t0 = 0, 0

@@ -31,6 +31,10 @@ selection      exact_pages  ``exact_pages``: rank pages by their min/max upper b
                          budget, the baseline). Page selections round the budget up to whole
                          pages.
 candidate_factor 4.0     ``exact_pages``/``page``: candidates per page (token) of the budget
+rescore_dims   16        ``exact_pages``: rescore candidates by ``q·k`` over only the
+                         ``rescore_dims`` dims where the query group's ``Σ|q|`` is largest
+                         (SparQ's approximation; reads that fraction of the candidates'
+                         keys); 0 or >= head_size: every dim, the exact max ``q·k``
 granularity    kv_head   ``kv_head``: one token set per KV head (GQA group shares it);
                          ``query_head``: one set per query head
 dense_below    1024      sequences shorter than this decode densely
@@ -38,6 +42,12 @@ dense_layers   0         the first N attention layers decode densely (Quest keep
                          first two dense: early layers attend broadly)
 force_sparse   False     run the selection even when the budget covers the whole context
                          (tests: checks the sparse path against dense end to end)
+evict          None      free KV blocks while requests run: ``streaming`` keeps the sink
+                         block and a live tail of the most recent tokens; the blocks between
+                         return to vLLM's pool (see :mod:`vllm_sparse.eviction`)
+evict_args     {}        tokens kept per request: ``k``, ``alpha``, ``min_keep``,
+                         ``max_keep`` of clamp(ceil(k·n^α)) (default: the budget keys
+                         ``k``, ``alpha``, ``min_budget``, ``max_budget``), or ``keep``: fixed
 ============== ========= ==============================================================
 
 The budget (policy ``n_alpha``) is the *total* number of tokens attended per head at
@@ -56,6 +66,10 @@ import torch
 from vllm_sparse.kernels.selection import GRANULARITIES, SELECTIONS
 
 from vllm_sparse.policies import BudgetPolicy, available_policies, get_policy_class
+from vllm_sparse.policies.eviction import EvictionRule
+
+#: policies that can free KV blocks today (``evict``); the others select without freeing
+EVICTING_POLICIES = ("streaming",)
 
 __all__ = ["SparseConfig", "CONFIG_KEY"]
 
@@ -91,15 +105,20 @@ class SparseConfig:
     page_size: int = 32
     selection: str = "exact_pages"
     candidate_factor: float = 4.0
+    rescore_dims: int = 16
     granularity: str = "kv_head"
     dense_below: int = 1024
     dense_layers: int = 0
     force_sparse: bool = False
+    evict: str | None = None
+    evict_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._validate()
         # the policy object is derived state: built once, never mutated
         object.__setattr__(self, "policy_args", dict(self.policy_args))
+        object.__setattr__(self, "evict_args", dict(self.evict_args))
+        object.__setattr__(self, "_evict_rule", self._build_evict_rule())
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         object.__setattr__(self, "_policy", get_policy_class(self.policy).from_settings(settings, self.policy_args))
 
@@ -132,6 +151,38 @@ class SparseConfig:
     def budget_policy(self) -> BudgetPolicy:
         return self._policy  # type: ignore[attr-defined]
 
+    def eviction_rule(self, block_size: int | None = None) -> EvictionRule | None:
+        """The blocks each request frees (``None`` without ``evict``), for KV blocks of ``block_size`` (default: ``page_size``)."""
+        rule = self._evict_rule  # type: ignore[attr-defined]
+        if rule is None or block_size in (None, rule.block_size):
+            return rule
+        return dataclasses.replace(rule, block_size=block_size)
+
+    def _build_evict_rule(self) -> EvictionRule | None:
+        if self.evict is None:
+            return None
+        args = dict(self.evict_args)
+        if "keep" in args:
+            keep = args.pop("keep")
+            if not _is_int(keep):
+                raise _err("evict_args.keep", keep, "an integer number of tokens kept per request")
+            spec = dict(k=float(keep), alpha=0.0, min_keep=keep, max_keep=keep)
+        else:
+            spec = dict(k=args.pop("k", self.k), alpha=args.pop("alpha", self.alpha),
+                        min_keep=args.pop("min_keep", self.min_budget), max_keep=args.pop("max_keep", self.max_budget))
+        if args:
+            raise _err("evict_args", sorted(args), "keys among ['keep', 'k', 'alpha', 'min_keep', 'max_keep']")
+        if not _is_real(spec["k"]) or spec["k"] <= 0 or not _is_real(spec["alpha"]) or not 0 <= spec["alpha"] < 1 + 1e-12:
+            raise _err("evict_args", self.evict_args, "k > 0 and 0 < alpha <= 1 (or keep=N)")
+        floor = self.sink_tokens + self.page_size
+        if not _is_int(spec["min_keep"]) or spec["min_keep"] < floor:
+            raise _err("evict_args.min_keep", spec["min_keep"],
+                       f"an integer >= sink_tokens + page_size = {floor} (the sink block and one live block)")
+        try:
+            return EvictionRule(self.page_size, self.sink_tokens, **spec)
+        except ValueError as e:
+            raise ValueError(f"vllm_sparse setting evict={self.evict!r}: {e}") from None
+
     def attended(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """Tokens each request attends at its current length, ``[B]`` int64 (dense below ``dense_below``)."""
         return self.budget_policy.attended(seq_lens, self.sink_tokens, self.local_window, self.dense_below)
@@ -160,9 +211,15 @@ class SparseConfig:
             raise _err("page_size", ps, "a power of two >= 16 (one page per KV block: it sets vLLM's block size)")
         if not isinstance(self.force_sparse, bool):
             raise _err("force_sparse", self.force_sparse, "true or false")
+        if self.evict is not None and self.evict not in EVICTING_POLICIES:
+            raise _err("evict", self.evict, f"null (keep every token) or one of {list(EVICTING_POLICIES)}")
+        if not isinstance(self.evict_args, Mapping):
+            raise _err("evict_args", self.evict_args, "a dict of the eviction rule's arguments")
         if self.selection not in SELECTIONS:
             raise _err("selection", self.selection, f"one of {list(SELECTIONS)}")
         if self.granularity not in GRANULARITIES:
             raise _err("granularity", self.granularity, f"one of {list(GRANULARITIES)}")
+        if not _is_int(self.rescore_dims) or self.rescore_dims < 0:
+            raise _err("rescore_dims", self.rescore_dims, "an integer >= 0 (0: every dim of the head)")
         if not _is_real(self.candidate_factor) or self.candidate_factor < 1:
             raise _err("candidate_factor", self.candidate_factor, "a number >= 1")

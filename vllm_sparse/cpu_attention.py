@@ -79,6 +79,9 @@ class DecodePlan:
         query_start_loc: ``[B * num_kv_heads + 1]`` int32 (one query per sequence).
         metadata: the op's scheduler metadata for those sequences.
         attended_tokens: tokens attended per KV head, summed over the batch (what the op reads).
+        width: columns of the compacted table (``max(count)``).
+        rescore_dims: rescore with the ``q·k`` of only this many dims, those with the largest
+            ``Σ|q|`` over the GQA group (SparQ); ``0``: every dim, the exact ``max q·k``.
     """
 
     block_table: torch.Tensor
@@ -93,11 +96,12 @@ class DecodePlan:
     metadata: torch.Tensor
     attended_tokens: int
     width: int
+    rescore_dims: int = 0
 
 
 def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: torch.Tensor, *, block_size: int,
                 sink_tokens: int, local_window: int, num_heads: int, num_kv_heads: int, head_size: int,
-                dtype: torch.dtype, isa: str, candidate_factor: float = 1.0) -> DecodePlan:
+                dtype: torch.dtype, isa: str, candidate_factor: float = 1.0, rescore_dims: int = 0) -> DecodePlan:
     """Plan a sparse decode step: which pages count, and the compacted sequences' lengths.
 
     Args:
@@ -107,6 +111,7 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
         block_table: ``[B, max_blocks]`` int.
         candidate_factor: ``> 1`` rescores ``candidate_factor ×`` the budget's pages exactly
             (``selection="exact_pages"``); 1 is Quest.
+        rescore_dims: see :class:`DecodePlan`.
     """
     seq = seq_lens.long()
     bs = block_size
@@ -130,6 +135,7 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
         metadata=scheduler_metadata(lens, qsl, num_heads // num_kv_heads, 1, head_size, dtype, isa),
         attended_tokens=int(lens.sum()) // num_kv_heads,
         width=int(count.max()),
+        rescore_dims=rescore_dims,
     )
 
 
@@ -183,7 +189,8 @@ def select_pages(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan) -> 
     b = query.shape[0]
     table = torch.empty(b * cache.num_kv_heads, plan.width, dtype=torch.int32)
     cpu_ext.load().quest_select(query, cache.slot_rows, _summary_offset(cache), plan.block_table, plan.seq,
-                                plan.count, plan.candidates, plan.forced_lo, plan.forced_hi, cache.block_size, table)
+                                plan.count, plan.candidates, plan.forced_lo, plan.forced_hi, cache.block_size,
+                                plan.rescore_dims, table)
     return table
 
 

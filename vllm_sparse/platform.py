@@ -25,7 +25,8 @@ class SparseCpuPlatform(CpuPlatform):
             return
         from vllm_sparse.config import SparseConfig
 
-        page_size = SparseConfig.from_additional_config(vllm_config.additional_config).page_size
+        sparse = SparseConfig.from_additional_config(vllm_config.additional_config)
+        page_size = sparse.page_size
         cache = vllm_config.cache_config
         if cache.user_specified_block_size and cache.block_size != page_size:
             raise ValueError(
@@ -33,6 +34,10 @@ class SparseCpuPlatform(CpuPlatform):
                 f"got --block-size {cache.block_size}. Drop --block-size or set page_size to the same value."
             )
         cache.block_size = page_size
+        if sparse.evict is not None:
+            from vllm_sparse.eviction import check_engine_config
+
+            check_engine_config(vllm_config)
 
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:

@@ -2,7 +2,8 @@
 
 * ``vllm.general_plugins`` → :func:`register`: runs in every vLLM process (API server,
   engine core, workers, Ray actors) and registers :class:`~vllm_sparse.backend.SparseAttentionBackend`
-  as ``AttentionBackendEnum.CUSTOM``. Select it with ``--attention-backend CUSTOM`` /
+  as ``AttentionBackendEnum.CUSTOM`` and the evicting KV-cache spec's block manager
+  (:mod:`vllm_sparse.eviction`). Select it with ``--attention-backend CUSTOM`` /
   ``LLM(attention_backend="CUSTOM")``.
 * ``vllm.platform_plugins`` → :func:`cpu_platform`: on vLLM's CPU build only, activates a
   subclass of the CPU platform that honours ``CUSTOM`` (the stock CPU platform ignores any
@@ -19,6 +20,10 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    # the evicting KV-cache spec's block manager: the scheduler (engine core) looks it up by spec type
+    from vllm_sparse import eviction
+
+    eviction.register()
 
 
 def cpu_platform() -> str | None:

@@ -230,3 +230,32 @@ def test_exact_pages_fused_equals_reference_float32(group):
     quest = R.select_topk(q, cache, bt, seq, attended, 0.125, SINK, WINDOW, "quest")
     exact = R.select_topk(q, cache, bt, seq, attended, 0.125, SINK, WINDOW, "exact_pages", candidate_factor=3.0)
     assert not torch.equal(quest, exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_rescore_dims_fused_equals_reference(dtype, group):
+    """rescore_dims: candidates rescored over the largest-|q| dims only (SparQ) — the C++ kernel picks
+    the reference's pages; the approximate choice differs from the exact one, and from Quest's."""
+    lens, hkv, d, bs = [1500, 700], 2, 64, 32
+    cache, bt, _, _ = make_cache(lens, hkv, d, bs, dtype)
+    seq = torch.tensor(lens)
+    attended = torch.tensor([256, 160])
+    q = torch.randn(len(lens), hkv * group, d).to(dtype)
+    kw = dict(candidate_factor=4.0)
+    for r in (8, 16, d):
+        p = C.plan_decode(seq, attended, bt, block_size=bs, sink_tokens=SINK, local_window=WINDOW,
+                          num_heads=hkv * group, num_kv_heads=hkv, head_size=d, dtype=dtype, isa=C.cpu_isa(bs),
+                          rescore_dims=r, **kw)
+        table = C.select_pages(q, cache, p)
+        ref = R.select_topk(q, cache, bt, seq, attended, 0.125, SINK, WINDOW, "exact_pages", rescore_dims=r, **kw)
+        # the reference's pages as one-head block ids, per (request, head)
+        for b in range(len(lens)):
+            for h in range(hkv):
+                pages = ref[b, h][ref[b, h] >= 0].div(bs, rounding_mode="floor").unique()
+                want = bt[b, pages].long() * hkv + h  # in page order, as the table lists them
+                got = table[b * hkv + h, : int(p.count[b])].long()
+                assert torch.equal(got, want), (r, b, h)
+    exact = R.select_topk(q, cache, bt, seq, attended, 0.125, SINK, WINDOW, "exact_pages", **kw)
+    approx = R.select_topk(q, cache, bt, seq, attended, 0.125, SINK, WINDOW, "exact_pages", rescore_dims=8, **kw)
+    assert not torch.equal(exact, approx)

@@ -1,0 +1,239 @@
+"""Eviction inside stock vLLM: the block manager with vLLM's BlockPool, the workers' compacted
+tables, and real runs where a prompt longer than the KV pool completes."""
+
+import math
+
+import pytest
+import torch
+
+from vllm_sparse.policies.eviction import EvictionRule
+
+E = pytest.importorskip("vllm_sparse.eviction")
+
+from llm_utils import generate_once, greedy, make_llm  # noqa: E402
+from vllm_sparse import data  # noqa: E402
+
+RULE = EvictionRule(block_size=16, sink_tokens=4, k=8.0, alpha=0.5, min_keep=64)
+
+
+def _spec(rule=RULE):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    base = FullAttentionSpec(block_size=rule.block_size, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
+    return E.evicting_spec(base, rule, max_in_flight_tokens=256, max_model_len=4096)
+
+
+def test_spec_is_bounded_and_not_prefix_cacheable():
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    spec = _spec()
+    assert isinstance(spec, FullAttentionSpec) and not spec.prefix_cacheable
+    # sinks + kept tail at 4096 (ceil(8·64) = 512 - 4 tokens) + one chunk in flight + a partial block
+    assert spec.evict_max_blocks == 1 + math.ceil((512 - 4 + 256) / 16) + 1
+    assert spec.max_admission_blocks_per_request(256, 4096) == spec.evict_max_blocks
+    merged = type(spec).merge([spec, spec])
+    assert merged == spec and type(merged) is type(spec)
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    assert KVCacheSpecRegistry.get_manager_class(spec) is E.EvictingManager
+
+
+def test_manager_frees_exactly_the_rule_over_2000_steps():
+    """vLLM's BlockPool + the manager, driven like the scheduler: a 700-token prompt in 128-token
+    chunks, then 2,000 decode steps. After every step the request holds its sink block and the
+    blocks from free_end(p) on, and every other block it had is back in the pool."""
+    from vllm.v1.core.block_pool import BlockPool
+
+    spec = _spec()
+    pool = BlockPool(num_gpu_blocks=200, enable_caching=False, hash_block_size=16)
+    mgr = E.EvictingManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0,
+                            scheduler_block_size=16)
+    assert mgr.max_admission_blocks_per_request == spec.evict_max_blocks
+    rid, bs = "r", 16
+    processed, ever, allocated = 0, set(), 0
+    steps = [128] * 5 + [60] + [1] * 2000  # chunked prefill, then decode
+    for n_new in steps:
+        mgr.remove_skipped_blocks(rid, processed)  # the scheduler frees on the processed count first
+        total = processed + n_new
+        need = mgr.get_num_blocks_to_allocate(rid, total, [], 0, processed, processed, total)
+        assert need <= pool.get_num_free_blocks()
+        new = mgr.allocate_new_blocks(rid, total, total)
+        ever |= {b.block_id for b in new}
+        allocated += len(new)
+        processed = total  # the forward pass finished
+        blocks = mgr.req_to_blocks[rid]
+        end = RULE.free_end(processed - n_new)  # what was freed before this step's allocation
+        live = [i for i, b in enumerate(blocks) if not b.is_null]
+        assert live == list(range(RULE.sink_blocks)) + list(range(end, math.ceil(total / bs)))
+        held = {blocks[i].block_id for i in live}
+        assert pool.get_num_free_blocks() == 200 - 1 - len(held)  # minus the null block
+        assert len(live) <= spec.evict_max_blocks
+    # 2,700 tokens took 169 blocks in all, from far fewer distinct ones: freed blocks were reused
+    assert allocated == math.ceil(2700 / bs) and len(ever) < allocated // 2
+
+
+def test_compacted_table_by_hand():
+    rule = EvictionRule(block_size=4, sink_tokens=2, k=8.0, alpha=0.0, min_keep=8, max_keep=8)
+    bt = torch.arange(100, 110).repeat(2, 1).int()
+    seq = torch.tensor([30, 6])
+    qlen = torch.tensor([1, 6])
+    table, lens = E.compact_block_table(rule, bt, seq, qlen)
+    # request 0: p = 29, keeps 8 → tail from position 29 - 6 = 23 → block 5; sink block 0
+    assert rule.free_end(29) == 5
+    assert table[0, :4].tolist() == [100, 105, 106, 107] and lens[0] == 30 - 4 * 4
+    # request 1: nothing processed yet, nothing skipped
+    assert table[1, :2].tolist() == [100, 101] and lens[1] == 6
+
+
+def _prompt_ids(tok, n, start=0):
+    ids = tok.encode(data.essays_text(), add_special_tokens=False)
+    return ids[start:start + n]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("evict", ["streaming"])
+def test_prompt_longer_than_the_pool_completes(smollm2_dir, evict):
+    """7,000 tokens, chunked prefill (512), in a pool of 80 blocks × 32 = 2,560 tokens: evicting
+    frees the middle as it goes. Dense attention with the same pool refuses to start."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    prompt = {"prompt_token_ids": _prompt_ids(tok, 7000)}
+    common = dict(max_num_batched_tokens=512, num_gpu_blocks_override=80, enable_prefix_caching=False)
+    peak = {}
+
+    def run(llm):
+        pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+        free_blocks = pool.get_num_free_blocks
+        low = [free_blocks()]
+        orig = pool.get_new_blocks
+
+        def tracked(n, *a, **k):
+            out = orig(n, *a, **k)
+            low.append(free_blocks())
+            return out
+
+        pool.get_new_blocks = tracked
+        outs = greedy(llm, [prompt], max_tokens=16)
+        peak["blocks"] = 80 - 1 - min(low)
+        return outs
+
+    with make_llm(smollm2_dir, sparse={"evict": evict}, **common) as llm:
+        outs = run(llm)
+    assert len(outs[0].token_ids) == 16 and outs[0].text.strip()
+    assert peak["blocks"] < 60  # ~2/3 of the pool at most; 7,000 tokens would need 219 blocks
+    with pytest.raises(ValueError, match="max seq len"):
+        with make_llm(smollm2_dir, sparse={}, **common):
+            pass
+
+
+@pytest.mark.vllm
+def test_eviction_is_refused_with_prefix_caching(tiny_llama_dir):
+    with pytest.raises(ValueError, match="evict.*prefix caching"):
+        with make_llm(tiny_llama_dir, sparse={"evict": "streaming"}, enable_prefix_caching=True):
+            pass
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_kept_budget_covering_the_context_equals_no_eviction(smollm2_dir):
+    """Eviction keeping more than the context frees nothing: greedy outputs equal the non-evicting run."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    prompts = [{"prompt_token_ids": _prompt_ids(tok, n, start=i * 3000)} for i, n in enumerate((300, 1200, 2500))]
+    common = dict(dtype="float32", max_num_batched_tokens=512, enable_prefix_caching=False, max_model_len=4096)
+    plain = generate_once(smollm2_dir, prompts, sparse={}, max_tokens=24, **common)
+    kept = generate_once(smollm2_dir, prompts, sparse={"evict": "streaming", "evict_args": {"keep": 4096}},
+                         max_tokens=24, **common)
+    assert [o.token_ids for o in kept] == [o.token_ids for o in plain]
+
+
+def test_attention_over_compacted_tables_equals_masked_dense_float32():
+    """vLLM's CPU op over the compacted tables (a decode and a prefill chunk) equals float64
+    attention over exactly the kept positions — sink block + live tail, causal — and never reads
+    a skipped block (those are NaN-poisoned)."""
+    C = pytest.importorskip("vllm_sparse.cpu_attention")
+    from test_cpu_attention import make_cache
+
+    rule = EvictionRule(block_size=16, sink_tokens=4, k=128.0, alpha=0.0, min_keep=128, max_keep=128)
+    lens, qlens, hkv, g, d = [900, 300], [1, 40], 2, 3, 64
+    cache, bt, keys, values = make_cache(lens, hkv, d, 16, torch.float32)
+    seq, ql = torch.tensor(lens), torch.tensor(qlens)
+    table, clen = E.compact_block_table(rule, bt, seq, ql)
+    bs = 16
+    for b, n in enumerate(lens):  # poison every block the rule skips
+        end = rule.free_end(n - qlens[b])
+        for j in range(rule.sink_blocks, end):
+            cache.key_cache[int(bt[b, j])].fill_(float("nan"))
+            cache.value_cache[int(bt[b, j])].fill_(float("nan"))
+    qsl = torch.tensor([0, 1, 41], dtype=torch.int32)
+    q = torch.randn(41, hkv * g, d)
+    md = C.scheduler_metadata(clen, qsl, hkv * g, hkv, d, torch.float32, C.cpu_isa(bs))
+    out = torch.empty_like(q)
+    C.attention(q, cache, table, clen, qsl, md, d ** -0.5, out)
+    assert torch.isfinite(out).all()
+    for b, n in enumerate(lens):
+        end = rule.free_end(n - qlens[b])
+        kept = torch.cat([torch.arange(rule.sink_blocks * bs), torch.arange(end * bs, n)])
+        assert end > rule.sink_blocks and len(kept) == int(clen[b])
+        for i in range(qlens[b]):
+            pos = n - qlens[b] + i
+            vis = kept[kept <= pos]
+            k, v = keys[b][vis].double(), values[b][vis].double()  # [T, H, D]
+            for h in range(hkv):
+                qq = q[int(qsl[b]) + i, h * g:(h + 1) * g].double()
+                ref = torch.softmax(qq @ k[:, h].T * d ** -0.5, -1) @ v[:, h]
+                got = out[int(qsl[b]) + i, h * g:(h + 1) * g].double()
+                assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_freed_blocks_poisoned_with_nan_are_never_read(smollm2_dir):
+    """Every block the manager frees is filled with NaN in every layer's cache the moment it is
+    freed (and cleaned when vLLM hands it out again): outputs stay finite and equal an unpoisoned run."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    prompts = [{"prompt_token_ids": _prompt_ids(tok, n, start=i * 7000)} for i, n in enumerate((5000, 2500))]
+    common = dict(dtype="float32", max_num_batched_tokens=512, enable_prefix_caching=False, max_model_len=6144,
+                  num_gpu_blocks_override=120)
+    sparse = {"evict": "streaming"}
+    clean = generate_once(smollm2_dir, prompts, sparse=sparse, max_tokens=24, **common)
+    poisoned = {"n": 0}
+
+    def run(llm):
+        core = llm.llm_engine.engine_core.engine_core
+        caches = core.model_executor.driver_worker.worker.model_runner.kv_caches
+        pool = core.scheduler.kv_cache_manager.block_pool
+        (mgr,) = core.scheduler.kv_cache_manager.coordinator.single_type_managers
+        assert isinstance(mgr, E.EvictingManager)
+        free_blocks, get_new = pool.free_blocks, pool.get_new_blocks
+
+        def poison_on_free(blocks, *a, **k):
+            blocks = list(blocks)
+            for blk in blocks:
+                if blk.is_null:
+                    continue
+                for kv in caches:
+                    kv[blk.block_id].fill_(float("nan"))
+                poisoned["n"] += 1
+            return free_blocks(blocks, *a, **k)
+
+        def clean_on_alloc(n, *a, **k):
+            out = get_new(n, *a, **k)
+            for blk in out:
+                for kv in caches:
+                    kv[blk.block_id].zero_()
+            return out
+
+        pool.free_blocks, pool.get_new_blocks = poison_on_free, clean_on_alloc
+        return greedy(llm, prompts, max_tokens=24)
+
+    with make_llm(smollm2_dir, sparse=sparse, **common) as llm:
+        outs = run(llm)
+    assert poisoned["n"] > 100  # the 5,000-token prompt alone frees ~140 blocks
+    assert [o.token_ids for o in outs] == [o.token_ids for o in clean]
+    assert all(o.text.strip() for o in outs)

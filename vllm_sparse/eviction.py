@@ -1,0 +1,162 @@
+"""Eviction inside stock vLLM: an evicting KV-cache spec, its block manager, and the workers' view of it.
+
+With ``{"vllm_sparse": {"evict": "streaming"}}`` a request keeps only its sink blocks and a live
+tail of recent blocks (:class:`vllm_sparse.policies.eviction.EvictionRule`); the blocks in
+between go back to vLLM's pool while the request runs, so a prompt longer than the pool fits.
+
+* **Spec** — the backend's ``customize_spec`` returns :class:`EvictingAttentionSpec`, a
+  ``FullAttentionSpec`` carrying the rule; not prefix-cacheable, and its
+  ``max_memory_usage_bytes`` is the bounded footprint, so vLLM's start-up check and admission
+  accept a ``max_model_len`` longer than the pool.
+* **Manager** — :class:`EvictingManager` (registered for the spec in ``KVCacheSpecRegistry``)
+  frees ``[sink_blocks, free_end(p))`` of each request in ``remove_skipped_blocks``, where ``p``
+  is the request's processed-token count — the scheduler calls it before every allocation.
+  Freed entries become the null block; nothing shifts.
+* **Workers** — the metadata builder rewrites every request's block table to
+  ``[sink blocks | live tail]`` and shortens its length to match (:func:`compact_block_table`),
+  with the tail start computed from the same rule at the tokens processed *before* this step,
+  which is never less than what the scheduler has freed. Keys are stored after RoPE, so
+  attention over the compacted sequence is attention over sinks + recent tokens at their true
+  positions; no freed block is ever read (stale ids stay in the worker's table, unread).
+
+Refused at start-up with a message: prefix caching (rewritten tables break block hashes),
+speculative decoding (drafts move ``p``), KV connectors (they read blocks by position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from vllm_sparse.policies.eviction import EvictionRule
+
+__all__ = ["EvictingAttentionSpec", "EvictingManager", "register", "compact_block_table", "check_engine_config"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvictingAttentionSpec(FullAttentionSpec):
+    """``FullAttentionSpec`` whose requests free their middle blocks by :class:`EvictionRule`."""
+
+    evict_sink_tokens: int
+    evict_k: float
+    evict_alpha: float
+    evict_min_keep: int
+    evict_max_keep: int | None = None
+    #: most blocks one request holds at once (the scheduler's admission cap), from the engine limits
+    evict_max_blocks: int
+
+    @property
+    def rule(self) -> EvictionRule:
+        return EvictionRule(self.block_size, self.evict_sink_tokens, self.evict_k, self.evict_alpha,
+                            self.evict_min_keep, self.evict_max_keep)
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        return False
+
+    def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
+        return self.rule.max_resident_blocks(max_model_len, max_in_flight_tokens)
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        blocks = self.max_admission_blocks_per_request(vllm_config.max_in_flight_tokens,
+                                                       vllm_config.model_config.max_model_len)
+        return blocks * self.page_size_bytes
+
+    @classmethod
+    def merge(cls, specs: list["EvictingAttentionSpec"]) -> "EvictingAttentionSpec":
+        assert all(isinstance(s, EvictingAttentionSpec) for s in specs), \
+            "every layer of an evicting KV-cache group must evict"
+        rules = {s.rule for s in specs}
+        assert len(rules) == 1, f"every layer of a KV-cache group must share one eviction rule, got {rules}"
+        base = FullAttentionSpec.merge(specs)  # type: ignore[arg-type]
+        own = {f.name: getattr(specs[0], f.name) for f in dataclasses.fields(cls)
+               if f.name.startswith("evict_")}
+        return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(FullAttentionSpec)}, **own)
+
+
+class EvictingManager(FullAttentionManager):
+    """Frees each request's blocks ``[sink_blocks, free_end(processed))`` (never a prefix-cache hit)."""
+
+    def __init__(self, kv_cache_spec: EvictingAttentionSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.rule = kv_cache_spec.rule
+        # admit by the bounded footprint, like vLLM's sliding-window manager (vLLM passes that cap
+        # only to its own recycling specs, so the spec carries it)
+        self.max_admission_blocks_per_request = kv_cache_spec.evict_max_blocks
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
+        end = self.rule.free_end(processed_computed_tokens)
+        self._remove_blocks_in_range(request_id, self.rule.sink_blocks, end)
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Map :class:`EvictingAttentionSpec` to :class:`EvictingManager` in vLLM's spec registry
+    (built-ins first: the registry skips them once it is non-empty). Idempotent."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(EvictingAttentionSpec, EvictingManager, uniform_type_base_spec=FullAttentionSpec)
+    _REGISTERED = True
+
+
+def evicting_spec(spec: FullAttentionSpec, rule: EvictionRule, max_in_flight_tokens: int,
+                  max_model_len: int) -> EvictingAttentionSpec:
+    """``spec`` (already customized by the backend) as an evicting spec with ``rule``.
+
+    ``max_in_flight_tokens`` / ``max_model_len``: the engine's limits (``VllmConfig``), which size
+    the per-request admission cap."""
+    register()
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)}
+    return EvictingAttentionSpec(**fields, evict_sink_tokens=rule.sink_tokens, evict_k=rule.k,
+                                 evict_alpha=rule.alpha, evict_min_keep=rule.min_keep, evict_max_keep=rule.max_keep,
+                                 evict_max_blocks=rule.max_resident_blocks(max_model_len, max_in_flight_tokens))
+
+
+def check_engine_config(vllm_config) -> None:
+    """Refuse, at start-up, what eviction cannot serve (raises ``ValueError`` naming the setting)."""
+    problems = []
+    if vllm_config.cache_config.enable_prefix_caching:
+        problems.append("prefix caching is on (evicted requests rewrite their blocks; pass "
+                        "--no-enable-prefix-caching / enable_prefix_caching=False)")
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding is on (draft tokens would move the eviction point)")
+    if vllm_config.kv_transfer_config is not None:
+        problems.append("a KV connector is configured (it reads blocks by position)")
+    if problems:
+        raise ValueError("vllm_sparse setting evict cannot be used because " + "; ".join(problems))
+
+
+def compact_block_table(rule: EvictionRule, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                        query_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every request's live blocks, front-packed: ``[sink blocks | blocks from free_end(p) on]``.
+
+    Args:
+        block_table: ``[B, max_blocks]`` the worker's table (stale ids where blocks were freed).
+        seq_lens: ``[B]`` context lengths including this step's tokens; ``query_lens``: ``[B]``
+            this step's tokens, so ``p = seq_lens - query_lens`` were processed before it.
+    Returns:
+        ``(table, lens)``: ``[B, max_blocks]`` int32 (entries past a request's live blocks repeat
+        its last one, never read) and ``[B]`` int32 lengths of the compacted sequences. The
+        step's query tokens stay the last ``query_lens`` tokens of each compacted sequence.
+    """
+    seq = seq_lens.long()
+    end = rule.free_end_tensor(seq - query_lens.long())  # [B] first live tail block
+    s = rule.sink_blocks
+    skipped = (end - s).clamp_min(0)
+    cols = torch.arange(block_table.shape[1], device=block_table.device)[None, :]
+    src = torch.where(cols < s, cols, cols + skipped[:, None])
+    last = ((seq + rule.block_size - 1) // rule.block_size - 1).clamp_min(0)
+    src = torch.minimum(src, last[:, None])
+    table = block_table.gather(1, src).to(torch.int32)
+    return table, (seq - skipped * rule.block_size).to(torch.int32)

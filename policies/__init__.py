@@ -1,25 +1,34 @@
-"""KV selection policies and the budget rule. Installed as ``vllm_sparse.policies``; never imports vLLM."""
+"""KV selection/eviction policies, budgets and the eviction rule. Installed as
+``vllm_sparse.policies``; never imports vLLM.
 
-from .base import (
-    BudgetPolicy,
-    DensePolicy,
-    FixedKPolicy,
-    NAlphaPolicy,
-    available_policies,
-    get_policy_class,
-    register_policy,
-)
+* :mod:`.policy` — the interface (:class:`Policy`: scorer + budget + allocator + schedule);
+* one file per built-in policy: ``dense``, ``ntopk`` (default), ``topk``, ``quest``,
+  ``streaming``, ``snapkv``, ``h2o``, ``tova``, ``knorm``;
+* :mod:`.registry` — names → classes, open to third-party packages (entry points);
+* :mod:`.base`, :mod:`.budget` — the budget rules (k·n^α, fixed);
+* :mod:`.eviction` — which KV blocks a request frees as it runs.
+"""
+
+from .base import BudgetPolicy, DensePolicy, FixedKPolicy, NAlphaPolicy
 from .budget import attended_tokens, fixed_budget, n_alpha_budget
+from .eviction import EvictionRule
+from .policy import AdaKVAllocator, Policy, TokenState
+from .registry import available_policies, get_policy_class, register_policy, reload_entry_points
 
 __all__ = [
+    "AdaKVAllocator",
     "BudgetPolicy",
     "DensePolicy",
+    "EvictionRule",
     "FixedKPolicy",
     "NAlphaPolicy",
+    "Policy",
+    "TokenState",
     "attended_tokens",
     "available_policies",
     "fixed_budget",
     "get_policy_class",
     "n_alpha_budget",
     "register_policy",
+    "reload_entry_points",
 ]

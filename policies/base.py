@@ -1,12 +1,9 @@
-"""The budget-policy interface and its registry.
+"""Budgets: the *budget* component of a policy (:mod:`.policy`).
 
-A *budget policy* answers one question per decode step: how many KV tokens does each
-request attend to at its current length ``n``? The shared machinery — sinks and local
-window, the dense-below threshold, top-k selection and the gather — lives once, in
-:meth:`BudgetPolicy.attended` and the kernels; a policy implements only :meth:`budget`.
-
-Third-party policies register with :func:`register_policy` or through the
-``vllm_sparse.policies`` entry-point group (``name = "pkg.module:PolicyClass"``).
+A budget answers one question per decode step: how many KV tokens does each request keep at
+its current length ``n``? The shared machinery — sinks and local window, the dense-below
+threshold — lives once, in :meth:`BudgetPolicy.attended`; a budget implements only
+:meth:`budget`. ``n_alpha`` (k·n^α), ``fixed_k`` (the baseline) and ``dense``.
 """
 
 from __future__ import annotations
@@ -19,15 +16,7 @@ import torch
 
 from .budget import attended_tokens, fixed_budget, n_alpha_budget
 
-__all__ = [
-    "BudgetPolicy",
-    "NAlphaPolicy",
-    "FixedKPolicy",
-    "DensePolicy",
-    "register_policy",
-    "get_policy_class",
-    "available_policies",
-]
+__all__ = ["BudgetPolicy", "NAlphaPolicy", "FixedKPolicy", "DensePolicy"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,42 +102,3 @@ class DensePolicy(BudgetPolicy):
         return seq_lens.to(torch.int64)
 
 
-_REGISTRY: dict[str, type[BudgetPolicy]] = {}
-_ENTRY_POINTS_LOADED = False
-
-
-def register_policy(cls: type[BudgetPolicy]) -> type[BudgetPolicy]:
-    """Register a policy class under ``cls.name`` (usable as a decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, BudgetPolicy)) or not cls.name:
-        raise TypeError(f"{cls!r} must be a BudgetPolicy subclass with a non-empty `name`")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-for _cls in (NAlphaPolicy, FixedKPolicy, DensePolicy):
-    register_policy(_cls)
-
-
-def _load_entry_points() -> None:
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
-    for ep in entry_points(group="vllm_sparse.policies"):
-        cls = ep.load()
-        if cls.name != ep.name:
-            raise ValueError(f"entry point {ep.name!r} loads policy named {cls.name!r}; the names must match")
-        register_policy(cls)
-
-
-def available_policies() -> list[str]:
-    _load_entry_points()
-    return sorted(_REGISTRY)
-
-
-def get_policy_class(name: str) -> type[BudgetPolicy]:
-    _load_entry_points()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"vllm_sparse policy={name!r}; allowed: {available_policies()}") from None

@@ -10,9 +10,13 @@ Defaults (see README "Choosing the defaults" and docs/paper-experiment.md for th
 ============== ========= ==============================================================
 key            default   meaning
 ============== ========= ==============================================================
-policy         n_alpha   budget policy: ``n_alpha`` (k·n^α), ``fixed_k``, ``dense``, or a
+policy         ntopk     the selection policy (``vllm_sparse.policies``): ``ntopk`` (k·n^α),
+                         ``topk`` (fixed), ``quest``, ``streaming``, ``dense`` run inside vLLM
+                         (``n_alpha``/``fixed_k``: old names of ntopk/topk); ``snapkv``, ``h2o``,
+                         ``tova``, ``knorm`` are reference-only so far; or a
                          registered third-party name
-policy_args    {}        extra arguments of the policy (``fixed_k``: ``budget_tokens``)
+policy_args    {}        extra arguments of the policy (``budget_tokens``: a fixed budget;
+                         ``allocator``: ``"adakv"``; the policy's own fields)
 alpha          0.5       exponent α of k·n^α, 0 < α ≤ 1
 k              8.0       coefficient k of k·n^α, > 0
 min_budget     128       lower clamp of the budget, ≥ sink_tokens + local_window
@@ -50,7 +54,7 @@ evict_args     {}        tokens kept per request: ``k``, ``alpha``, ``min_keep``
                          ``k``, ``alpha``, ``min_budget``, ``max_budget``), or ``keep``: fixed
 ============== ========= ==============================================================
 
-The budget (policy ``n_alpha``) is the *total* number of tokens attended per head at
+The budget (policy ``ntopk``) is the *total* number of tokens attended per head at
 length n, sinks and window included: ``min(n, clamp(ceil(k·n^α), min_budget, max_budget))``
 — see :mod:`vllm_sparse.policies.budget`.
 """
@@ -65,11 +69,19 @@ import torch
 
 from vllm_sparse.kernels.selection import GRANULARITIES, SELECTIONS
 
-from vllm_sparse.policies import BudgetPolicy, available_policies, get_policy_class
+from vllm_sparse.policies import BudgetPolicy, Policy, available_policies, get_policy_class
 from vllm_sparse.policies.eviction import EvictionRule
 
-#: policies that can free KV blocks today (``evict``); the others select without freeing
-EVICTING_POLICIES = ("streaming",)
+
+
+def evicting_policies() -> list[str]:
+    """Registered policies that can free KV blocks today (``evict``)."""
+    return [n for n in available_policies() if get_policy_class(n).frees_blocks]
+
+
+def vllm_policies() -> list[str]:
+    """Registered policies with a decode path inside vLLM (``policy``)."""
+    return [n for n in available_policies() if get_policy_class(n).selection != ""]
 
 __all__ = ["SparseConfig", "CONFIG_KEY"]
 
@@ -94,7 +106,7 @@ def _is_real(v: Any) -> bool:
 class SparseConfig:
     """Validated settings of the sparse-attention backend (see the module docstring)."""
 
-    policy: str = "n_alpha"
+    policy: str = "ntopk"
     policy_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     alpha: float = 0.5
     k: float = 8.0
@@ -120,7 +132,13 @@ class SparseConfig:
         object.__setattr__(self, "evict_args", dict(self.evict_args))
         object.__setattr__(self, "_evict_rule", self._build_evict_rule())
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        object.__setattr__(self, "_policy", get_policy_class(self.policy).from_settings(settings, self.policy_args))
+        policy = get_policy_class(self.policy).from_settings(settings, self.policy_args)
+        if policy.selection == "":
+            raise _err("policy", self.policy, f"one with a decode path in vLLM: {vllm_policies()} "
+                       f"({self.policy!r} is implemented as a reference scorer in vllm_sparse.policies only)")
+        if policy.selection in SELECTIONS:  # the policy fixes how its tokens are chosen
+            object.__setattr__(self, "selection", policy.selection)
+        object.__setattr__(self, "_policy", policy)
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -149,6 +167,11 @@ class SparseConfig:
     # -- derived ----------------------------------------------------------------------
     @property
     def budget_policy(self) -> BudgetPolicy:
+        return self._policy.budget  # type: ignore[attr-defined]
+
+    @property
+    def policy_object(self) -> Policy:
+        """The selection policy built from ``policy`` and ``policy_args``."""
         return self._policy  # type: ignore[attr-defined]
 
     def eviction_rule(self, block_size: int | None = None) -> EvictionRule | None:
@@ -189,8 +212,9 @@ class SparseConfig:
 
     # -- validation -------------------------------------------------------------------
     def _validate(self) -> None:
-        if not isinstance(self.policy, str) or self.policy not in available_policies():
+        if not isinstance(self.policy, str):
             raise _err("policy", self.policy, f"one of {available_policies()}")
+        get_policy_class(self.policy)  # unknown names: a ValueError listing the registered ones
         if not isinstance(self.policy_args, Mapping):
             raise _err("policy_args", self.policy_args, "a dict of the policy's arguments")
         if not _is_real(self.alpha) or not 0 < self.alpha <= 1:
@@ -211,8 +235,11 @@ class SparseConfig:
             raise _err("page_size", ps, "a power of two >= 16 (one page per KV block: it sets vLLM's block size)")
         if not isinstance(self.force_sparse, bool):
             raise _err("force_sparse", self.force_sparse, "true or false")
-        if self.evict is not None and self.evict not in EVICTING_POLICIES:
-            raise _err("evict", self.evict, f"null (keep every token) or one of {list(EVICTING_POLICIES)}")
+        if self.evict is not None and self.evict not in evicting_policies():
+            why = ""
+            if self.evict in available_policies():
+                why = f" ({self.evict!r} selects tokens but cannot free KV blocks yet)"
+            raise _err("evict", self.evict, f"null (keep every token) or one of {evicting_policies()}{why}")
         if not isinstance(self.evict_args, Mapping):
             raise _err("evict_args", self.evict_args, "a dict of the eviction rule's arguments")
         if self.selection not in SELECTIONS:

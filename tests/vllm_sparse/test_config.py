@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vllm_sparse.config import SparseConfig
-from vllm_sparse.policies import BudgetPolicy, FixedKPolicy, NAlphaPolicy, register_policy
+from vllm_sparse.policies import BudgetPolicy, FixedKPolicy, NAlphaPolicy, available_policies, register_policy
 
 
 def test_defaults_are_valid_and_consistent():
@@ -70,9 +70,9 @@ def test_unknown_key_is_named_with_the_allowed_keys():
 
 
 def test_policy_args_are_validated_by_the_policy():
-    with pytest.raises(ValueError, match=r"policy_args \['budget'\] not understood by policy 'fixed_k'.*budget_tokens"):
+    with pytest.raises(ValueError, match=r"policy_args \['budget'\] not understood by policy 'topk'.*budget_tokens"):
         SparseConfig.from_dict({"policy": "fixed_k", "policy_args": {"budget": 5}})
-    with pytest.raises(ValueError, match=r"policy_args \['x'\].*'n_alpha'; allowed: none"):
+    with pytest.raises(ValueError, match=r"policy_args \['x'\].*'ntopk'; allowed: \['allocator', 'budget_tokens'\]"):
         SparseConfig.from_dict({"policy_args": {"x": 1}})
     with pytest.raises(ValueError, match=r"budget_tokens=0"):
         SparseConfig.from_dict({"policy": "fixed_k", "policy_args": {"budget_tokens": 0}})
@@ -105,19 +105,42 @@ def test_third_party_policy_registers_and_validates():
     import dataclasses
     from typing import ClassVar
 
-    @register_policy
+    from vllm_sparse.policies.ntopk import NTopK
+
     @dataclasses.dataclass(frozen=True)
-    class HalfPolicy(BudgetPolicy):
-        name: ClassVar[str] = "half_for_test"
+    class HalfBudget(BudgetPolicy):
         fraction: float = 0.5
 
         def budget(self, seq_lens):
             return (seq_lens * self.fraction).ceil().long()
 
+    @register_policy
+    @dataclasses.dataclass(frozen=True)
+    class HalfPolicy(NTopK):
+        name: ClassVar[str] = "half_for_test"
+        fraction: float = 0.5
+
+        def __post_init__(self):
+            super().__post_init__()
+            object.__setattr__(self, "budget", HalfBudget(self.fraction))
+
     cfg = SparseConfig(policy="half_for_test", policy_args={"fraction": 0.25}, dense_below=0, min_budget=68)
     assert cfg.attended(torch.tensor([4000])).item() == 1000
+    assert "half_for_test" in available_policies()
+    with pytest.raises(ValueError, match=r"policy_args \['nope'\].*half_for_test.*fraction"):
+        SparseConfig(policy="half_for_test", policy_args={"nope": 1})
     with pytest.raises(TypeError):
         register_policy(int)
+
+
+def test_reference_only_and_non_evicting_policies_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"policy='h2o'.*decode path in vLLM.*ntopk"):
+        SparseConfig(policy="h2o")
+    with pytest.raises(ValueError, match=r"evict='quest'.*streaming.*cannot free KV blocks"):
+        SparseConfig(evict="quest")
+    assert SparseConfig(policy="quest").selection == "quest"
+    assert SparseConfig(policy="streaming").selection == "recent"
+    assert SparseConfig(policy="n_alpha").policy_object.name == "ntopk"  # the old names still work
 
 
 def test_importing_the_package_does_not_import_vllm():

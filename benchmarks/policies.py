@@ -1,0 +1,149 @@
+"""Every policy that runs inside vLLM, at fixed budgets: retrieval, KV blocks held, batch that fits, step time.
+
+For each (policy, budget) — ``dense`` once; ``topk`` (exact ``q·k`` pages, the default
+selection), ``quest``, ``streaming`` as selection (all tokens stay resident) and ``streaming``
+with eviction (``evict``: only sinks + the kept tail stay resident) at budgets of 256, 512, 1024
+and 2048 tokens — it runs the 12-prompt needle set of the tests (1k/2k/4k/7k tokens × depths
+10/50/90%) through real vLLM (SmolLM2, greedy, one batch) and reports:
+
+* **needles**: exact-match retrieval, by context length;
+* **peak KV blocks**: the most blocks vLLM's pool had in use during the batch;
+* **batch at 7k**: how many 7,000-token requests fit in a 2,560-token pool (80 blocks × 32) by
+  vLLM's own per-request bound (a full request for resident policies; sinks + kept tail + one
+  chunk in flight with eviction);
+* **decode step**: median time of the steps where all 12 requests decode, and the ratio to dense.
+
+The reference-only policies (``snapkv``, ``h2o``, ``tova``, ``knorm``) have no vLLM decode path
+yet and are not in this table (their exact kept sets are tested in ``tests/policies``).
+Prints a table, writes ``policies.json`` and ``policies.png`` (accuracy vs budget per policy)::
+
+    python benchmarks/policies.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+BUDGETS = (256, 512, 1024, 2048)
+POOL_TOKENS, BLOCK = 2560, 32
+
+
+def settings_for(policy: str, budget: int | None) -> dict:
+    if policy == "dense":
+        return {"policy": "dense"}
+    if policy == "streaming-evict":
+        return {"policy": "streaming", "policy_args": {"budget_tokens": budget}, "evict": "streaming",
+                "evict_args": {"keep": max(budget, 36)}, "dense_below": 0}
+    return {"policy": policy, "policy_args": {"budget_tokens": budget}, "dense_below": 0}
+
+
+def run(model: str, settings: dict, cases, chunk: int) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from decode_throughput import StepTimer  # same folder
+    from vllm_sparse import data
+
+    kw = dict(model=model, max_model_len=8192, enforce_eager=True, dtype="bfloat16", seed=0,
+              enable_prefix_caching=False, max_num_batched_tokens=chunk, attention_backend="CUSTOM",
+              additional_config={"vllm_sparse": settings})
+    llm = LLM(**kw)
+    try:
+        core = llm.llm_engine.engine_core.engine_core
+        pool = core.scheduler.kv_cache_manager.block_pool
+        total = pool.num_gpu_blocks - 1
+        low = [pool.get_num_free_blocks()]
+        get_new = pool.get_new_blocks
+
+        def tracked(n, *a, **k):
+            out = get_new(n, *a, **k)
+            low.append(pool.get_num_free_blocks())
+            return out
+
+        pool.get_new_blocks = tracked
+        timer = StepTimer(llm)
+        timer.batch = len(cases)
+        outs = llm.generate([c.prompt for c in cases], SamplingParams(max_tokens=16, temperature=0.0),
+                            use_tqdm=True)
+        (mgr,) = core.scheduler.kv_cache_manager.coordinator.single_type_managers
+        per_request = mgr.max_admission_blocks_per_request or -(-(7000 + 16) // BLOCK)
+    finally:
+        del llm
+        gc.collect()
+    hits = [data.retrieved(c, o.outputs[0].text) for c, o in zip(cases, outs)]
+    by_len = {}
+    for c, h in zip(cases, hits):
+        by_len.setdefault(str(c.length), []).append(h)
+    return dict(needles=sum(hits), needles_total=len(hits), hits=hits,
+                by_length={k: sum(v) for k, v in by_len.items()},
+                peak_blocks=total - min(low),
+                batch_at_7k=(POOL_TOKENS // BLOCK - 1) // min(per_request, -(-(7000 + 16) // BLOCK)),
+                decode_step_ms=1e3 * statistics.median(timer.decode_steps) if timer.decode_steps else None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policies", nargs="+", default=["topk", "quest", "streaming", "streaming-evict"])
+    ap.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
+    ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens (chunked prefill)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    from decode_throughput import cpu_model
+    from vllm_sparse import data
+    from vllm_sparse.models import prepare_model
+
+    model = str(prepare_model("smollm2"))
+    cases = data.needle_prompts(AutoTokenizer.from_pretrained(model))
+    rows = [dict(policy="dense", budget=None, settings=settings_for("dense", None),
+                 **run(model, settings_for("dense", None), cases, args.chunk))]
+    print(f"dense: {rows[0]['needles']}/12", flush=True)
+    for policy in args.policies:
+        for b in args.budgets:
+            st = settings_for(policy, b)
+            rows.append(dict(policy=policy, budget=b, settings=st, **run(model, st, cases, args.chunk)))
+            print(f"{policy} @ {b}: {rows[-1]['needles']}/12", flush=True)
+    dense_ms = rows[0]["decode_step_ms"]
+    head = (f"{'policy':<17}{'budget':>7}{'needles':>9}  {'1k/2k/4k/7k':<13}{'peak blocks':>12}{'batch@7k':>9}"
+            f"{'step ms':>9}{'vs dense':>9}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        bl = "/".join(str(v) for _, v in sorted(r["by_length"].items(), key=lambda kv: int(kv[0])))
+        ms = r["decode_step_ms"]
+        r["step_vs_dense"] = dense_ms / ms if ms and dense_ms else None
+        print(f"{r['policy']:<17}{str(r['budget'] or '-'):>7}{r['needles']:>6}/12  {bl:<13}{r['peak_blocks']:>12}"
+              f"{r['batch_at_7k']:>9}{(ms or float('nan')):>9.1f}{(r['step_vs_dense'] or float('nan')):>8.2f}x")
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(machine=cpu_model(), cpus=os.cpu_count(), model="SmolLM2-135M-Instruct bf16",
+                needles="12 prompts: 1k/2k/4k/7k tokens x depths 10/50/90%, one batch, greedy",
+                pool=f"batch_at_7k: 7,000-token requests fitting {POOL_TOKENS} tokens ({BLOCK}-token blocks)")
+    (args.out / "policies.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy in args.policies:
+        pts = [(r["budget"], r["needles"] / r["needles_total"]) for r in rows if r["policy"] == policy]
+        ax.plot(*zip(*pts), "o-", label=policy)
+    ax.axhline(rows[0]["needles"] / rows[0]["needles_total"], color="k", ls="--", label="dense")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="budget (tokens per KV head)", ylabel="needle retrieval (12 prompts, 1k-7k)",
+           title="accuracy vs budget, SmolLM2-135M in vLLM (CPU)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "policies.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -39,7 +39,10 @@ class EvictionRule:
         block_size: tokens per KV block.
         sink_tokens: first tokens never freed (rounded up to whole blocks).
         k, alpha, min_keep, max_keep: ``keep(p) = clamp(ceil(k·p^α), min_keep, max_keep)``
-            tokens kept (sinks included); ``alpha = 0`` with ``k = N`` keeps a fixed ``N``.
+            tokens kept in the sinks and the live tail; ``alpha = 0`` with ``k = N`` keeps a fixed ``N``.
+        region_blocks: blocks after the sink blocks that are never freed: the *kept region* where
+            a scored eviction policy (``knorm``) keeps its best tokens, compacted into it by the
+            workers before the blocks they come from are freed (0 for ``streaming``).
     """
 
     block_size: int
@@ -48,6 +51,7 @@ class EvictionRule:
     alpha: float
     min_keep: int
     max_keep: int | None = None
+    region_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.sink_tokens < 0 or self.min_keep < 1:
@@ -63,6 +67,11 @@ class EvictionRule:
     def sink_blocks(self) -> int:
         return -(-self.sink_tokens // self.block_size)
 
+    @property
+    def head_blocks(self) -> int:
+        """Blocks at the front never freed: the sink blocks and the kept region."""
+        return self.sink_blocks + self.region_blocks
+
     def keep(self, p: int) -> int:
         """Tokens kept resident after ``p`` processed tokens (an upper bound is ``p``)."""
         if self.alpha == 0:
@@ -70,11 +79,11 @@ class EvictionRule:
         return n_alpha_budget(p, self.k, self.alpha, self.min_keep, self.max_keep)
 
     def free_end(self, p: int) -> int:
-        """First block of the live tail after ``p`` processed tokens; ``[sink_blocks, free_end)`` is freed.
+        """First block of the live tail after ``p`` processed tokens; ``[head_blocks, free_end)`` is freed.
 
         The tail keeps positions ``[p - (keep(p) - sink_tokens), p)``, so it starts at the block
-        holding the first of them (never below the sink blocks)."""
-        return max(self.sink_blocks, (p - self.keep(p) + self.sink_tokens) // self.block_size)
+        holding the first of them (never below the sink blocks and the kept region)."""
+        return max(self.head_blocks, (p - self.keep(p) + self.sink_tokens) // self.block_size)
 
     def free_end_tensor(self, p: torch.Tensor) -> torch.Tensor:
         """:meth:`free_end` of every entry of an integer tensor (int64, same device)."""
@@ -83,14 +92,14 @@ class EvictionRule:
             keep = torch.full_like(p, self.keep(0))
         else:
             keep = n_alpha_budget(p, self.k, self.alpha, self.min_keep, self.max_keep)
-        return torch.div(p - keep + self.sink_tokens, self.block_size, rounding_mode="floor").clamp_min(self.sink_blocks)
+        return torch.div(p - keep + self.sink_tokens, self.block_size, rounding_mode="floor").clamp_min(self.head_blocks)
 
     def max_resident_blocks(self, max_len: int, in_flight_tokens: int) -> int:
         """Most blocks a request holds at once: sinks + the kept tail at ``max_len`` + the tokens
         being computed (a chunk is allocated before its blocks can be freed) + one partial block."""
         keep = self.keep(max_len)
         tail = keep - self.sink_tokens + in_flight_tokens
-        return min(-(-max_len // self.block_size), self.sink_blocks + -(-tail // self.block_size) + 1)
+        return min(-(-max_len // self.block_size), self.head_blocks + -(-tail // self.block_size) + 1)
 
     def check_monotone(self) -> None:
         """``free_end`` never decreases (a freed block cannot come back) iff ``p - keep(p)`` never

@@ -124,6 +124,8 @@ class Policy:
             configured ``selection``, for policies scored by ``q·k``; see ``vllm_sparse.config``),
             or ``""`` (the default) when the policy has no vLLM decode path yet (reference only).
         frees_blocks: ``evict=<name>`` really returns KV blocks to vLLM's pool.
+        evicts_by_score: with ``evict``, the workers keep the best-scored tokens (by :meth:`score`
+            on keys alone) in a fixed kept region and free the rest (``False``: by position).
         needs: the :class:`TokenState` fields :meth:`score` reads.
     """
 
@@ -131,6 +133,7 @@ class Policy:
     schedule: ClassVar[str] = "step"
     selection: ClassVar[str | None] = ""
     frees_blocks: ClassVar[bool] = False
+    evicts_by_score: ClassVar[bool] = False
     needs: ClassVar[tuple[str, ...]] = ()
 
     budget: BudgetPolicy = dataclasses.field(default_factory=NAlphaPolicy)

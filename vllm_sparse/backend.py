@@ -155,6 +155,8 @@ class SparseAttentionMetadata:
     cpu_decode: "cpu_attention.DecodePlan | None" = None
     cpu_prefill_metadata: torch.Tensor | None = None  # scheduler metadata of the dense part of the batch
     cpu_dense_metadata: torch.Tensor | None = None  # the whole batch dense (layers below dense_layers)
+    # scored eviction: blocks leaving the recent window this step, merged into the kept region
+    evict_merge: "MergePlan | None" = None
 
 
 class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
@@ -185,10 +187,13 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
               fast_build: bool = False) -> SparseAttentionMetadata:
         cm, cfg = common_attn_metadata, self.config
         context = cm.seq_lens
-        if self.evict_rule is not None:  # attend to the live blocks only: [sink blocks | recent tail]
-            from vllm_sparse.eviction import compact_block_table
+        merge = None
+        if self.evict_rule is not None:  # attend to the live blocks only: [sink blocks | region | recent tail]
+            from vllm_sparse.eviction import compact_block_table, plan_merges
 
             query_lens = cm.query_start_loc[1:] - cm.query_start_loc[:-1]
+            merge = plan_merges(self.evict_rule, cm.block_table_tensor[: cm.num_reqs], cm.seq_lens[: cm.num_reqs],
+                                query_lens[: cm.num_reqs])
             table, lens = compact_block_table(self.evict_rule, cm.block_table_tensor[: cm.num_reqs],
                                               cm.seq_lens[: cm.num_reqs], query_lens[: cm.num_reqs])
             cm = dataclasses.replace(cm, block_table_tensor=table, seq_lens=lens, max_seq_len=int(lens.max()))
@@ -239,6 +244,7 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             cpu_decode=cpu_decode,
             cpu_prefill_metadata=prefill_md,
             cpu_dense_metadata=dense_md,
+            evict_merge=merge,
         )
 
     def _cpu_metadata(self, cm: CommonAttentionMetadata, first: int) -> torch.Tensor:
@@ -293,6 +299,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             tune_malloc()
         self._views: tuple[int, PagedKVCache] | None = None
         self._dense_layer: bool | None = None  # below dense_layers (known at the first forward)
+        self._evict_policy = None  # scored eviction's policy (built at the first merge)
 
     def _is_dense_layer(self, layer: AttentionLayer) -> bool:
         if self._dense_layer is None:
@@ -339,7 +346,29 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         cache = self._cache(kv_cache)
         dense_layer = self.config.dense_layers > 0 and self._is_dense_layer(layer)
         if self.cpu:
-            return self._forward_cpu(query, cache, md, output, dense_layer)
+            self._forward_cpu(query, cache, md, output, dense_layer)
+        else:
+            self._forward_cuda(query, cache, md, output, dense_layer)
+        if md.evict_merge is not None and self.kv_sharing_target_layer_name is None:
+            self._merge_evicted(cache, md.evict_merge)
+        return output
+
+    def _merge_evicted(self, cache: PagedKVCache, plan) -> None:
+        """Scored eviction: keep the best of the blocks leaving the window in the kept region (after this layer's attention)."""
+        from vllm_sparse.eviction import merge_into_region
+        from vllm_sparse.policies import get_policy_class
+
+        if self._evict_policy is None:
+            self._evict_policy = get_policy_class(self.config.evict).from_settings(self.config.to_dict(), {})
+        if self.cpu:
+            isa = cpu_attention.cpu_isa(cache.block_size)
+            write = lambda k, v, slots, c: cpu_attention.write_kv(k, v, slots, c, isa)  # noqa: E731
+        else:
+            write = ops.write_kv
+        merge_into_region(cache, plan, self.config.eviction_rule(cache.block_size), self._evict_policy, write)
+
+    def _forward_cuda(self, query: torch.Tensor, cache: PagedKVCache, md: SparseAttentionMetadata,
+                      output: torch.Tensor, dense_layer: bool) -> torch.Tensor:
         cfg = self.config
         nd, ndt, n = md.num_decodes, md.num_decode_tokens, md.num_actual_tokens
         if nd:

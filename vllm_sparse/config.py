@@ -47,11 +47,13 @@ dense_layers   0         the first N attention layers decode densely (Quest keep
 force_sparse   False     run the selection even when the budget covers the whole context
                          (tests: checks the sparse path against dense end to end)
 evict          None      free KV blocks while requests run: ``streaming`` keeps the sink
-                         block and a live tail of the most recent tokens; the blocks between
-                         return to vLLM's pool (see :mod:`vllm_sparse.eviction`)
-evict_args     {}        tokens kept per request: ``k``, ``alpha``, ``min_keep``,
-                         ``max_keep`` of clamp(ceil(k·n^α)) (default: the budget keys
-                         ``k``, ``alpha``, ``min_budget``, ``max_budget``), or ``keep``: fixed
+                         block and a live tail of the most recent tokens; ``knorm`` also
+                         keeps a fixed region of the lowest-key-norm tokens; the blocks
+                         between return to vLLM's pool (see :mod:`vllm_sparse.eviction`)
+evict_args     {}        ``streaming``: tokens kept per request: ``k``, ``alpha``,
+                         ``min_keep``, ``max_keep`` of clamp(ceil(k·n^α)) (default: the
+                         budget keys), or ``keep``: fixed; ``knorm``: ``keep`` (default
+                         1024): sinks + region + window
 ============== ========= ==============================================================
 
 The budget (policy ``ntopk``) is the *total* number of tokens attended per head at
@@ -185,6 +187,19 @@ class SparseConfig:
         if self.evict is None:
             return None
         args = dict(self.evict_args)
+        if get_policy_class(self.evict).evicts_by_score:  # sinks | scored region | recent window
+            keep = args.pop("keep", 1024)
+            if args:
+                raise _err("evict_args", sorted(args), f"only 'keep' for evict={self.evict!r}")
+            tail = max(self.local_window, self.page_size)
+            floor = self.sink_tokens + tail + self.page_size
+            if not _is_int(keep) or keep < floor:
+                raise _err("evict_args.keep", keep, f"an integer >= sink_tokens + max(local_window, page_size) "
+                           f"+ page_size = {floor} (sinks, the recent window and at least one region block)")
+            region = -(-(keep - self.sink_tokens - tail) // self.page_size)
+            return EvictionRule(self.page_size, self.sink_tokens, k=float(self.sink_tokens + tail), alpha=0.0,
+                                min_keep=self.sink_tokens + tail, max_keep=self.sink_tokens + tail,
+                                region_blocks=region)
         if "keep" in args:
             keep = args.pop("keep")
             if not _is_int(keep):

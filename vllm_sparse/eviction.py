@@ -46,13 +46,14 @@ class EvictingAttentionSpec(FullAttentionSpec):
     evict_alpha: float
     evict_min_keep: int
     evict_max_keep: int | None = None
+    evict_region_blocks: int = 0
     #: most blocks one request holds at once (the scheduler's admission cap), from the engine limits
     evict_max_blocks: int
 
     @property
     def rule(self) -> EvictionRule:
         return EvictionRule(self.block_size, self.evict_sink_tokens, self.evict_k, self.evict_alpha,
-                            self.evict_min_keep, self.evict_max_keep)
+                            self.evict_min_keep, self.evict_max_keep, self.evict_region_blocks)
 
     @property
     def prefix_cacheable(self) -> bool:
@@ -79,7 +80,7 @@ class EvictingAttentionSpec(FullAttentionSpec):
 
 
 class EvictingManager(FullAttentionManager):
-    """Frees each request's blocks ``[sink_blocks, free_end(processed))`` (never a prefix-cache hit)."""
+    """Frees each request's blocks ``[head_blocks, free_end(processed))`` (never a prefix-cache hit)."""
 
     def __init__(self, kv_cache_spec: EvictingAttentionSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
@@ -91,7 +92,7 @@ class EvictingManager(FullAttentionManager):
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         end = self.rule.free_end(processed_computed_tokens)
-        self._remove_blocks_in_range(request_id, self.rule.sink_blocks, end)
+        self._remove_blocks_in_range(request_id, self.rule.head_blocks, end)
 
 
 _REGISTERED = False
@@ -120,6 +121,7 @@ def evicting_spec(spec: FullAttentionSpec, rule: EvictionRule, max_in_flight_tok
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)}
     return EvictingAttentionSpec(**fields, evict_sink_tokens=rule.sink_tokens, evict_k=rule.k,
                                  evict_alpha=rule.alpha, evict_min_keep=rule.min_keep, evict_max_keep=rule.max_keep,
+                                 evict_region_blocks=rule.region_blocks,
                                  evict_max_blocks=rule.max_resident_blocks(max_model_len, max_in_flight_tokens))
 
 
@@ -139,7 +141,7 @@ def check_engine_config(vllm_config) -> None:
 
 def compact_block_table(rule: EvictionRule, block_table: torch.Tensor, seq_lens: torch.Tensor,
                         query_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every request's live blocks, front-packed: ``[sink blocks | blocks from free_end(p) on]``.
+    """Every request's live blocks, front-packed: ``[sink blocks | kept region | blocks from free_end(p) on]``.
 
     Args:
         block_table: ``[B, max_blocks]`` the worker's table (stale ids where blocks were freed).
@@ -152,7 +154,7 @@ def compact_block_table(rule: EvictionRule, block_table: torch.Tensor, seq_lens:
     """
     seq = seq_lens.long()
     end = rule.free_end_tensor(seq - query_lens.long())  # [B] first live tail block
-    s = rule.sink_blocks
+    s = rule.head_blocks
     skipped = (end - s).clamp_min(0)
     cols = torch.arange(block_table.shape[1], device=block_table.device)[None, :]
     src = torch.where(cols < s, cols, cols + skipped[:, None])
@@ -160,3 +162,63 @@ def compact_block_table(rule: EvictionRule, block_table: torch.Tensor, seq_lens:
     src = torch.minimum(src, last[:, None])
     table = block_table.gather(1, src).to(torch.int32)
     return table, (seq - skipped * rule.block_size).to(torch.int32)
+
+
+@dataclass
+class MergePlan:
+    """This step's merges into the kept region (scored eviction), shared by every layer.
+
+    Attributes:
+        rows: ``(block_table row, first, end)`` per request whose blocks ``[first, end)`` leave the
+            recent window in this step (the scheduler frees them before the next one).
+        block_table: the worker's uncompacted table ``[B, max_blocks]``.
+    """
+
+    rows: list[tuple[int, int, int]]
+    block_table: torch.Tensor
+
+
+def plan_merges(rule: EvictionRule, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                query_lens: torch.Tensor) -> MergePlan | None:
+    """Which requests' blocks leave the live tail in this step (``None``: none, or no kept region).
+
+    Blocks ``[free_end(p), free_end(p + q))`` are attended in this step (they are still in the
+    tail) and freed by the scheduler right after it, so their tokens compete for the region now.
+    """
+    if rule.region_blocks == 0:
+        return None
+    seq = seq_lens.long()
+    lo = rule.free_end_tensor(seq - query_lens.long())
+    hi = rule.free_end_tensor(seq)
+    idx = torch.nonzero(hi > lo).flatten().tolist()
+    if not idx:
+        return None
+    return MergePlan(rows=[(b, int(lo[b]), int(hi[b])) for b in idx], block_table=block_table)
+
+
+def merge_into_region(cache, plan: MergePlan, rule: EvictionRule, policy, write) -> None:
+    """Per request and KV head: keep the best ``region_blocks × block_size`` of (the region's tokens
+    ∪ the leaving blocks' tokens) by ``policy.score`` (keys only), written back into the region.
+
+    Each head keeps its own tokens in its own slots of the region blocks (a block holds every
+    head in its own slot), so heads never compete. Keys are stored after RoPE: a moved token
+    keeps its position's rotation. ``write(key, value, slots, cache)`` is the backend's K/V write
+    (it refreshes the page summaries too). One loop iteration per merging request: a request
+    crosses a block boundary once per ``block_size`` decode steps.
+    """
+    from vllm_sparse.policies import TokenState
+
+    s, r, bs = rule.sink_blocks, rule.region_blocks, rule.block_size
+    h = cache.num_kv_heads
+    heads = torch.arange(h)
+    offsets = torch.arange(bs)
+    for b, lo, hi in plan.rows:
+        row = plan.block_table[b].long()
+        region = row[s:s + r]
+        ids = torch.cat([region, row[lo:hi]])
+        keys = cache.key_cache[ids].reshape(-1, h, cache.head_size)  # [T, H, D] copies
+        values = cache.value_cache[ids].reshape(-1, h, cache.head_size)
+        scores = policy.score(TokenState(keys=keys, page_size=bs))  # [H, T]
+        top = scores.topk(r * bs, dim=1).indices.sort(dim=1).values  # [H, r*bs], ties: lower token
+        slots = (region[:, None] * bs + offsets).flatten()
+        write(keys[top.T, heads], values[top.T, heads], slots, cache)

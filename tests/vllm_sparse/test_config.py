@@ -150,3 +150,13 @@ def test_importing_the_package_does_not_import_vllm():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_knorm_eviction_settings():
+    rule = SparseConfig(evict="knorm", evict_args={"keep": 512}).eviction_rule()
+    # sinks (4) + window max(64, 32) = 68 in the sink block and tail; (512 - 68) / 32 → 14 region blocks
+    assert rule.region_blocks == 14 and rule.keep(10_000) == 68
+    with pytest.raises(ValueError, match=r"evict_args.keep=50.*= 100"):
+        SparseConfig(evict="knorm", evict_args={"keep": 50})
+    with pytest.raises(ValueError, match=r"evict_args.*only 'keep'"):
+        SparseConfig(evict="knorm", evict_args={"k": 2})

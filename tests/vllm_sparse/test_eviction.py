@@ -93,7 +93,7 @@ def _prompt_ids(tok, n, start=0):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("evict", ["streaming"])
+@pytest.mark.parametrize("evict", ["streaming", "knorm"])
 def test_prompt_longer_than_the_pool_completes(smollm2_dir, evict):
     """7,000 tokens, chunked prefill (512), in a pool of 80 blocks × 32 = 2,560 tokens: evicting
     frees the middle as it goes. Dense attention with the same pool refuses to start."""
@@ -194,7 +194,8 @@ def test_attention_over_compacted_tables_equals_masked_dense_float32():
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_freed_blocks_poisoned_with_nan_are_never_read(smollm2_dir):
+@pytest.mark.parametrize("evict", ["streaming", "knorm"])
+def test_freed_blocks_poisoned_with_nan_are_never_read(smollm2_dir, evict):
     """Every block the manager frees is filled with NaN in every layer's cache the moment it is
     freed (and cleaned when vLLM hands it out again): outputs stay finite and equal an unpoisoned run."""
     from transformers import AutoTokenizer
@@ -203,7 +204,7 @@ def test_freed_blocks_poisoned_with_nan_are_never_read(smollm2_dir):
     prompts = [{"prompt_token_ids": _prompt_ids(tok, n, start=i * 7000)} for i, n in enumerate((5000, 2500))]
     common = dict(dtype="float32", max_num_batched_tokens=512, enable_prefix_caching=False, max_model_len=6144,
                   num_gpu_blocks_override=120)
-    sparse = {"evict": "streaming"}
+    sparse = {"evict": evict, "evict_args": {"keep": 512}} if evict == "knorm" else {"evict": evict}
     clean = generate_once(smollm2_dir, prompts, sparse=sparse, max_tokens=24, **common)
     poisoned = {"n": 0}
 
@@ -280,3 +281,41 @@ def test_eight_6k_requests_share_a_pool_that_holds_one_dense(smollm2_dir):
     # each evicting request reserves sinks + kept tail + two steps of 1,024 tokens in flight (~86 blocks)
     assert result["evict"]["peak"] >= 3
     assert result["evict"]["preemptions"] <= result["dense"]["preemptions"]
+
+
+def test_merge_keeps_each_heads_lowest_norm_tokens_in_the_region():
+    """knorm eviction: after a merge, each KV head's region slots hold exactly the region_blocks ×
+    block_size tokens of smallest key norm among (region ∪ leaving blocks), K and V together, and
+    the region's page summaries match its new keys."""
+    C = pytest.importorskip("vllm_sparse.cpu_attention")
+    from test_cpu_attention import make_cache
+
+    from vllm_sparse.policies import get_policy_class
+
+    bs, hkv, d = 16, 3, 64
+    rule = EvictionRule(block_size=bs, sink_tokens=4, k=36.0, alpha=0.0, min_keep=36, max_keep=36, region_blocks=2)
+    n = 200
+    cache, bt, keys, values = make_cache([n], hkv, d, bs, torch.float32)
+    seq, ql = torch.tensor([n]), torch.tensor([1])
+    lo, hi = rule.free_end(n - 1), rule.free_end(n)
+    while hi == lo:  # step until a block leaves the window
+        n -= 1
+        seq, lo, hi = torch.tensor([n]), rule.free_end(n - 1), rule.free_end(n)
+    plan = E.plan_merges(rule, bt, seq, ql)
+    assert plan.rows == [(0, lo, hi)]
+    isa = C.cpu_isa(bs)
+    E.merge_into_region(cache, plan, rule, get_policy_class("knorm")(),
+                        lambda k, v, sl, c: C.write_kv(k, v, sl, c, isa))
+    s = rule.sink_blocks
+    cand = torch.cat([torch.arange(s * bs, (s + 2) * bs), torch.arange(lo * bs, hi * bs)])
+    region = bt[0, s:s + 2].long()
+    got_k = cache.key_cache[region].reshape(-1, hkv, d)
+    got_v = cache.value_cache[region].reshape(-1, hkv, d)
+    for h in range(hkv):
+        norms = keys[0][cand, h].norm(dim=-1)
+        want = cand[norms.argsort()[: 2 * bs]].sort().values
+        assert torch.equal(got_k[:, h], keys[0][want, h])
+        assert torch.equal(got_v[:, h], values[0][want, h])
+    kmin, kmax = cache.gather_page_bounds(bt[:, s:s + 2].long(), 2, torch.arange(hkv))
+    ref = got_k.view(2, bs, hkv, d)
+    assert torch.equal(kmin[0], ref.amin(1).permute(1, 0, 2)) and torch.equal(kmax[0], ref.amax(1).permute(1, 0, 2))

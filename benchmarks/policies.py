@@ -2,8 +2,9 @@
 
 For each (policy, budget) — ``dense`` once; ``topk`` (exact ``q·k`` pages, the default
 selection), ``quest``, ``streaming`` as selection (all tokens stay resident) and ``streaming``
-with eviction (``evict``: only sinks + the kept tail stay resident), and ``knorm`` eviction
-(sinks + a region of the lowest-key-norm tokens + the window stay resident) at budgets of 256, 512, 1024
+with eviction (``evict``: only sinks + the kept tail stay resident), and ``knorm`` / ``h2o``
+eviction (sinks + a region of the lowest-key-norm / most-attended tokens + the window stay
+resident) at budgets of 256, 512, 1024
 and 2048 tokens — it runs the 12-prompt needle set of the tests (1k/2k/4k/7k tokens × depths
 10/50/90%) through real vLLM (SmolLM2, greedy, one batch) and reports:
 
@@ -14,7 +15,7 @@ and 2048 tokens — it runs the 12-prompt needle set of the tests (1k/2k/4k/7k t
   chunk in flight with eviction);
 * **decode step**: median time of the steps where all 12 requests decode, and the ratio to dense.
 
-The reference-only policies (``snapkv``, ``h2o``, ``tova``) have no vLLM path
+The reference-only policies (``snapkv``, ``tova``) have no vLLM path
 yet and are not in this table (their exact kept sets are tested in ``tests/policies``).
 Prints a table, writes ``policies.json`` and ``policies.png`` (accuracy vs budget per policy)::
 
@@ -43,8 +44,8 @@ def settings_for(policy: str, budget: int | None) -> dict:
     if policy == "streaming-evict":
         return {"policy": "streaming", "policy_args": {"budget_tokens": budget}, "evict": "streaming",
                 "evict_args": {"keep": max(budget, 36)}, "dense_below": 0}
-    if policy == "knorm-evict":  # keep `budget` tokens resident (sinks, lowest-norm region, window); attend them all
-        return {"policy": "dense", "evict": "knorm", "evict_args": {"keep": budget}}
+    if policy in ("knorm-evict", "h2o-evict"):  # keep `budget` tokens resident (sinks, scored region, window)
+        return {"policy": "dense", "evict": policy[:-6], "evict_args": {"keep": budget}}
     return {"policy": policy, "policy_args": {"budget_tokens": budget}, "dense_below": 0}
 
 
@@ -93,7 +94,7 @@ def run(model: str, settings: dict, cases, chunk: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policies", nargs="+", default=["topk", "quest", "streaming", "streaming-evict", "knorm-evict"])
+    ap.add_argument("--policies", nargs="+", default=["topk", "quest", "streaming", "streaming-evict", "knorm-evict", "h2o-evict"])
     ap.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens (chunked prefill)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))

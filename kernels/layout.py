@@ -46,13 +46,20 @@ from functools import cached_property
 
 import torch
 
-__all__ = ["PagedKVCache", "summary_states"]
+__all__ = ["PagedKVCache", "summary_states", "score_states"]
 
 
 def summary_states(block_size: int, page_size: int) -> int:
     """Extra states (rows of ``2 * head_size``) a head slot needs for its pages' key min/max."""
     _check_page_size(block_size, page_size)
     return block_size // page_size
+
+
+def score_states(block_size: int, head_size: int, dtype: torch.dtype) -> int:
+    """Extra states (rows of ``2 * head_size`` elements of ``dtype``) that hold one float32 score per
+    token of a head slot — H2O's accumulated attention (``PagedKVCache.token_scores``)."""
+    row_bytes = 2 * head_size * torch.tensor([], dtype=dtype).element_size()
+    return -(-(4 * block_size) // row_bytes)
 
 
 def _check_page_size(block_size: int, page_size: int) -> None:
@@ -85,6 +92,9 @@ class PagedKVCache:
     key_transposed: bool = False
     #: ``[num_blocks, num_kv_heads, slot_size]`` the raw head slots (a view; None for views built by hand)
     slots: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    #: ``[num_blocks, num_kv_heads, block_size]`` float32 per-token scores in the head slots' extra
+    #: rows (H2O's accumulated attention), or None when the cache has none
+    token_scores: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         nb, bs, h, d = self.key_cache.shape
@@ -126,15 +136,17 @@ class PagedKVCache:
     # -- construction ----------------------------------------------------------------
     @classmethod
     def from_raw(cls, raw: torch.Tensor, num_kv_heads: int, page_size: int,
-                 key_transposed: bool = False) -> "PagedKVCache":
-        """Views over a ``[num_blocks, num_kv_heads, block_size + block_size // page_size, 2 * head_size]`` cache.
+                 key_transposed: bool = False, score_rows: int = 0) -> "PagedKVCache":
+        """Views over a ``[num_blocks, num_kv_heads, block_size + block_size // page_size (+ score_rows), 2 * head_size]`` cache.
 
         ``raw`` may be any strided tensor (e.g. vLLM's per-layer view, possibly with other
-        layers between its blocks) as long as each head slot is contiguous.
+        layers between its blocks) as long as each head slot is contiguous. ``score_rows`` extra
+        rows at the end of each head slot hold float32 per-token scores (:func:`score_states`).
         """
         if raw.dim() != 4 or raw.shape[3] % 2:
             raise ValueError(f"cache must be [num_blocks, num_kv_heads, states, 2*head_size]; got {tuple(raw.shape)}")
         nb, slots, states, c = raw.shape
+        states -= score_rows
         if slots != num_kv_heads:
             raise ValueError(f"cache has {slots} head slots; expected num_kv_heads={num_kv_heads}")
         bs = states * page_size // (page_size + 1) if page_size >= 1 else 0
@@ -144,7 +156,7 @@ class PagedKVCache:
                 f"for page_size={page_size}"
             )
         d, ppb = c // 2, bs // page_size
-        size = states * c
+        size = (states + score_rows) * c
         if raw.stride(3) != 1 or raw.stride(2) != c or (slots > 1 and raw.stride(1) != size):
             raise ValueError(f"cache head slots must be contiguous (KVCacheLayout.LBHNC); strides {raw.stride()}")
         slot = raw.flatten(2)  # [NB, H, size]
@@ -153,7 +165,8 @@ class PagedKVCache:
         else:
             keys = slot[..., : bs * d].unflatten(-1, (bs, d)).transpose(1, 2)
         values = slot[..., bs * d : 2 * bs * d].unflatten(-1, (bs, d)).transpose(1, 2)
-        meta = slot[..., 2 * bs * d :].unflatten(-1, (ppb, c)).transpose(1, 2)  # [NB, ppb, H, 2D]
+        meta = slot[..., 2 * bs * d : states * c].unflatten(-1, (ppb, c)).transpose(1, 2)  # [NB, ppb, H, 2D]
+        scores = slot[..., states * c :].view(torch.float32)[..., :bs] if score_rows else None
         return cls(
             key_cache=keys,
             value_cache=values,
@@ -162,6 +175,7 @@ class PagedKVCache:
             page_size=page_size,
             key_transposed=key_transposed,
             slots=slot,
+            token_scores=scores,
         )
 
     @staticmethod

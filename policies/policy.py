@@ -134,6 +134,8 @@ class Policy:
     selection: ClassVar[str | None] = ""
     frees_blocks: ClassVar[bool] = False
     evicts_by_score: ClassVar[bool] = False
+    #: per-token state the workers keep in the KV blocks for this policy's eviction (``"acc_attention"``: H2O)
+    token_state: ClassVar[str | None] = None
     needs: ClassVar[tuple[str, ...]] = ()
 
     budget: BudgetPolicy = dataclasses.field(default_factory=NAlphaPolicy)

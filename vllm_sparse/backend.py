@@ -48,10 +48,22 @@ from vllm_sparse import cpu_attention, stats
 from vllm_sparse.config import SparseConfig
 from vllm_sparse.cpu_tuning import tune_malloc
 from vllm_sparse.kernels import PagedKVCache, summary_states
+from vllm_sparse.kernels.layout import score_states
 from vllm_sparse.kernels import ops
 from vllm_sparse.kernels.selection import index_capacity, quest_attended
 
 logger = init_logger(__name__)
+
+
+def _score_rows(config: SparseConfig, head_size: int, dtype: torch.dtype, block_size: int) -> int:
+    """Extra rows per head slot for per-token eviction state (H2O's accumulated attention), else 0."""
+    if config.evict is None:
+        return 0
+    from vllm_sparse.policies import get_policy_class
+
+    if get_policy_class(config.evict).token_state is None:
+        return 0
+    return score_states(block_size, head_size, dtype)
 
 
 def _sparse_config(vllm_config: VllmConfig | None = None) -> SparseConfig:
@@ -124,7 +136,7 @@ class SparseAttentionBackend(AttentionBackend):
                 f"vllm-sparse needs the KV block size to equal its page_size={page_size} (one page per block); "
                 f"got block_size={bs}. Drop --block-size, or set both to the same value."
             )
-        states = bs + summary_states(bs, page_size)
+        states = bs + summary_states(bs, page_size) + _score_rows(cls.process_config, spec.head_size, spec.dtype, bs)
         spec = dataclasses.replace(spec, tokens_per_state=Fraction(bs, states))
         rule = cls.process_config.eviction_rule(bs)
         if rule is None:
@@ -312,7 +324,9 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         """Strided views of this layer's cache (built once per cache tensor); CPU: vLLM's CPU key layout."""
         key = kv_cache.data_ptr()
         if self._views is None or self._views[0] != key:
-            cache = PagedKVCache.from_raw(kv_cache, self.num_kv_heads, self.config.page_size, key_transposed=self.cpu)
+            rows = _score_rows(self.config, self.head_size, kv_cache.dtype, self.config.page_size)  # block = page
+            cache = PagedKVCache.from_raw(kv_cache, self.num_kv_heads, self.config.page_size, key_transposed=self.cpu,
+                                          score_rows=rows)
             self._views = (key, cache)
         return self._views[1]
 
@@ -324,6 +338,10 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             cpu_attention.write_kv(key, value, slot_mapping, cache, cpu_attention.cpu_isa(cache.block_size))
         else:
             ops.write_kv(key, value, slot_mapping, cache)
+        if cache.token_scores is not None:  # H2O: new tokens start with no accumulated attention
+            from vllm_sparse.eviction import reset_scores
+
+            reset_scores(cache, slot_mapping[: key.shape[0]])
 
     def forward(
         self,
@@ -349,6 +367,11 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             self._forward_cpu(query, cache, md, output, dense_layer)
         else:
             self._forward_cuda(query, cache, md, output, dense_layer)
+        if cache.token_scores is not None and self.kv_sharing_target_layer_name is None:
+            from vllm_sparse.eviction import accumulate_attention
+
+            n = md.num_actual_tokens
+            accumulate_attention(query[:n], cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale)
         if md.evict_merge is not None and self.kv_sharing_target_layer_name is None:
             self._merge_evicted(cache, md.evict_merge)
         return output

@@ -47,12 +47,13 @@ dense_layers   0         the first N attention layers decode densely (Quest keep
 force_sparse   False     run the selection even when the budget covers the whole context
                          (tests: checks the sparse path against dense end to end)
 evict          None      free KV blocks while requests run: ``streaming`` keeps the sink
-                         block and a live tail of the most recent tokens; ``knorm`` also
-                         keeps a fixed region of the lowest-key-norm tokens; the blocks
+                         block and a live tail of the most recent tokens; ``knorm`` /
+                         ``h2o`` also keep a fixed region of the lowest-key-norm / most
+                         attended tokens; the blocks
                          between return to vLLM's pool (see :mod:`vllm_sparse.eviction`)
 evict_args     {}        ``streaming``: tokens kept per request: ``k``, ``alpha``,
                          ``min_keep``, ``max_keep`` of clamp(ceil(k·n^α)) (default: the
-                         budget keys), or ``keep``: fixed; ``knorm``: ``keep`` (default
+                         budget keys), or ``keep``: fixed; ``knorm``/``h2o``: ``keep`` (default
                          1024): sinks + region + window
 ============== ========= ==============================================================
 

@@ -198,13 +198,15 @@ def plan_merges(rule: EvictionRule, block_table: torch.Tensor, seq_lens: torch.T
 
 def merge_into_region(cache, plan: MergePlan, rule: EvictionRule, policy, write) -> None:
     """Per request and KV head: keep the best ``region_blocks × block_size`` of (the region's tokens
-    ∪ the leaving blocks' tokens) by ``policy.score`` (keys only), written back into the region.
+    ∪ the leaving blocks' tokens) by ``policy.score``, written back into the region.
 
-    Each head keeps its own tokens in its own slots of the region blocks (a block holds every
-    head in its own slot), so heads never compete. Keys are stored after RoPE: a moved token
-    keeps its position's rotation. ``write(key, value, slots, cache)`` is the backend's K/V write
-    (it refreshes the page summaries too). One loop iteration per merging request: a request
-    crosses a block boundary once per ``block_size`` decode steps.
+    The score reads the keys (``knorm``) or the tokens' accumulated attention stored in their
+    blocks (``h2o``: ``cache.token_scores``, moved along with the tokens). Each head keeps its
+    own tokens in its own slots of the region blocks (a block holds every head in its own slot),
+    so heads never compete. Keys are stored after RoPE: a moved token keeps its position's
+    rotation. ``write(key, value, slots, cache)`` is the backend's K/V write (it refreshes the
+    page summaries too). One loop iteration per merging request: a request crosses a block
+    boundary once per ``block_size`` decode steps (more while a prefill chunk passes).
     """
     from vllm_sparse.policies import TokenState
 
@@ -212,13 +214,51 @@ def merge_into_region(cache, plan: MergePlan, rule: EvictionRule, policy, write)
     h = cache.num_kv_heads
     heads = torch.arange(h)
     offsets = torch.arange(bs)
+    stateful = policy.token_state == "acc_attention"
     for b, lo, hi in plan.rows:
         row = plan.block_table[b].long()
         region = row[s:s + r]
         ids = torch.cat([region, row[lo:hi]])
         keys = cache.key_cache[ids].reshape(-1, h, cache.head_size)  # [T, H, D] copies
         values = cache.value_cache[ids].reshape(-1, h, cache.head_size)
-        scores = policy.score(TokenState(keys=keys, page_size=bs))  # [H, T]
+        acc = cache.token_scores[ids].permute(1, 0, 2).reshape(h, -1) if stateful else None  # [H, T]
+        scores = policy.score(TokenState(keys=keys, acc_attention=acc, page_size=bs))  # [H, T]
         top = scores.topk(r * bs, dim=1).indices.sort(dim=1).values  # [H, r*bs], ties: lower token
         slots = (region[:, None] * bs + offsets).flatten()
         write(keys[top.T, heads], values[top.T, heads], slots, cache)
+        if stateful:  # the kept tokens' accumulated scores move with them
+            cache.token_scores[region] = acc.gather(1, top).view(h, r, bs).permute(1, 0, 2)
+
+
+def reset_scores(cache, slot_mapping: torch.Tensor) -> None:
+    """Newly written tokens start with no accumulated attention (their block may be a reused one)."""
+    slots = slot_mapping.long()
+    slots = slots[slots >= 0]
+    bs = cache.block_size
+    cache.token_scores[slots // bs, :, slots % bs] = 0.0
+
+
+def accumulate_attention(query: torch.Tensor, cache, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                         query_start_loc: torch.Tensor, scale: float) -> None:
+    """H2O's state: add the attention this step's queries paid to each resident token, summed over
+    the queries and each KV head's group, into ``cache.token_scores`` (float32).
+
+    Args are the step's compacted view (``block_table``/``seq_lens`` after :func:`compact_block_table`),
+    so the probabilities are those of attention over the resident tokens, causal for prefill chunks.
+    A loop over requests, torch ops inside (the reference path; it reads every resident key once).
+    """
+    h, d, bs = cache.num_kv_heads, cache.head_size, cache.block_size
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b in range(len(lens)):
+        m, n = qsl[b + 1] - qsl[b], int(lens[b])
+        if m == 0 or n == 0:
+            continue
+        blocks = block_table[b, : -(-n // bs)].long()
+        k = cache.key_cache[blocks].reshape(-1, h, d)[:n].float()  # [n, H, D]
+        q = query[qsl[b]: qsl[b + 1]].float().view(m, h, -1, d)  # [m, H, G, D]
+        logits = torch.einsum("mhgd,nhd->hgmn", q, k) * scale
+        causal = torch.arange(n)[None, :] > (n - m + torch.arange(m))[:, None]  # [m, n]
+        probs = torch.softmax(logits.masked_fill(causal, float("-inf")), -1).sum((1, 2))  # [H, n]
+        pos = torch.arange(n)
+        cache.token_scores[blocks[pos // bs], :, pos % bs] += probs.T

@@ -93,7 +93,7 @@ def _prompt_ids(tok, n, start=0):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("evict", ["streaming", "knorm"])
+@pytest.mark.parametrize("evict", ["streaming", "knorm", "h2o"])
 def test_prompt_longer_than_the_pool_completes(smollm2_dir, evict):
     """7,000 tokens, chunked prefill (512), in a pool of 80 blocks × 32 = 2,560 tokens: evicting
     frees the middle as it goes. Dense attention with the same pool refuses to start."""
@@ -194,7 +194,7 @@ def test_attention_over_compacted_tables_equals_masked_dense_float32():
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("evict", ["streaming", "knorm"])
+@pytest.mark.parametrize("evict", ["streaming", "knorm", "h2o"])
 def test_freed_blocks_poisoned_with_nan_are_never_read(smollm2_dir, evict):
     """Every block the manager frees is filled with NaN in every layer's cache the moment it is
     freed (and cleaned when vLLM hands it out again): outputs stay finite and equal an unpoisoned run."""
@@ -204,7 +204,7 @@ def test_freed_blocks_poisoned_with_nan_are_never_read(smollm2_dir, evict):
     prompts = [{"prompt_token_ids": _prompt_ids(tok, n, start=i * 7000)} for i, n in enumerate((5000, 2500))]
     common = dict(dtype="float32", max_num_batched_tokens=512, enable_prefix_caching=False, max_model_len=6144,
                   num_gpu_blocks_override=120)
-    sparse = {"evict": evict, "evict_args": {"keep": 512}} if evict == "knorm" else {"evict": evict}
+    sparse = {"evict": evict, "evict_args": {"keep": 512}} if evict != "streaming" else {"evict": evict}
     clean = generate_once(smollm2_dir, prompts, sparse=sparse, max_tokens=24, **common)
     poisoned = {"n": 0}
 
@@ -319,3 +319,54 @@ def test_merge_keeps_each_heads_lowest_norm_tokens_in_the_region():
     kmin, kmax = cache.gather_page_bounds(bt[:, s:s + 2].long(), 2, torch.arange(hkv))
     ref = got_k.view(2, bs, hkv, d)
     assert torch.equal(kmin[0], ref.amin(1).permute(1, 0, 2)) and torch.equal(kmax[0], ref.amax(1).permute(1, 0, 2))
+
+
+def test_h2o_state_accumulates_exact_attention_and_moves_with_its_tokens():
+    """h2o eviction: the per-token float32 scores in the blocks' extra rows equal the attention the
+    step's queries paid (float64 reference, causal over a prefill chunk, summed over the group);
+    rewritten slots start at zero; a merge keeps each head's highest scores and moves them along."""
+    C = pytest.importorskip("vllm_sparse.cpu_attention")
+    from vllm_sparse.kernels import PagedKVCache
+    from vllm_sparse.kernels.layout import score_states
+    from vllm_sparse.policies import get_policy_class
+
+    bs, hkv, g, d, n, m = 16, 2, 3, 64, 150, 20
+    rows = score_states(bs, d, torch.float32)
+    nb = 12
+    raw = torch.zeros(nb, hkv, bs + 1 + rows, 2 * d)
+    cache = PagedKVCache.from_raw(raw, hkv, bs, key_transposed=True, score_rows=rows)
+    isa = C.cpu_isa(bs)
+    table = torch.randperm(nb)[: -(-n // bs)].int()[None]
+    pos = torch.arange(n)
+    slots = table[0, pos // bs].long() * bs + pos % bs
+    k, v = torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+    C.write_kv(k, v, slots, cache, isa)
+    E.reset_scores(cache, slots)
+    assert cache.token_scores[table[0].long()].abs().sum() == 0
+    q = torch.randn(m, hkv * g, d)  # a prefill chunk: the last m positions
+    qsl = torch.tensor([0, m])
+    E.accumulate_attention(q, cache, table, torch.tensor([n]), qsl, 0.125)
+    E.accumulate_attention(q[-1:], cache, table, torch.tensor([n]), torch.tensor([0, 1]), 0.125)  # a decode step
+    want = torch.zeros(hkv, n, dtype=torch.float64)
+    for h in range(hkv):
+        for i in range(m):
+            p = n - m + i
+            for j in range(g):
+                w = torch.softmax(q[i, h * g + j].double() @ k[: p + 1, h].double().T * 0.125, -1)
+                want[h, : p + 1] += w
+        for j in range(g):
+            want[h] += torch.softmax(q[-1, h * g + j].double() @ k[:, h].double().T * 0.125, -1)
+    got = cache.token_scores[table[0, pos // bs].long(), :, pos % bs].T
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6)
+    # a merge: region = blocks 1-2 (sink block 0), leaving = blocks 3-4; keep the top 32 scores per head
+    rule = EvictionRule(block_size=bs, sink_tokens=4, k=36.0, alpha=0.0, min_keep=36, max_keep=36, region_blocks=2)
+    plan = E.MergePlan(rows=[(0, 3, 5)], block_table=table)
+    before = got.clone()
+    E.merge_into_region(cache, plan, rule, get_policy_class("h2o")(), lambda kk, vv, sl, c: C.write_kv(kk, vv, sl, c, isa))
+    region = table[0, 1:3].long()
+    for h in range(hkv):
+        cand = torch.arange(bs, 5 * bs)
+        best = cand[before[h, cand].argsort(descending=True)[: 2 * bs]].sort().values
+        assert torch.equal(cache.key_cache[region].reshape(-1, hkv, d)[:, h], k[best, h])
+        assert torch.equal(cache.value_cache[region].reshape(-1, hkv, d)[:, h], v[best, h])
+        assert torch.equal(cache.token_scores[region][:, h].flatten(), before[h, best])

@@ -45,6 +45,8 @@ class TokenState:
         window_queries: ``[w, H * G, d]`` the last ``w`` prompt queries (SnapKV's observation window).
         acc_attention: ``[H, n]`` attention each token has received so far, summed over steps and
             the group (H2O's state).
+        last_attention: ``[H, n]`` the latest query's attention, averaged over the group (TOVA's
+            state when the workers evict).
         scale: softmax scale (``d ** -0.5`` when ``None``).
         page_size: tokens per page (page-granular policies).
     """
@@ -53,6 +55,7 @@ class TokenState:
     query: torch.Tensor | None = None
     window_queries: torch.Tensor | None = None
     acc_attention: torch.Tensor | None = None
+    last_attention: torch.Tensor | None = None
     scale: float | None = None
     page_size: int = 16
 
@@ -134,7 +137,8 @@ class Policy:
     selection: ClassVar[str | None] = ""
     frees_blocks: ClassVar[bool] = False
     evicts_by_score: ClassVar[bool] = False
-    #: per-token state the workers keep in the KV blocks for this policy's eviction (``"acc_attention"``: H2O)
+    #: per-token state the workers keep in the KV blocks for this policy's eviction
+    #: (``"acc_attention"``: H2O's sum; ``"last_attention"``: TOVA's latest query)
     token_state: ClassVar[str | None] = None
     needs: ClassVar[tuple[str, ...]] = ()
 

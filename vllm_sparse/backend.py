@@ -312,6 +312,11 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         self._views: tuple[int, PagedKVCache] | None = None
         self._dense_layer: bool | None = None  # below dense_layers (known at the first forward)
         self._evict_policy = None  # scored eviction's policy (built at the first merge)
+        self._evict_state = None
+        if self.config.evict is not None:
+            from vllm_sparse.policies import get_policy_class
+
+            self._evict_state = get_policy_class(self.config.evict).token_state
 
     def _is_dense_layer(self, layer: AttentionLayer) -> bool:
         if self._dense_layer is None:
@@ -371,7 +376,8 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             from vllm_sparse.eviction import accumulate_attention
 
             n = md.num_actual_tokens
-            accumulate_attention(query[:n], cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale)
+            accumulate_attention(query[:n], cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
+                                 mode=self._evict_state)
         if md.evict_merge is not None and self.kv_sharing_target_layer_name is None:
             self._merge_evicted(cache, md.evict_merge)
         return output

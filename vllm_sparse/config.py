@@ -48,12 +48,12 @@ force_sparse   False     run the selection even when the budget covers the whole
                          (tests: checks the sparse path against dense end to end)
 evict          None      free KV blocks while requests run: ``streaming`` keeps the sink
                          block and a live tail of the most recent tokens; ``knorm`` /
-                         ``h2o`` also keep a fixed region of the lowest-key-norm / most
-                         attended tokens; the blocks
+                         ``h2o`` / ``tova`` also keep a fixed region of the lowest-key-norm
+                         / most attended / latest-attended tokens; the blocks
                          between return to vLLM's pool (see :mod:`vllm_sparse.eviction`)
 evict_args     {}        ``streaming``: tokens kept per request: ``k``, ``alpha``,
                          ``min_keep``, ``max_keep`` of clamp(ceil(k·n^α)) (default: the
-                         budget keys), or ``keep``: fixed; ``knorm``/``h2o``: ``keep`` (default
+                         budget keys), or ``keep``: fixed; ``knorm``/``h2o``/``tova``: ``keep`` (default
                          1024): sinks + region + window
 ============== ========= ==============================================================
 

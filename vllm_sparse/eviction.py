@@ -214,7 +214,7 @@ def merge_into_region(cache, plan: MergePlan, rule: EvictionRule, policy, write)
     h = cache.num_kv_heads
     heads = torch.arange(h)
     offsets = torch.arange(bs)
-    stateful = policy.token_state == "acc_attention"
+    stateful = policy.token_state is not None
     for b, lo, hi in plan.rows:
         row = plan.block_table[b].long()
         region = row[s:s + r]
@@ -222,7 +222,8 @@ def merge_into_region(cache, plan: MergePlan, rule: EvictionRule, policy, write)
         keys = cache.key_cache[ids].reshape(-1, h, cache.head_size)  # [T, H, D] copies
         values = cache.value_cache[ids].reshape(-1, h, cache.head_size)
         acc = cache.token_scores[ids].permute(1, 0, 2).reshape(h, -1) if stateful else None  # [H, T]
-        scores = policy.score(TokenState(keys=keys, acc_attention=acc, page_size=bs))  # [H, T]
+        state = TokenState(keys=keys, page_size=bs, **({policy.token_state: acc} if stateful else {}))
+        scores = policy.score(state)  # [H, T]
         top = scores.topk(r * bs, dim=1).indices.sort(dim=1).values  # [H, r*bs], ties: lower token
         slots = (region[:, None] * bs + offsets).flatten()
         write(keys[top.T, heads], values[top.T, heads], slots, cache)
@@ -239,9 +240,11 @@ def reset_scores(cache, slot_mapping: torch.Tensor) -> None:
 
 
 def accumulate_attention(query: torch.Tensor, cache, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                         query_start_loc: torch.Tensor, scale: float) -> None:
-    """H2O's state: add the attention this step's queries paid to each resident token, summed over
-    the queries and each KV head's group, into ``cache.token_scores`` (float32).
+                         query_start_loc: torch.Tensor, scale: float, mode: str = "acc_attention") -> None:
+    """Per-token attention state in ``cache.token_scores`` (float32). ``"acc_attention"`` (H2O): add
+    the attention this step's queries paid to each resident token, summed over the queries and each
+    KV head's group. ``"last_attention"`` (TOVA): replace it with the attention of the step's last
+    query, averaged over the group.
 
     Args are the step's compacted view (``block_table``/``seq_lens`` after :func:`compact_block_table`),
     so the probabilities are those of attention over the resident tokens, causal for prefill chunks.
@@ -256,9 +259,14 @@ def accumulate_attention(query: torch.Tensor, cache, block_table: torch.Tensor, 
             continue
         blocks = block_table[b, : -(-n // bs)].long()
         k = cache.key_cache[blocks].reshape(-1, h, d)[:n].float()  # [n, H, D]
+        pos = torch.arange(n)
+        if mode == "last_attention":  # the last query sees every resident token
+            q = query[qsl[b + 1] - 1].float().view(1, h, -1, d)
+            probs = torch.softmax(torch.einsum("mhgd,nhd->hgmn", q, k) * scale, -1).mean(1)[:, 0]  # [H, n]
+            cache.token_scores[blocks[pos // bs], :, pos % bs] = probs.T
+            continue
         q = query[qsl[b]: qsl[b + 1]].float().view(m, h, -1, d)  # [m, H, G, D]
         logits = torch.einsum("mhgd,nhd->hgmn", q, k) * scale
         causal = torch.arange(n)[None, :] > (n - m + torch.arange(m))[:, None]  # [m, n]
         probs = torch.softmax(logits.masked_fill(causal, float("-inf")), -1).sum((1, 2))  # [H, n]
-        pos = torch.arange(n)
         cache.token_scores[blocks[pos // bs], :, pos % bs] += probs.T

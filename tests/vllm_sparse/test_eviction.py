@@ -93,7 +93,7 @@ def _prompt_ids(tok, n, start=0):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("evict", ["streaming", "knorm", "h2o"])
+@pytest.mark.parametrize("evict", ["streaming", "knorm", "h2o", "tova"])
 def test_prompt_longer_than_the_pool_completes(smollm2_dir, evict):
     """7,000 tokens, chunked prefill (512), in a pool of 80 blocks × 32 = 2,560 tokens: evicting
     frees the middle as it goes. Dense attention with the same pool refuses to start."""
@@ -370,3 +370,28 @@ def test_h2o_state_accumulates_exact_attention_and_moves_with_its_tokens():
         assert torch.equal(cache.key_cache[region].reshape(-1, hkv, d)[:, h], k[best, h])
         assert torch.equal(cache.value_cache[region].reshape(-1, hkv, d)[:, h], v[best, h])
         assert torch.equal(cache.token_scores[region][:, h].flatten(), before[h, best])
+
+
+def test_tova_state_is_the_latest_querys_group_averaged_attention():
+    C = pytest.importorskip("vllm_sparse.cpu_attention")
+    from vllm_sparse.kernels import PagedKVCache
+    from vllm_sparse.kernels.layout import score_states
+
+    bs, hkv, g, d, n = 16, 2, 3, 64, 90
+    rows = score_states(bs, d, torch.bfloat16)
+    cache = PagedKVCache.from_raw(torch.zeros(8, hkv, bs + 1 + rows, 2 * d, dtype=torch.bfloat16), hkv, bs,
+                                  key_transposed=True, score_rows=rows)
+    table = torch.randperm(8)[:6].int()[None]
+    pos = torch.arange(n)
+    slots = table[0, pos // bs].long() * bs + pos % bs
+    k = torch.randn(n, hkv, d).bfloat16()
+    C.write_kv(k, k, slots, cache, C.cpu_isa(bs))
+    E.reset_scores(cache, slots)
+    for _ in range(2):  # replaced, not summed
+        q = torch.randn(5, hkv * g, d).bfloat16()
+        E.accumulate_attention(q, cache, table, torch.tensor([n]), torch.tensor([0, 5]), 0.125, mode="last_attention")
+    got = cache.token_scores[table[0, pos // bs].long(), :, pos % bs].T.double()
+    for h in range(hkv):
+        want = torch.stack([torch.softmax(q[-1, h * g + j].double() @ k[:, h].double().T * 0.125, -1)
+                            for j in range(g)]).mean(0)
+        assert torch.allclose(got[h], want, rtol=1e-4, atol=1e-6)

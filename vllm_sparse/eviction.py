@@ -3,6 +3,10 @@
 With ``{"vllm_sparse": {"evict": "streaming"}}`` a request keeps only its sink blocks and a live
 tail of recent blocks (:class:`vllm_sparse.policies.eviction.EvictionRule`); the blocks in
 between go back to vLLM's pool while the request runs, so a prompt longer than the pool fits.
+With a scored policy (``knorm``, ``h2o``, ``tova``) a fixed *kept region* of blocks after the
+sinks is never freed either: before a block leaves the tail, :func:`merge_into_region` keeps the
+best-scored tokens of (region ∪ that block) in the region, per KV head; H2O's/TOVA's per-token
+attention state lives in extra rows of the blocks (:func:`accumulate_attention`).
 
 * **Spec** — the backend's ``customize_spec`` returns :class:`EvictingAttentionSpec`, a
   ``FullAttentionSpec`` carrying the rule; not prefix-cacheable, and its

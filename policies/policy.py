@@ -47,6 +47,8 @@ class TokenState:
             the group (H2O's state).
         last_attention: ``[H, n]`` the latest query's attention, averaged over the group (TOVA's
             state when the workers evict).
+        snap_votes: ``[H, n]`` SnapKV's pooled votes of the latest observation window (its state
+            when the workers evict).
         scale: softmax scale (``d ** -0.5`` when ``None``).
         page_size: tokens per page (page-granular policies).
     """
@@ -56,6 +58,7 @@ class TokenState:
     window_queries: torch.Tensor | None = None
     acc_attention: torch.Tensor | None = None
     last_attention: torch.Tensor | None = None
+    snap_votes: torch.Tensor | None = None
     scale: float | None = None
     page_size: int = 16
 
@@ -138,8 +141,11 @@ class Policy:
     frees_blocks: ClassVar[bool] = False
     evicts_by_score: ClassVar[bool] = False
     #: per-token state the workers keep in the KV blocks for this policy's eviction
-    #: (``"acc_attention"``: H2O's sum; ``"last_attention"``: TOVA's latest query)
+    #: (``"acc_attention"``: H2O's sum; ``"last_attention"``: TOVA's latest query;
+    #: ``"snap_votes"``: SnapKV's latest observation window)
     token_state: ClassVar[str | None] = None
+    #: the state a newly written token starts with (``inf``: kept until the state says otherwise)
+    new_token_state: ClassVar[float] = 0.0
     needs: ClassVar[tuple[str, ...]] = ()
 
     budget: BudgetPolicy = dataclasses.field(default_factory=NAlphaPolicy)

@@ -311,11 +311,8 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             tune_malloc()
         self._views: tuple[int, PagedKVCache] | None = None
         self._dense_layer: bool | None = None  # below dense_layers (known at the first forward)
-        self._evict_policy = None  # the eviction policy object (scorer of the merges, kind of per-token state)
-        if self.config.evict is not None:
-            from vllm_sparse.policies import get_policy_class
-
-            self._evict_policy = get_policy_class(self.config.evict).from_settings(self.config.to_dict(), {})
+        # the eviction policy object (scorer of the merges, kind of per-token state); None without evict
+        self._evict_policy = self.config.evict_policy
 
     def _is_dense_layer(self, layer: AttentionLayer) -> bool:
         if self._dense_layer is None:
@@ -345,7 +342,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         if cache.token_scores is not None:  # H2O: new tokens start with no accumulated attention
             from vllm_sparse.eviction import reset_scores
 
-            reset_scores(cache, slot_mapping[: key.shape[0]])
+            reset_scores(cache, slot_mapping[: key.shape[0]], self._evict_policy.new_token_state)
 
     def forward(
         self,
@@ -376,7 +373,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
 
             n = md.num_actual_tokens
             accumulate_attention(query[:n], cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
-                                 mode=self._evict_policy.token_state)
+                                 mode=self._evict_policy.token_state, policy=self._evict_policy)
         if md.evict_merge is not None and self.kv_sharing_target_layer_name is None:
             self._merge_evicted(cache, md.evict_merge)
         return output

@@ -13,8 +13,8 @@ key            default   meaning
 policy         ntopk     the selection policy (``vllm_sparse.policies``): ``ntopk`` (k·n^α),
                          ``topk`` (fixed), ``quest``, ``streaming``, ``dense`` run inside vLLM
                          (``n_alpha``/``fixed_k``: old names of ntopk/topk); ``snapkv``, ``h2o``,
-                         ``tova``, ``knorm`` are reference-only so far; or a
-                         registered third-party name
+                         ``tova``, ``knorm`` have no decode selection (they run as ``evict``);
+                         or a registered third-party name
 policy_args    {}        extra arguments of the policy (``budget_tokens``: a fixed budget;
                          ``allocator``: ``"adakv"``; the policy's own fields)
 alpha          0.5       exponent α of k·n^α, 0 < α ≤ 1
@@ -48,13 +48,15 @@ force_sparse   False     run the selection even when the budget covers the whole
                          (tests: checks the sparse path against dense end to end)
 evict          None      free KV blocks while requests run: ``streaming`` keeps the sink
                          block and a live tail of the most recent tokens; ``knorm`` /
-                         ``h2o`` / ``tova`` also keep a fixed region of the lowest-key-norm
-                         / most attended / latest-attended tokens; the blocks
+                         ``h2o`` / ``tova`` / ``snapkv`` also keep a fixed region of the
+                         lowest-key-norm / most attended / latest-attended / most voted-for
+                         (SnapKV's observation window, per prefill chunk) tokens; the blocks
                          between return to vLLM's pool (see :mod:`vllm_sparse.eviction`)
 evict_args     {}        ``streaming``: tokens kept per request: ``k``, ``alpha``,
                          ``min_keep``, ``max_keep`` of clamp(ceil(k·n^α)) (default: the
-                         budget keys), or ``keep``: fixed; ``knorm``/``h2o``/``tova``: ``keep`` (default
-                         1024): sinks + region + window
+                         budget keys), or ``keep``: fixed; ``knorm``/``h2o``/``tova``/``snapkv``:
+                         ``keep`` (default 1024): sinks + region + window, plus the policy's
+                         own arguments (``snapkv``: ``window`` 32, ``kernel`` 7)
 ============== ========= ==============================================================
 
 The budget (policy ``ntopk``) is the *total* number of tokens attended per head at
@@ -91,6 +93,10 @@ __all__ = ["SparseConfig", "CONFIG_KEY"]
 #: the key under vLLM's ``additional_config`` that holds these settings
 CONFIG_KEY = "vllm_sparse"
 
+
+
+def evict_policy_args_text(own: list[str]) -> str:
+    return f"the policy's own arguments {own}" if own else "nothing else"
 
 
 def _err(key: str, value: Any, allowed: str) -> ValueError:
@@ -134,11 +140,14 @@ class SparseConfig:
         object.__setattr__(self, "policy_args", dict(self.policy_args))
         object.__setattr__(self, "evict_args", dict(self.evict_args))
         object.__setattr__(self, "_evict_rule", self._build_evict_rule())
+        object.__setattr__(self, "_evict_policy", self._build_evict_policy())
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         policy = get_policy_class(self.policy).from_settings(settings, self.policy_args)
         if policy.selection == "":
-            raise _err("policy", self.policy, f"one with a decode path in vLLM: {vllm_policies()} "
-                       f"({self.policy!r} is implemented as a reference scorer in vllm_sparse.policies only)")
+            why = (f"{self.policy!r} has no decode selection path; it evicts: use evict={self.policy!r}"
+                   if policy.frees_blocks else
+                   f"{self.policy!r} is implemented as a reference scorer in vllm_sparse.policies only")
+            raise _err("policy", self.policy, f"one with a decode path in vLLM: {vllm_policies()} ({why})")
         if policy.selection in SELECTIONS:  # the policy fixes how its tokens are chosen
             object.__setattr__(self, "selection", policy.selection)
         object.__setattr__(self, "_policy", policy)
@@ -188,10 +197,12 @@ class SparseConfig:
         if self.evict is None:
             return None
         args = dict(self.evict_args)
-        if get_policy_class(self.evict).evicts_by_score:  # sinks | scored region | recent window
+        cls = get_policy_class(self.evict)
+        if cls.evicts_by_score:  # sinks | scored region | recent window
             keep = args.pop("keep", 1024)
-            if args:
-                raise _err("evict_args", sorted(args), f"only 'keep' for evict={self.evict!r}")
+            own = sorted({f.name for f in dataclasses.fields(cls)} - {f.name for f in dataclasses.fields(Policy)})
+            if set(args) - set(own):
+                raise _err("evict_args", sorted(args), f"'keep' and {evict_policy_args_text(own)} for evict={self.evict!r}")
             tail = max(self.local_window, self.page_size)
             floor = self.sink_tokens + tail + self.page_size
             if not _is_int(keep) or keep < floor:
@@ -221,6 +232,20 @@ class SparseConfig:
             return EvictionRule(self.page_size, self.sink_tokens, **spec)
         except ValueError as e:
             raise ValueError(f"vllm_sparse setting evict={self.evict!r}: {e}") from None
+
+    @property
+    def evict_policy(self) -> Policy | None:
+        """The eviction policy object (``evict``, with its own fields from ``evict_args``), or None."""
+        return self._evict_policy  # type: ignore[attr-defined]
+
+    def _build_evict_policy(self) -> Policy | None:
+        if self.evict is None:
+            return None
+        own = {k: v for k, v in self.evict_args.items() if k != "keep"} if get_policy_class(self.evict).evicts_by_score else {}
+        try:
+            return get_policy_class(self.evict).from_settings(self.to_dict(), own)
+        except ValueError as e:
+            raise ValueError(f"vllm_sparse setting evict_args for evict={self.evict!r}: {e}") from None
 
     def attended(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """Tokens each request attends at its current length, ``[B]`` int64 (dense below ``dense_below``)."""

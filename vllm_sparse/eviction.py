@@ -3,10 +3,11 @@
 With ``{"vllm_sparse": {"evict": "streaming"}}`` a request keeps only its sink blocks and a live
 tail of recent blocks (:class:`vllm_sparse.policies.eviction.EvictionRule`); the blocks in
 between go back to vLLM's pool while the request runs, so a prompt longer than the pool fits.
-With a scored policy (``knorm``, ``h2o``, ``tova``) a fixed *kept region* of blocks after the
-sinks is never freed either: before a block leaves the tail, :func:`merge_into_region` keeps the
-best-scored tokens of (region ∪ that block) in the region, per KV head; H2O's/TOVA's per-token
-attention state lives in extra rows of the blocks (:func:`accumulate_attention`).
+With a scored policy (``knorm``, ``h2o``, ``tova``, ``snapkv``) a fixed *kept region* of blocks
+after the sinks is never freed either: before a block leaves the tail, :func:`merge_into_region`
+keeps the best-scored tokens of (region ∪ that block) in the region, per KV head; H2O's/TOVA's
+per-token attention state and SnapKV's votes live in extra rows of the blocks
+(:func:`accumulate_attention`).
 
 * **Spec** — the backend's ``customize_spec`` returns :class:`EvictingAttentionSpec`, a
   ``FullAttentionSpec`` carrying the rule; not prefix-cacheable, and its
@@ -235,20 +236,25 @@ def merge_into_region(cache, plan: MergePlan, rule: EvictionRule, policy, write)
             cache.token_scores[region] = acc.gather(1, top).view(h, r, bs).permute(1, 0, 2)
 
 
-def reset_scores(cache, slot_mapping: torch.Tensor) -> None:
-    """Newly written tokens start with no accumulated attention (their block may be a reused one)."""
+def reset_scores(cache, slot_mapping: torch.Tensor, value: float = 0.0) -> None:
+    """Newly written tokens start at ``value`` (the policy's ``new_token_state``: no accumulated
+    attention for H2O/TOVA, ``+inf`` (kept) for SnapKV); their block may be a reused one."""
     slots = slot_mapping.long()
     slots = slots[slots >= 0]
     bs = cache.block_size
-    cache.token_scores[slots // bs, :, slots % bs] = 0.0
+    cache.token_scores[slots // bs, :, slots % bs] = value
 
 
 def accumulate_attention(query: torch.Tensor, cache, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                         query_start_loc: torch.Tensor, scale: float, mode: str = "acc_attention") -> None:
+                         query_start_loc: torch.Tensor, scale: float, mode: str = "acc_attention",
+                         policy=None) -> None:
     """Per-token attention state in ``cache.token_scores`` (float32). ``"acc_attention"`` (H2O): add
     the attention this step's queries paid to each resident token, summed over the queries and each
     KV head's group. ``"last_attention"`` (TOVA): replace it with the attention of the step's last
-    query, averaged over the group.
+    query, averaged over the group. ``"snap_votes"`` (SnapKV, ``policy`` its object): after a
+    prefill chunk (more than one query), replace it with the pooled votes of the chunk's last
+    ``policy.window`` queries (:meth:`~vllm_sparse.policies.snapkv.SnapKV.votes`); decode steps
+    leave it.
 
     Args are the step's compacted view (``block_table``/``seq_lens`` after :func:`compact_block_table`),
     so the probabilities are those of attention over the resident tokens, causal for prefill chunks.
@@ -264,6 +270,15 @@ def accumulate_attention(query: torch.Tensor, cache, block_table: torch.Tensor, 
         blocks = block_table[b, : -(-n // bs)].long()
         k = cache.key_cache[blocks].reshape(-1, h, d)[:n].float()  # [n, H, D]
         pos = torch.arange(n)
+        if mode == "snap_votes":
+            if m < 2:  # a decode step: SnapKV scores the prompt only
+                continue
+            from vllm_sparse.policies import TokenState
+
+            w = min(policy.window, m)
+            state = TokenState(keys=k, window_queries=query[qsl[b + 1] - w: qsl[b + 1]], scale=scale)
+            cache.token_scores[blocks[pos // bs], :, pos % bs] = policy.votes(state).T
+            continue
         if mode == "last_attention":  # the last query sees every resident token
             q = query[qsl[b + 1] - 1].float().view(1, h, -1, d)
             probs = torch.softmax(torch.einsum("mhgd,nhd->hgmn", q, k) * scale, -1).mean(1)[:, 0]  # [H, n]

@@ -158,5 +158,18 @@ def test_knorm_eviction_settings():
     assert rule.region_blocks == 14 and rule.keep(10_000) == 68
     with pytest.raises(ValueError, match=r"evict_args.keep=50.*= 100"):
         SparseConfig(evict="knorm", evict_args={"keep": 50})
-    with pytest.raises(ValueError, match=r"evict_args.*only 'keep'"):
+    with pytest.raises(ValueError, match=r"evict_args.*'keep' and nothing else"):
         SparseConfig(evict="knorm", evict_args={"k": 2})
+
+
+def test_snapkv_eviction_settings():
+    cfg = SparseConfig(evict="snapkv", evict_args={"keep": 512, "window": 16, "kernel": 5})
+    assert cfg.eviction_rule().region_blocks == 14
+    assert (cfg.evict_policy.window, cfg.evict_policy.kernel) == (16, 5)
+    assert SparseConfig(evict="snapkv").evict_policy.window == 32  # SnapKV's own default
+    with pytest.raises(ValueError, match=r"evict_args.*'keep' and the policy's own arguments \['kernel', 'window'\]"):
+        SparseConfig(evict="snapkv", evict_args={"windw": 8})
+    with pytest.raises(ValueError, match=r"evict='snapkv'.*kernel=4.*odd"):
+        SparseConfig(evict="snapkv", evict_args={"kernel": 4})
+    with pytest.raises(ValueError, match=r"policy='snapkv'.*use evict='snapkv'"):
+        SparseConfig(policy="snapkv")

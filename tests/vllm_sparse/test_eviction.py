@@ -93,7 +93,7 @@ def _prompt_ids(tok, n, start=0):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("evict", ["streaming", "knorm", "h2o", "tova"])
+@pytest.mark.parametrize("evict", ["streaming", "knorm", "h2o", "tova", "snapkv"])
 def test_prompt_longer_than_the_pool_completes(smollm2_dir, evict):
     """7,000 tokens, chunked prefill (512), in a pool of 80 blocks × 32 = 2,560 tokens: evicting
     frees the middle as it goes. Dense attention with the same pool refuses to start."""
@@ -398,3 +398,45 @@ def test_tova_state_is_the_latest_querys_group_averaged_attention():
         want = torch.stack([torch.softmax(q[-1, h * g + j].double() @ k[:, h].double().T * 0.125, -1)
                             for j in range(g)]).mean(0)
         assert torch.allclose(got[h], want, rtol=1e-4, atol=1e-6)
+
+
+def test_snapkv_state_is_the_chunks_pooled_window_votes_and_decode_leaves_it():
+    """snapkv eviction: after a prefill chunk each resident token's state is the pooled vote of the
+    chunk's last ``window`` queries (float64 reference, causal, summed over window and group,
+    average-pooled with ``kernel``; the window itself +inf); decode steps leave it; a newly written
+    token starts at +inf (generated tokens are kept)."""
+    C = pytest.importorskip("vllm_sparse.cpu_attention")
+    from vllm_sparse.kernels import PagedKVCache
+    from vllm_sparse.kernels.layout import score_states
+    from vllm_sparse.policies import get_policy_class
+
+    policy = get_policy_class("snapkv")(window=8, kernel=3)
+    bs, hkv, g, d, n, m = 16, 2, 3, 64, 120, 20
+    rows = score_states(bs, d, torch.float32)
+    cache = PagedKVCache.from_raw(torch.zeros(10, hkv, bs + 1 + rows, 2 * d), hkv, bs, key_transposed=True,
+                                  score_rows=rows)
+    table = torch.randperm(10)[: -(-n // bs)].int()[None]
+    pos = torch.arange(n)
+    slots = table[0, pos // bs].long() * bs + pos % bs
+    k = torch.randn(n, hkv, d)
+    C.write_kv(k, torch.randn(n, hkv, d), slots, cache, C.cpu_isa(bs))
+    E.reset_scores(cache, slots, policy.new_token_state)
+    assert torch.isinf(cache.token_scores[table[0, pos // bs].long(), :, pos % bs]).all()
+    q = torch.randn(m, hkv * g, d)  # a prefill chunk: the last m positions
+    E.accumulate_attention(q, cache, table, torch.tensor([n]), torch.tensor([0, m]), 0.125, mode="snap_votes",
+                           policy=policy)
+    got = cache.token_scores[table[0, pos // bs].long(), :, pos % bs].T.double()
+    w, half = policy.window, policy.kernel // 2
+    for h in range(hkv):
+        votes = torch.zeros(n, dtype=torch.float64)
+        for i in range(m - w, m):
+            p = n - m + i
+            for j in range(g):
+                votes[: p + 1] += torch.softmax(q[i, h * g + j].double() @ k[: p + 1, h].double().T * 0.125, -1)
+        want = torch.stack([votes[max(0, t - half): t + half + 1].mean() for t in range(n)])
+        assert torch.allclose(got[h, : n - w], want[: n - w], rtol=1e-4, atol=1e-7)
+        assert torch.isinf(got[h, n - w:]).all()
+    # a decode step does not vote: the state stays
+    E.accumulate_attention(torch.randn(1, hkv * g, d), cache, table, torch.tensor([n]), torch.tensor([0, 1]), 0.125,
+                           mode="snap_votes", policy=policy)
+    assert torch.equal(cache.token_scores[table[0, pos // bs].long(), :, pos % bs].T.double(), got)

@@ -62,7 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--local-window", type=int, default=64)
     p.add_argument("--candidate-factors", type=float, nargs="+", default=[4.0, 2.0],
                    help="page selection: one variant per candidate factor (the plugin's default is 4)")
-    p.add_argument("--selections", nargs="+", default=["page", "quest", "token"], choices=["page", "quest", "token"])
+    p.add_argument("--selections", nargs="+", default=["page", "quest", "exact_pages", "token"],
+                   choices=["page", "quest", "exact_pages", "token"])
+    p.add_argument("--rescore-dims", type=int, default=16,
+                   help="exact_pages: dims of the rescoring query (the plugin's default 16; 0 = all)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     p.add_argument("--dry-run", action="store_true",
@@ -71,7 +74,8 @@ def parse_args(argv=None):
                    help="no timing, no device: bytes each step must move and the speed-up they allow")
     args = p.parse_args(argv)
     args.variants = [(f"page_cf{cf:g}", "page", cf) for cf in args.candidate_factors if "page" in args.selections]
-    args.variants += [(sel, sel, args.candidate_factors[0]) for sel in ("quest", "token") if sel in args.selections]
+    args.variants += [(sel, sel, args.candidate_factors[0]) for sel in ("quest", "exact_pages", "token")
+                      if sel in args.selections]
     if args.dry_run:
         args.contexts, args.batches = [200], [2]
         args.num_heads, args.num_kv_heads, args.head_size = 4, 2, 64
@@ -146,7 +150,7 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
     from vllm_sparse.kernels import ops
     from vllm_sparse.kernels import reference as R
     from vllm_sparse.kernels.selection import candidate_capacity, candidate_pages, index_capacity
-    from vllm_sparse.kernels.triton_select import page_scores_triton, token_scores_triton
+    from vllm_sparse.kernels.triton_select import exact_pages_triton, page_scores_triton, token_scores_triton
     from vllm_sparse.policies.budget import n_alpha_budget
 
     h, hkv, d = args.num_heads, args.num_kv_heads, args.head_size
@@ -208,6 +212,8 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
     # -- sparse ----------------------------------------------------------------------------
     for name, sel, cf in args.variants:
         kw = dict(sink_tokens=args.sink_tokens, local_window=args.local_window, selection=sel, candidate_factor=cf)
+        if sel == "exact_pages":
+            kw["rescore_dims"] = args.rescore_dims
         idx = torch.empty((batch, hkv, index_capacity(sel, att, args.page_size, args.sink_tokens,
                                                         args.local_window)), dtype=torch.int32, device=device)
         so = torch.empty_like(q)
@@ -232,6 +238,11 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
                                              token_scores_triton(*sargs, cand=cand)))
         elif sel == "quest":
             t[p + "_score"] = timer(lambda: page_scores_triton(*sargs, num_pages=-(-n // args.page_size)))
+        elif sel == "exact_pages":  # bounds, candidates, rescoring and the page top-k (all of the selection)
+            cnt = torch.minimum(attended.long(), seq_lens.long())
+            t[p + "_score"] = timer(lambda: exact_pages_triton(
+                q, cache, bt, seq_lens, cnt, scale, args.sink_tokens, args.local_window, "kv_head", cf,
+                args.rescore_dims, idx.shape[-1] // args.page_size, n))
         else:
             t[p + "_score"] = timer(lambda: token_scores_triton(*sargs, num_slots=n))
         t[p + "_topk"] = max(t[p + "_select"] - t[p + "_score"], 0.0)
@@ -300,12 +311,16 @@ def traffic(args, n: int, batch: int, esz: int) -> dict:
     for name, sel, cf in args.variants:
         p = f"sparse_{name}"
         attn = heads * att * (2 * row_b + 4)
-        if sel == "quest":  # page bounds, top-k over pages, then whole pages
+        if sel in ("quest", "exact_pages"):  # page bounds, top-k over pages, then whole pages
             n_pages = -(-n // ps)
             width = index_capacity("quest", att, ps, args.sink_tokens, args.local_window)
             score = heads * n_pages * (2 * row_b + 4)
             topk = heads * (n_pages * 4 + width * 8)
             attn = heads * width * (2 * row_b + 4)
+            if sel == "exact_pages":  # + every key row of the candidate pages, with its fp32 score
+                cand = ps * min(n_pages, -(-int(width // ps * cf) // 1))
+                score += heads * cand * (row_b + 4)
+                topk += heads * cand * 4
         elif sel == "page":
             n_pages = -(-n // ps)
             cand = ps * candidate_capacity(n_pages, att, ps, args.sink_tokens, args.local_window, cf)

@@ -101,6 +101,27 @@ def run(model: str, settings: dict, cases, chunk: int) -> dict:
                 batch_at_7k=(POOL_TOKENS // BLOCK - 1) // per_request_blocks(settings), wall_s=wall)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Needle retrieval vs budget, one line per policy, dense dashed (``python -c`` re-plots a JSON)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "dense"):
+        pts = [(r["budget"], r["needles"] / r["needles_total"]) for r in rows if r["policy"] == policy]
+        ax.plot(*zip(*pts), "o-", label=policy)
+    dense = next(r for r in rows if r["policy"] == "dense")
+    ax.axhline(dense["needles"] / dense["needles_total"], color="k", ls="--", label="dense")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="budget (tokens per KV head)", ylabel="needle retrieval (12 prompts, 1k-7k)",
+           title="accuracy vs budget, SmolLM2-135M in vLLM (CPU)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policies", nargs="+", default=["topk", "quest", "streaming", "streaming-evict", "knorm-evict", "h2o-evict"])
@@ -140,32 +161,17 @@ def main() -> None:
                 needles="12 prompts: 1k/2k/4k/7k tokens x depths 10/50/90%, one batch, greedy",
                 pool=f"batch_at_7k: 7,000-token requests fitting {POOL_TOKENS} tokens ({BLOCK}-token blocks)")
     path = args.out / "policies.json"
-    if args.merge and path.exists():
+    if args.merge and path.exists():  # the file's dense row stays; this run's dense goes into each new row
         old = json.loads(path.read_text())
-        kept = [r for r in old["rows"] if r["policy"] not in set(args.policies) | {"dense"}]
-        for r in rows:
-            r["run"] = "merged"
+        kept = [r for r in old["rows"] if r["policy"] not in set(args.policies)]
+        dense_here = {k: rows[0][k] for k in ("needles", "peak_blocks", "wall_s")}
+        for r in rows[1:]:
+            r["dense_in_this_run"] = dense_here
         meta["runs"] = old["meta"].get("runs", [old["meta"].get("machine")]) + [f"{meta['machine']}: {args.policies}"]
-        rows = [rows[0]] + kept + rows[1:]
-        args.policies = list(dict.fromkeys([r["policy"] for r in rows[1:]]))
+        rows = kept + rows[1:]
     path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy in args.policies:
-        pts = [(r["budget"], r["needles"] / r["needles_total"]) for r in rows if r["policy"] == policy]
-        ax.plot(*zip(*pts), "o-", label=policy)
-    ax.axhline(rows[0]["needles"] / rows[0]["needles_total"], color="k", ls="--", label="dense")
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="budget (tokens per KV head)", ylabel="needle retrieval (12 prompts, 1k-7k)",
-           title="accuracy vs budget, SmolLM2-135M in vLLM (CPU)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "policies.png", dpi=120)
+    plot(rows, args.out / "policies.png")
 
 
 if __name__ == "__main__":

@@ -170,12 +170,12 @@ def select_topk(
         ``[B, S, capacity]`` ascending positions, ``-1`` padded (``out`` when given); each row
         holds the reference's set.
     """
-    if uses_triton(query, force_triton) and selection != "exact_pages":  # no Triton kernel for it yet
+    if uses_triton(query, force_triton):
         from .triton_select import select_topk_triton
 
         return select_topk_triton(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window,
                                   selection, granularity, candidate_factor, out=out, capacity=capacity,
-                                  max_seq_len=max_seq_len)
+                                  max_seq_len=max_seq_len, rescore_dims=rescore_dims)
     idx = reference.select_topk(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window,
                                 selection, granularity, candidate_factor, rescore_dims)
     if out is None and capacity is None:

@@ -14,6 +14,11 @@ Stages (Quest's names):
 ``selection="quest"`` stops after stage 1: the top pages (:func:`.selection.page_counts`)
 are expanded to their positions — no key is read for selection, only page summaries.
 
+``selection="exact_pages"``: stage 1 keeps ``ceil(candidate_factor ×)`` Quest's page count
+as candidates, stage 2 scores their tokens exactly (with ``rescore_dims``, by a query zeroed
+outside the group's largest-``Σ|q|`` dims, as the reference), each page scores its best token,
+and the top Quest-count pages are attended whole (:func:`exact_pages_triton`).
+
 ``selection="recent"`` (StreamingLLM: sinks + the most recent tokens) needs no scores and
 is a few device-side torch ops (:func:`recent_positions`).
 
@@ -36,12 +41,13 @@ import triton
 import triton.language as tl
 
 from .layout import PagedKVCache
-from .selection import (GRANULARITIES, SELECTIONS, candidate_capacity, candidate_pages, index_capacity, page_positions,
-                        recent_positions, sorted_positions, topk_into, write_rows)
+from .selection import (GRANULARITIES, SELECTIONS, candidate_capacity, candidate_pages, index_capacity, page_counts,
+                        page_positions, recent_positions, sorted_positions, topk_into, topk_rows, write_rows)
 from .triton_sparse_attn import _check_query, _dot, _load_rows, _math_mode, _paged_slots
 
 __all__ = [
     "select_topk_triton",
+    "exact_pages_triton",
     "page_scores_triton",
     "token_scores_triton",
 ]
@@ -332,6 +338,55 @@ def token_scores_triton(
     return scores, pos
 
 
+def rescore_query(query: torch.Tensor, s_heads: int, rescore_dims: int) -> torch.Tensor:
+    """``query`` zeroed outside each selection head's ``rescore_dims`` dims of largest ``Σ|q|`` over
+    its query group (SparQ; the reference's rule and tie order); unchanged for 0 or ``>= head_size``."""
+    b, num_heads, d = query.shape
+    if not 0 < rescore_dims < d:
+        return query
+    q = query.view(b, s_heads, num_heads // s_heads, d)
+    w = q.float().abs().sum(2)  # [B, S, D]
+    order = torch.sort(w, dim=-1, descending=True, stable=True).indices[..., :rescore_dims]
+    keep = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, order, True)
+    return (q * keep[:, :, None, :].to(q.dtype)).view(b, num_heads, d)
+
+
+def exact_pages_triton(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    count: torch.Tensor,
+    scale: float,
+    sink_tokens: int,
+    local_window: int,
+    granularity: str,
+    candidate_factor: float,
+    rescore_dims: int,
+    max_pages: int,
+    max_seq_len: int,
+) -> torch.Tensor:
+    """``[B, S, ≤ max_pages]`` page ids (−1 padded) of ``selection="exact_pages"`` (see the module
+    docstring; the reference is :func:`.reference._exact_pages`). Device-side, no sync."""
+    ps = cache.page_size
+    s_heads = cache.num_kv_heads if granularity == "kv_head" else query.shape[1]
+    n_pages = triton.cdiv(max_seq_len, ps)
+    ub = page_scores_triton(query, cache, block_table, seq_lens, scale, sink_tokens, local_window, granularity,
+                            num_pages=n_pages)
+    attend = page_counts(seq_lens, count, ps, sink_tokens, local_window, 1.0, quest=True)  # [B] pages attended
+    num_pages = (seq_lens.long() + ps - 1) // ps
+    n_cand = torch.minimum(torch.ceil(attend.double() * candidate_factor).long(), num_pages)
+    c_cap = max(1, min(n_pages, int(-(-max_pages * candidate_factor // 1))))
+    top, keep = topk_rows(ub, n_cand, c_cap)
+    cand = torch.where(keep, top, -1)  # [B, S, C]
+    # unscaled q·k (scale 1): the reference ranks pages by max q·k, and a scale could merge near-ties
+    scores, _ = token_scores_triton(rescore_query(query, s_heads, rescore_dims), cache, block_table, seq_lens, 1.0,
+                                    sink_tokens, local_window, granularity, cand=cand)
+    page_score = scores.view(*cand.shape, ps).amax(-1)  # forced tokens are +inf: so are their pages
+    top, keep = topk_rows(page_score, attend, max_pages)
+    return torch.where(keep, cand.gather(-1, top), -1)
+
+
 def select_topk_triton(
     query: torch.Tensor,
     cache: PagedKVCache,
@@ -347,6 +402,7 @@ def select_topk_triton(
     out: torch.Tensor | None = None,
     capacity: int | None = None,
     max_seq_len: int | None = None,
+    rescore_dims: int = 0,
 ) -> torch.Tensor:
     """Positions each (request, selection head) attends (see :func:`.reference.select_topk`).
 
@@ -392,12 +448,17 @@ def select_topk_triton(
         return out
     if selection == "token":
         scores, pos = token_scores_triton(*args, num_slots=max_seq_len)
-    elif selection == "quest":  # whole pages: no token scores, no second top-k
+    elif selection in ("quest", "exact_pages"):  # whole pages: no token-level top-k
         ps = cache.page_size
         n_pages = triton.cdiv(max_seq_len, ps)
-        ub = page_scores_triton(*args, num_pages=n_pages)
-        cand = candidate_pages(ub, seq_lens, count, ps, sink_tokens, local_window, candidate_factor,
-                               max(1, min(n_pages, capacity // ps)), quest=True)
+        max_pages = max(1, min(n_pages, capacity // ps))
+        if selection == "quest":
+            ub = page_scores_triton(*args, num_pages=n_pages)
+            cand = candidate_pages(ub, seq_lens, count, ps, sink_tokens, local_window, candidate_factor,
+                                   max_pages, quest=True)
+        else:
+            cand = exact_pages_triton(query, cache, block_table, seq_lens, count, scale, sink_tokens, local_window,
+                                      granularity, candidate_factor, rescore_dims, max_pages, max_seq_len)
         pos = page_positions(cand, ps)
         keep = (pos >= 0) & (pos < seq_lens.long()[:, None, None])
         write_rows(sorted_positions(pos, keep), out)

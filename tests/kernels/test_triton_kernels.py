@@ -183,6 +183,31 @@ def test_select_topk_matches_reference_sets(selection, granularity, gqa):
     _assert_same_sets(ours, ref)
 
 
+@pytest.mark.parametrize("rescore_dims", [0, 16])
+@pytest.mark.parametrize("granularity", ["kv_head", "query_head"])
+@pytest.mark.parametrize("gqa", range(len(GQA)))
+def test_exact_pages_matches_reference_sets(rescore_dims, granularity, gqa):
+    """``exact_pages`` (candidates by the page bound, rescored by exact — or SparQ's ``rescore_dims`` —
+    ``max q·k``, Quest's page count attended): the reference's page set, every GQA group and layout."""
+    num_heads, num_kv_heads = GQA[gqa]
+    dtype = (F32, BF16, F16, F32)[gqa]
+    head_size = (64, 128)[gqa % 2]
+    block_size, page_size = LAYOUTS[gqa]
+    lens = [1, 70, 250, 33, 190]
+    c = case(lens, num_heads, num_kv_heads, head_size, block_size, page_size, dtype)
+    q = torch.randn(len(lens), num_heads, head_size, device=DEV).to(dtype)
+    attended = torch.tensor([8, 40, 60, 1000, 50], device=DEV)
+    kw = dict(sink_tokens=4, local_window=8, selection="exact_pages", granularity=granularity, candidate_factor=3.0,
+              rescore_dims=rescore_dims)
+    ref = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.1, **kw)
+    s = num_kv_heads if granularity == "kv_head" else num_heads
+    width = R.index_capacity("exact_pages", 60, page_size, 4, 8)
+    ours = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.1, **kw, capacity=width,
+                           max_seq_len=256, **FORCE)
+    assert ours.shape == (len(lens), s, width)
+    _assert_same_sets(ours, ref)
+
+
 @pytest.mark.parametrize("candidate_factor", [0.5, 8.0])
 def test_page_selection_candidate_counts(candidate_factor):
     """Few candidates (fewer tokens than the budget) and candidates covering every page."""
@@ -335,7 +360,7 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("selection", ["token", "page", "quest"])
+@pytest.mark.parametrize("selection", ["token", "page", "quest", "exact_pages"])
 def test_gpu_decode_step_at_realistic_shapes(selection):
     lens = [4000, 8191, 1, 2049]
     num_heads, hkv, d, dtype = 32, 8, 128, BF16

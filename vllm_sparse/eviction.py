@@ -265,14 +265,12 @@ def accumulate_attention(query: torch.Tensor, cache, block_table: torch.Tensor, 
     lens = seq_lens.tolist()
     for b in range(len(lens)):
         m, n = qsl[b + 1] - qsl[b], int(lens[b])
-        if m == 0 or n == 0:
+        if m == 0 or n == 0 or (mode == "snap_votes" and m < 2):  # SnapKV: decode steps do not vote
             continue
         blocks = block_table[b, : -(-n // bs)].long()
         k = cache.key_cache[blocks].reshape(-1, h, d)[:n].float()  # [n, H, D]
         pos = torch.arange(n)
         if mode == "snap_votes":
-            if m < 2:  # a decode step: SnapKV scores the prompt only
-                continue
             from vllm_sparse.policies import TokenState
 
             w = min(policy.window, m)

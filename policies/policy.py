@@ -126,9 +126,10 @@ class Policy:
     Class attributes:
         name: registry name.
         schedule: ``"step"``, ``"prefill_end"`` or ``"every:N"``.
-        selection: the plugin's decode kernel that runs this policy inside vLLM (``None``: the
-            configured ``selection``, for policies scored by ``q·k``; see ``vllm_sparse.config``),
-            or ``""`` (the default) when the policy has no vLLM decode path yet (reference only).
+        selection: the registered selector (``vllm_sparse.kernels.selectors``) that runs this
+            policy inside vLLM (``None``: the configured ``selection``, for policies scored by
+            ``q·k``; see ``vllm_sparse.config``), or ``""`` (the default) when the policy has no
+            vLLM decode path (reference only). A new selector is registered in the policy's file.
         frees_blocks: ``evict=<name>`` really returns KV blocks to vLLM's pool.
         evicts_by_score: with ``evict``, the workers keep the best-scored tokens (by :meth:`score`
             on keys alone) in a fixed kept region and free the rest (``False``: by position).

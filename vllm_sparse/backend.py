@@ -16,9 +16,10 @@ attention for (chunked) prefills.
 One page is one KV block: the backend sets vLLM's block size to ``page_size``. On the CPU
 platform keys are stored in vLLM's CPU kernel layout and every attention runs through vLLM's
 own CPU paged-attention op (:mod:`vllm_sparse.cpu_attention`): prefill over the requests' block
-tables, ``quest`` decode over compacted per-head block tables of the selected pages. The other
-selections (``token``, ``page``, ``recent``) and ``granularity="query_head"`` run the torch
-reference on CPU. CUDA tensors take the Triton kernels (:mod:`vllm_sparse.kernels.ops`).
+tables, whole-page decode (the ``exact_pages`` and ``quest`` selectors) over compacted per-head
+block tables of the selected pages. The other selectors (``token``, ``page``, ``recent``,
+third-party ones: :mod:`vllm_sparse.kernels.selectors`) and ``granularity="query_head"`` run
+the torch reference on CPU. CUDA tensors take the Triton kernels (:mod:`vllm_sparse.kernels.ops`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from vllm_sparse.kernels import PagedKVCache, summary_states
 from vllm_sparse.kernels.layout import score_states
 from vllm_sparse.kernels import ops
 from vllm_sparse.kernels.selection import index_capacity, quest_attended
+from vllm_sparse.kernels.selectors import get_selector
 
 logger = init_logger(__name__)
 
@@ -192,8 +194,8 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             from vllm_sparse.eviction import check_engine_config
 
             check_engine_config(vllm_config)
-        self.cpu_fused_decode = (self.cpu and self.config.selection in ("quest", "exact_pages")
-                                 and self.config.granularity == "kv_head")
+        self.selector = get_selector(self.config.selection)
+        self.cpu_fused_decode = self.cpu and self.selector.cpu_fused and self.config.granularity == "kv_head"
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SparseAttentionMetadata:
@@ -219,7 +221,7 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             dense = bool((attended >= seq).all()) and not cfg.force_sparse
             capacity = index_capacity(cfg.selection, int(attended.max()), cfg.page_size, cfg.sink_tokens,
                                       cfg.local_window)
-            if cfg.selection in ("quest", "exact_pages"):  # whole pages: what the kernels read
+            if self.selector.whole_pages:  # whole pages: what the kernels read
                 attended_total = int(quest_attended(seq, attended, cfg.page_size, cfg.sink_tokens,
                                                     cfg.local_window).sum())
             else:
@@ -230,7 +232,7 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
                     sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, num_heads=self.num_heads,
                     num_kv_heads=self.spec.num_kv_heads, head_size=self.spec.head_size, dtype=self.dtype,
                     isa=self.isa,
-                    candidate_factor=cfg.candidate_factor if cfg.selection == "exact_pages" else 1.0,
+                    candidate_factor=self.selector.cpu_candidate_factor(cfg.candidate_factor),
                     rescore_dims=cfg.rescore_dims)
             stats.record_step(num_decodes, attended_total, int(context[:num_decodes].sum()))
         prefill_md = dense_md = None

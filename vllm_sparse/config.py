@@ -33,7 +33,8 @@ selection      exact_pages  ``exact_pages``: rank pages by their min/max upper b
                          bound-ranked candidate pages, then their top tokens; ``recent``: no
                          scoring, sinks + most recent tokens (StreamingLLM's rule at the same
                          budget, the baseline). Page selections round the budget up to whole
-                         pages.
+                         pages. Or a registered third-party selector
+                         (``vllm_sparse.kernels.selectors``)
 candidate_factor 4.0     ``exact_pages``/``page``: candidates per page (token) of the budget
 rescore_dims   16        ``exact_pages``: rescore candidates by ``q·k`` over only the
                          ``rescore_dims`` dims where the query group's ``Σ|q|`` is largest
@@ -72,7 +73,8 @@ from typing import Any, Mapping
 
 import torch
 
-from vllm_sparse.kernels.selection import GRANULARITIES, SELECTIONS
+from vllm_sparse.kernels.selection import GRANULARITIES
+from vllm_sparse.kernels.selectors import available_selectors, get_selector
 
 from vllm_sparse.policies import BudgetPolicy, Policy, available_policies, get_policy_class
 from vllm_sparse.policies.eviction import EvictionRule
@@ -144,7 +146,11 @@ class SparseConfig:
                    if policy.frees_blocks else
                    f"{self.policy!r} is implemented as a reference scorer in vllm_sparse.policies only")
             raise _err("policy", self.policy, f"one with a decode path in vLLM: {vllm_policies()} ({why})")
-        if policy.selection in SELECTIONS:  # the policy fixes how its tokens are chosen
+        if policy.selection:  # the policy fixes how its tokens are chosen: its registered selector
+            try:
+                get_selector(policy.selection)
+            except ValueError as e:
+                raise _err("policy", self.policy, f"a policy whose selector is registered ({e})") from None
             object.__setattr__(self, "selection", policy.selection)
         object.__setattr__(self, "_policy", policy)
 
@@ -280,8 +286,9 @@ class SparseConfig:
             raise _err("evict", self.evict, f"null (keep every token) or one of {evicting_policies()}{why}")
         if not isinstance(self.evict_args, Mapping):
             raise _err("evict_args", self.evict_args, "a dict of the eviction rule's arguments")
-        if self.selection not in SELECTIONS:
-            raise _err("selection", self.selection, f"one of {list(SELECTIONS)}")
+        available_policies()  # third-party policy modules may register their selectors on import
+        if not isinstance(self.selection, str) or self.selection not in available_selectors():
+            raise _err("selection", self.selection, f"one of {available_selectors()} (registered selectors)")
         if self.granularity not in GRANULARITIES:
             raise _err("granularity", self.granularity, f"one of {list(GRANULARITIES)}")
         if not _is_int(self.rescore_dims) or self.rescore_dims < 0:

@@ -143,6 +143,38 @@ def test_reference_only_and_non_evicting_policies_are_refused_by_name():
     assert SparseConfig(policy="n_alpha").policy_object.name == "ntopk"  # the old names still work
 
 
+def test_policies_name_registered_selectors():
+    """A policy runs in vLLM through the selector it names; a policy without one, or naming an
+    unregistered one, is refused at start-up by name. `selection` takes registered names only."""
+    import dataclasses
+    from typing import ClassVar
+
+    from vllm_sparse.policies import Policy, registry
+
+    @dataclasses.dataclass(frozen=True)
+    class ScorerOnly(Policy):
+        name: ClassVar[str] = "scorer_only_for_test"
+
+    @dataclasses.dataclass(frozen=True)
+    class Misnamed(Policy):
+        name: ClassVar[str] = "misnamed_for_test"
+        selection: ClassVar[str | None] = "no_such_selector"
+
+    register_policy(ScorerOnly)
+    register_policy(Misnamed)
+    try:
+        with pytest.raises(ValueError, match=r"policy='scorer_only_for_test'.*reference scorer"):
+            SparseConfig(policy="scorer_only_for_test")
+        with pytest.raises(ValueError, match=r"policy='misnamed_for_test'.*selection='no_such_selector'; allowed"):
+            SparseConfig(policy="misnamed_for_test")
+    finally:
+        registry._REGISTRY.pop("scorer_only_for_test")
+        registry._REGISTRY.pop("misnamed_for_test")
+    with pytest.raises(ValueError, match=r"selection='block' is invalid; allowed: one of \[.*'dense'.*'exact_pages'"):
+        SparseConfig(selection="block")
+    assert SparseConfig(policy="dense").selection == "dense"
+
+
 def test_importing_the_package_does_not_import_vllm():
     code = (
         "import sys, vllm_sparse, vllm_sparse.config, vllm_sparse.kernels, vllm_sparse.kernels.reference, "

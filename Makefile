@@ -16,10 +16,14 @@ SPARSE ?= {}
 REPLICAS ?= 2
 REPLICA_KV_GIB ?= 2
 
+# `make bench`: where its results go, and extra arguments for every benchmark (e.g. --dry-run)
+BENCH_OUT ?= benchmarks/results/bench
+BENCH_ARGS ?=
+
 # vLLM on the CPU platform needs an explicit KV-cache size (GiB); see README.
 export VLLM_CPU_KVCACHE_SPACE ?= 4
 
-.PHONY: venv assets test demo serve ray-serve clean
+.PHONY: venv assets test bench demo serve ray-serve clean
 
 venv: $(STAMP)
 
@@ -44,6 +48,14 @@ endif
 
 test: assets
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The CPU benchmark suite (docs/RESULTS.md): long-context quality on a reduced grid, throughput and
+# latency through `vllm bench` (dense vs sparse), and the paper's approximation-error experiment.
+# About 30 minutes on a 2-core machine; BENCH_ARGS=--dry-run checks every setting and prints the plan.
+bench: assets
+	$(PY) benchmarks/quality.py --quick --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(PY) benchmarks/throughput.py --quick --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(PY) benchmarks/approx_error.py --no-progress --out $(BENCH_OUT) $(BENCH_ARGS)
 
 # The main job: OpenAI-compatible server, default model, sparse attention on.
 serve: assets

@@ -406,6 +406,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--quick", action="store_true", help="tiny run for tests (unset options get small values)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan (lengths, strategies) and exit")
     args = ap.parse_args(argv)
 
     defaults = dict(min_log2=9, max_log2=14, d=64, sigma=3.0, constant_k=[16, 32, 64, 128], C=[0.25, 0.5, 0.75],
@@ -418,6 +419,10 @@ def main(argv=None) -> int:
     if args.min_log2 > args.max_log2:
         ap.error("--min-log2 must be <= --max-log2")
     lengths = [2 ** i for i in range(args.min_log2, args.max_log2 + 1)]
+    if args.dry_run:
+        print(f"approx_error: lengths {lengths}, d={args.d}, sigma={args.sigma}, constant k {args.constant_k}, "
+              f"C {args.C}, {args.repeats} repeats x {args.rows} rows -> {args.out}/approx_error.{{json,png}}")
+        return 0
 
     res = run_experiment(lengths, d=args.d, sigma=args.sigma, constant_k=args.constant_k, C=args.C,
                          repeats=args.repeats, rows=args.rows, seed=args.seed, progress=not args.no_progress)

@@ -8,12 +8,17 @@ those step times is the decode step time, and ``batch / step`` the decode tokens
 steps (those that carry prompt tokens) add up to the prefill time. It prints a table with the
 sparse/stock ratios and writes JSON + a PNG plot.
 
-Example (CPU machine, SmolLM2-135M, about 15 minutes)::
+Every (backend, case) runs on a fresh engine, and the backends of one case run back to back,
+so a slow drift of the machine (this project's 2-core VMs drift ±20% over minutes) hits
+stock and sparse alike. ``--rounds R`` repeats the whole grid R times that way; the reported
+ratio is the median of the R per-round ratios, with their range.
 
-    python benchmarks/decode_throughput.py --contexts 4096 7000 --batches 1 16
+Example (CPU machine, SmolLM2-135M, about 12 minutes per round)::
+
+    python benchmarks/decode_throughput.py --backends stock "sparse={}" --rounds 3
 
 Backends are given as ``name=SETTINGS_JSON`` (``stock`` is vLLM's own backend); default:
-``stock``, ``sparse`` (the default settings) and ``sparse-page`` (``selection=page``).
+``stock``, ``sparse`` (the default settings) and ``token`` (``selection=token``).
 """
 
 from __future__ import annotations
@@ -78,7 +83,8 @@ class StepTimer:
         core.scheduler.schedule, core.step_fn = timed_schedule, timed_step
 
 
-def run_backend(model: str, settings: dict | None, contexts, batches, decode_tokens: int, seed: int) -> list[dict]:
+def run_case(model: str, settings: dict | None, context: int, batch: int, decode_tokens: int, seed: int) -> dict:
+    """One (context, batch) on a fresh engine: median pure-decode step time and prefill time."""
     import statistics
 
     import torch
@@ -88,36 +94,58 @@ def run_backend(model: str, settings: dict | None, contexts, batches, decode_tok
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
         raise SystemExit("run with VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine must run in-process to be timed)")
     # one scheduler step may take every prompt whole, so all requests start decoding together
-    kw = dict(model=model, enforce_eager=True, max_model_len=max(contexts) + decode_tokens + 16, dtype="bfloat16",
-              enable_prefix_caching=False, seed=seed, max_num_batched_tokens=max(contexts) * max(batches) + 64)
+    kw = dict(model=model, enforce_eager=True, max_model_len=context + decode_tokens + 16, dtype="bfloat16",
+              enable_prefix_caching=False, seed=seed, max_num_batched_tokens=context * batch + 64)
     if settings is not None:
         kw.update(attention_backend="CUSTOM", additional_config={"vllm_sparse": settings})
     llm = LLM(**kw)
-    timer = StepTimer(llm)
-    vocab = llm.get_tokenizer().vocab_size
-    gen = torch.Generator().manual_seed(seed)
-    sp = SamplingParams(max_tokens=1 + decode_tokens, temperature=0.0, ignore_eos=True)
-    rows = []
     try:
-        for n in contexts:
-            for b in batches:
-                prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, vocab, (n,), generator=gen).tolist())
-                           for _ in range(b)]
-                timer.batch, timer.decode_steps, timer.prefill_s = b, [], 0.0
-                t = time.perf_counter()
-                llm.generate(prompts, sp, use_tqdm=False)
-                wall = time.perf_counter() - t
-                if not timer.decode_steps:
-                    raise RuntimeError(f"no pure decode step of batch {b} was seen; raise --decode-tokens")
-                step = statistics.median(timer.decode_steps)
-                rows.append(dict(context=n, batch=b, wall_s=wall, decode_steps_timed=len(timer.decode_steps),
-                                 step_ms=1e3 * step, decode_tokens_per_s=b / step, prefill_s=timer.prefill_s))
-                print(f"  context {n:6d} batch {b:3d}: {len(timer.decode_steps)} decode steps, median "
-                      f"{1e3 * step:8.1f} ms ({wall:.0f} s in all)", flush=True)
+        timer = StepTimer(llm)
+        vocab = llm.get_tokenizer().vocab_size
+        gen = torch.Generator().manual_seed(seed + 7919 * context + batch)  # same prompts for every backend
+        sp = SamplingParams(max_tokens=1 + decode_tokens, temperature=0.0, ignore_eos=True)
+        prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, vocab, (context,), generator=gen).tolist())
+                   for _ in range(batch)]
+        timer.batch = batch
+        t = time.perf_counter()
+        llm.generate(prompts, sp, use_tqdm=False)
+        wall = time.perf_counter() - t
     finally:
         del llm
         gc.collect()
-    return rows
+    if not timer.decode_steps:
+        raise RuntimeError(f"no pure decode step of batch {batch} was seen; raise --decode-tokens")
+    step = statistics.median(timer.decode_steps)
+    print(f"    context {context:6d} batch {batch:3d}: {len(timer.decode_steps)} decode steps, median "
+          f"{1e3 * step:8.1f} ms ({wall:.0f} s in all)", flush=True)
+    return dict(context=context, batch=batch, wall_s=wall, decode_steps_timed=len(timer.decode_steps),
+                step_ms=1e3 * step, prefill_s=timer.prefill_s)
+
+
+def combine(rounds: list[dict[str, dict]], names: list[str]) -> dict[str, list[dict]]:
+    """Per backend and case: medians over the rounds, and each round's ratio to stock *of the same round*
+    (the backends of one case run back to back, so slow drift of the machine cancels in the ratio)."""
+    import statistics
+
+    out = {}
+    for name in names:
+        rows = []
+        for key in rounds[0][name]:
+            runs = [r[name][key] for r in rounds]
+            step = statistics.median(x["step_ms"] for x in runs)
+            row = dict(context=key[0], batch=key[1], step_ms=step, decode_tokens_per_s=1e3 * key[1] / step,
+                       prefill_s=statistics.median(x["prefill_s"] for x in runs),
+                       step_ms_rounds=[x["step_ms"] for x in runs], prefill_s_rounds=[x["prefill_s"] for x in runs],
+                       decode_steps_timed=sum(x["decode_steps_timed"] for x in runs))
+            if "stock" in rounds[0]:
+                ratios = [r["stock"][key]["step_ms"] / r[name][key]["step_ms"] for r in rounds]
+                pratios = [r["stock"][key]["prefill_s"] / r[name][key]["prefill_s"] for r in rounds
+                           if r[name][key]["prefill_s"]]
+                row.update(speedup_vs_stock=statistics.median(ratios), speedup_rounds=ratios,
+                           prefill_speed_vs_stock=statistics.median(pratios) if pratios else None)
+            rows.append(row)
+        out[name] = rows
+    return out
 
 
 def main() -> None:
@@ -128,7 +156,10 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--backends", nargs="+", default=DEFAULT_BACKENDS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every case this many times, backends interleaved; ratios are medians over rounds")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--name", default="decode_throughput", help="stem of the JSON/PNG written under --out")
     args = ap.parse_args()
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs", flush=True)
 
@@ -136,32 +167,39 @@ def main() -> None:
         from vllm_sparse.models import prepare_model
 
         args.model = str(prepare_model("smollm2"))
-    results = {}
-    for spec in args.backends:
-        name, settings = parse_backend(spec)
-        print(f"{name}: {settings if settings is not None else 'vLLM stock backend'}", flush=True)
-        results[name] = dict(settings=settings, rows=run_backend(args.model, settings, args.contexts, args.batches,
-                                                                 args.decode_tokens, args.seed))
+    backends = dict(parse_backend(spec) for spec in args.backends)
+    rounds = []
+    for k in range(args.rounds):  # round -> case -> backend: the backends of a case run back to back
+        print(f"round {k + 1}/{args.rounds}", flush=True)
+        rnd = {name: {} for name in backends}
+        for n in args.contexts:
+            for b in args.batches:
+                for name, settings in backends.items():
+                    print(f"  {name}: {settings if settings is not None else 'vLLM stock backend'}", flush=True)
+                    rnd[name][(n, b)] = run_case(args.model, settings, n, b, args.decode_tokens, args.seed)
+        rounds.append(rnd)
+    rows = combine(rounds, list(backends))
+    results = {name: dict(settings=backends[name], rows=rows[name]) for name in backends}
 
-    base = {(r["context"], r["batch"]): r for r in results.get("stock", {}).get("rows", [])}
     header = (f"{'backend':<24}{'context':>8}{'batch':>6}{'step ms':>10}{'tok/s':>9}{'vs stock':>10}"
-              f"{'prefill s':>11}{'vs stock':>10}")
+              f"{'rounds':>20}{'prefill s':>11}{'vs stock':>10}")
     print("\n" + header + "\n" + "-" * len(header))
     for name, res in results.items():
         for r in res["rows"]:
-            ref = base.get((r["context"], r["batch"]))
-            r["speedup_vs_stock"] = ref["step_ms"] / r["step_ms"] if ref else None
-            r["prefill_speed_vs_stock"] = ref["prefill_s"] / r["prefill_s"] if ref and r["prefill_s"] else None
-            ratio = f"{r['speedup_vs_stock']:.2f}x" if ref else "-"
-            pratio = f"{r['prefill_speed_vs_stock']:.2f}x" if r["prefill_speed_vs_stock"] else "-"
+            ratio = f"{r['speedup_vs_stock']:.2f}x" if r.get("speedup_vs_stock") else "-"
+            spread = (f"{min(r['speedup_rounds']):.2f}-{max(r['speedup_rounds']):.2f}x"
+                      if r.get("speedup_rounds") and len(r["speedup_rounds"]) > 1 else "")
+            pratio = f"{r['prefill_speed_vs_stock']:.2f}x" if r.get("prefill_speed_vs_stock") else "-"
             print(f"{name:<24}{r['context']:>8}{r['batch']:>6}{r['step_ms']:>10.1f}{r['decode_tokens_per_s']:>9.1f}"
-                  f"{ratio:>10}{r['prefill_s']:>11.1f}{pratio:>10}")
+                  f"{ratio:>10}{spread:>20}{r['prefill_s']:>11.1f}{pratio:>10}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(model=args.model, machine=cpu_model(), cpus=os.cpu_count(),
-                decode_tokens=args.decode_tokens,
-                method="median engine-step time over pure full-batch decode steps, in-process engine, prefix caching off")
-    (args.out / "decode_throughput.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
+                decode_tokens=args.decode_tokens, rounds=args.rounds,
+                method="median engine-step time over pure full-batch decode steps, in-process engine, prefix caching "
+                       "off, one engine per (backend, case), backends of a case back to back; over rounds: median "
+                       "step time and the median of each round's ratio to stock")
+    (args.out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
     try:
         import matplotlib
 
@@ -177,7 +215,7 @@ def main() -> None:
         ax.set(title=f"batch {b}", xlabel="context tokens", ylabel="decode tokens/s")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(args.out / "decode_throughput.png", dpi=120)
+    fig.savefig(args.out / f"{args.name}.png", dpi=120)
 
 
 if __name__ == "__main__":

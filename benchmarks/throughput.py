@@ -188,6 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the reduced grid of `make bench`")
     ap.add_argument("--gpu", action="store_true", help="the GPU preset: 8k-128k inputs, 32 prompts")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--dry-run", action="store_true", help="print the plan (runs, commands) and exit")
     a = ap.parse_args(argv)
     preset = (dict(input_lens=GPU_LENGTHS, output_len=256, num_prompts=32, latency_iters=3) if a.gpu else
               dict(input_lens=[2048, 7000], output_len=64, num_prompts=4, latency_iters=1) if a.quick else
@@ -206,8 +207,24 @@ def main(argv=None) -> int:
 
         model = str(model_path("smollm2"))
     backends = [parse_backend(s) for s in a.backends]
-    a.out.mkdir(parents=True, exist_ok=True)
+    from vllm_sparse.config import SparseConfig
+
+    for name, settings in backends:  # a bad setting stops here, not after an hour of other runs
+        if settings is not None:
+            try:
+                SparseConfig.from_dict(settings)
+            except ValueError as e:
+                raise SystemExit(f"--backends {name}: {e}") from None
     stem = "throughput_quick" if a.quick else "throughput_gpu" if a.gpu else "throughput"
+    if a.dry_run:
+        print(f"throughput: {len(a.input_lens) * len(backends)} runs (input lengths {a.input_lens} x backends "
+              f"{[n for n, _ in backends]}), {a.num_prompts} prompts x {a.output_len} output tokens, latency "
+              f"iterations {a.latency_iters}, model {model} -> {a.out}/{stem}.{{json,png,log}}")
+        for name, settings in backends:
+            print(f"  {name}: vllm-sparse bench throughput "
+                  f"{' '.join(engine_args(model, settings, a.max_model_len or max(a.input_lens) + a.output_len + 64, a.engine_arg)[2:])}")
+        return 0
+    a.out.mkdir(parents=True, exist_ok=True)
     log = a.out / f"{stem}.log"
     log.unlink(missing_ok=True)
     rows = []

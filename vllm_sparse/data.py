@@ -216,3 +216,49 @@ def multikey_prompts(tokenizer, lengths=(4096, 7700), cases_per_length: int = 12
             cases.append(NeedleCase(prompt=prompt, answer=fmt["answer"], needle=sentences[q], length=length,
                                     context_tokens=n, depth=depths[q], actual_depth=depths[q], chat=chat))
     return cases
+
+
+# -- building blocks of the RULER-style quality suite (benchmarks/quality.py) -----------------------
+
+@functools.lru_cache(maxsize=1)
+def essay_words() -> frozenset[str]:
+    """Every ``\\w+`` run of the essays, lower-cased: what an answer or key must not be."""
+    return frozenset(re.findall(r"\w+", essays_text().lower()))
+
+
+def fresh_numbers(rng: random.Random, count: int, lo: int = 1000, hi: int = 10000,
+                  exclude=()) -> list[int]:
+    """``count`` distinct integers in ``[lo, hi)`` that occur nowhere in the essays (as a whole
+    ``\\w+`` run) and are not in ``exclude`` — unique answers that the haystack cannot supply."""
+    taken, out = essay_words() | {str(x) for x in exclude}, []
+    while len(out) < count:
+        x = rng.randrange(lo, hi)
+        if str(x) not in taken:
+            taken |= {str(x)}
+            out.append(x)
+    return out
+
+
+def insert_sentences(tokenizer, length: int, needles: list[tuple[float, str]], question: str,
+                     prefix: str, chat: bool) -> tuple[str, int]:
+    """(prompt, its token count): the essays cut so that the whole prompt is ~``length`` tokens
+    (+-0.5%), each ``(depth, sentence)`` at the sentence boundary before ``depth`` of the haystack,
+    then ``question``; the prompt ends with ``prefix`` (the answer's opening words).
+    The public form of the builder behind :func:`multikey_prompts`."""
+    fmt = dict(question=question, prefix=prefix)
+    return _insert_sentences(tokenizer, _essay_ids(tokenizer), length, list(needles), fmt, chat)
+
+
+def context_span(tokenizer, prompt: str, question: str, prefix: str, chat: bool) -> tuple[int, int]:
+    """Character span ``[start, end)`` of the context (haystack + needles) inside ``prompt``."""
+    marker = "\x00"
+    head, tail = _render(tokenizer, marker, chat, dict(question=question, prefix=prefix)).split(marker)
+    if not (prompt.startswith(head) and prompt.endswith(tail)):
+        raise ValueError("prompt was not rendered with this question/prefix/chat")
+    return len(head), len(prompt) - len(tail)
+
+
+def sentence_depth(tokenizer, context: str, sentence: str) -> float:
+    """Where ``sentence`` starts in ``context``: tokens before it / tokens of the context."""
+    pos = context.index(sentence)
+    return len(_encode(tokenizer, context[:pos])) / max(1, len(_encode(tokenizer, context)))

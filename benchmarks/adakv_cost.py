@@ -110,8 +110,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from decode_throughput import cpu_model
-    from vllm_sparse import data
-    from vllm_sparse.models import prepare_model
+    from vllm_sparse.assets import data
+    from vllm_sparse.assets.models import prepare_model
 
     model = str(prepare_model("smollm2"))
     tok = AutoTokenizer.from_pretrained(model)

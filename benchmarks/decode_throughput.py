@@ -164,7 +164,7 @@ def main() -> None:
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs", flush=True)
 
     if args.model is None:
-        from vllm_sparse.models import prepare_model
+        from vllm_sparse.assets.models import prepare_model
 
         args.model = str(prepare_model("smollm2"))
     backends = dict(parse_backend(spec) for spec in args.backends)

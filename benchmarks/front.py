@@ -4,7 +4,7 @@ For every setting (``name=SETTINGS_JSON``; ``stock`` = vLLM's dense backend):
 
 * **accuracy** with the real model through real vLLM (offline ``LLM.generate``, greedy): the
   12-prompt needle set of ``tests/`` (1k–7k tokens, depths 10/50/90%) and a multi-key lookup
-  (``vllm_sparse.data.multikey_prompts``: 4 key→number sentences at random depths, one asked
+  (``vllm_sparse.assets.data.multikey_prompts``: 4 key→number sentences at random depths, one asked
   for, at 4k and 7.7k tokens), exact match on the number;
 * **speed**: one layer's sparse decode step against vLLM's fused CPU kernel over the whole
   context (``benchmarks/cpu_paths.py``'s measurement, SmolLM2's shape, batch 16 at 7,000
@@ -48,7 +48,7 @@ DEFAULT_SETTINGS = [
 def accuracy(model: str, settings: dict | None, needles, multikey) -> dict:
     from vllm import LLM, SamplingParams
 
-    from vllm_sparse import data
+    from vllm_sparse.assets import data
 
     kw = dict(model=model, max_model_len=8192, enforce_eager=True, dtype="bfloat16", seed=0)
     if settings is not None:
@@ -95,8 +95,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from decode_throughput import cpu_model, parse_backend
-    from vllm_sparse import data
-    from vllm_sparse.models import prepare_model
+    from vllm_sparse.assets import data
+    from vllm_sparse.assets.models import prepare_model
 
     model = str(prepare_model("smollm2"))
     tok = AutoTokenizer.from_pretrained(model)

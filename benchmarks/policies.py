@@ -65,7 +65,7 @@ def run(model: str, settings: dict, cases, chunk: int) -> dict:
 
     from vllm import LLM, SamplingParams
 
-    from vllm_sparse import data
+    from vllm_sparse.assets import data
 
     kw = dict(model=model, max_model_len=8192, enforce_eager=True, dtype="bfloat16", seed=0,
               enable_prefix_caching=False, max_num_batched_tokens=chunk, attention_backend="CUSTOM",
@@ -134,8 +134,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from decode_throughput import cpu_model
-    from vllm_sparse import data
-    from vllm_sparse.models import prepare_model
+    from vllm_sparse.assets import data
+    from vllm_sparse.assets.models import prepare_model
 
     model = str(prepare_model("smollm2"))
     cases = data.needle_prompts(AutoTokenizer.from_pretrained(model))

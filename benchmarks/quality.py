@@ -1,6 +1,6 @@
 """Long-context quality, RULER-style: six retrieval tasks × the plugin's settings, through real vLLM.
 
-Every prompt is real text — the Paul Graham essays of :mod:`vllm_sparse.data` cut to a stated
+Every prompt is real text — the Paul Graham essays of :mod:`vllm_sparse.assets.data` cut to a stated
 token length (+-0.5%) — with needle sentences in the magic-number format of ``data.STYLES``
 ("The special magic number for cobalt is 9725.") at stated depths, then a question, ending in
 the answer's opening words. Tasks (after RULER, Hsieh et al. 2024):
@@ -18,7 +18,7 @@ vt             variable tracking: "VAR QXKZT = 48213." then ``hops`` (4) "VAR B 
 
 Answers are numbers/names drawn fresh per run (``--seed``, random unless given, printed), all
 distinct within a prompt and absent from the essays and from the distractors. A case scores 1
-when the output states **every** answer (``vllm_sparse.data.retrieved``'s word-bounded match per
+when the output states **every** answer (``vllm_sparse.assets.data.retrieved``'s word-bounded match per
 answer); the fraction of answers found is reported beside it, and distractor values the output
 states are recorded in the JSON.
 
@@ -70,7 +70,7 @@ from types import SimpleNamespace
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the stats counters live in-process
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
-from vllm_sparse import data  # noqa: E402  (after the environment: data imports no vLLM)
+from vllm_sparse.assets import data  # noqa: E402  (after the environment: data imports no vLLM)
 
 TASKS = ("single", "multi_needle", "multi_key", "multi_value", "multi_query", "vt")
 LENGTHS = (1024, 2048, 4096, 7500)
@@ -432,7 +432,7 @@ def main(argv=None) -> dict:
     print(f"seed {seed}", flush=True)
     from transformers import AutoTokenizer
 
-    from vllm_sparse.models import prepare_model
+    from vllm_sparse.assets.models import prepare_model
 
     model = args.model or str(prepare_model("smollm2"))
     tok = AutoTokenizer.from_pretrained(model)

@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         raise SystemExit("--gpu needs --model: a model whose context holds the 128k preset (SmolLM2 holds 8k)")
     model = a.model
     if model is None:
-        from vllm_sparse.models import model_path
+        from vllm_sparse.assets.models import model_path
 
         model = str(model_path("smollm2"))
     backends = [parse_backend(s) for s in a.backends]

@@ -5,7 +5,7 @@
 # (about 4 minutes per backend on a 2-core CPU). Results land in bench-{stock,sparse}.json.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-MODEL=${1:-$($PY -m vllm_sparse.models path smollm2)}
+MODEL=${1:-$($PY -m vllm_sparse.assets.models path smollm2)}
 IN=${2:-7000}; OUT=${3:-256}; N=${4:-8}
 VS=$(dirname "$PY")/vllm-sparse
 common=(bench throughput --model "$MODEL" --dataset-name random --random-input-len "$IN"

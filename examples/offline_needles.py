@@ -17,8 +17,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # CPU build only; ignored 
 
 from vllm import LLM, SamplingParams
 
-from vllm_sparse import data
-from vllm_sparse.models import prepare_model
+from vllm_sparse.assets import data
+from vllm_sparse.assets.models import prepare_model
 
 
 def answers(model, prompts, **llm_kwargs):

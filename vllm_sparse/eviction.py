@@ -258,32 +258,70 @@ def accumulate_attention(query: torch.Tensor, cache, block_table: torch.Tensor, 
 
     Args are the step's compacted view (``block_table``/``seq_lens`` after :func:`compact_block_table`),
     so the probabilities are those of attention over the resident tokens, causal for prefill chunks.
-    A loop over requests, torch ops inside (the reference path; it reads every resident key once).
+    Decode requests (one query each) go through one batched pass; prefill chunks, one pass per
+    request (:func:`_accumulate_one`, the readable reference). Each reads every resident key once.
     """
-    h, d, bs = cache.num_kv_heads, cache.head_size, cache.block_size
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    for b in range(len(lens)):
-        m, n = qsl[b + 1] - qsl[b], int(lens[b])
-        if m == 0 or n == 0 or (mode == "snap_votes" and m < 2):  # SnapKV: decode steps do not vote
-            continue
-        blocks = block_table[b, : -(-n // bs)].long()
-        k = cache.key_cache[blocks].reshape(-1, h, d)[:n].float()  # [n, H, D]
-        pos = torch.arange(n)
-        if mode == "snap_votes":
-            from vllm_sparse.policies import TokenState
+    rows = [b for b in range(len(lens)) if qsl[b + 1] - qsl[b] > 0 and lens[b] > 0]
+    decodes = [b for b in rows if qsl[b + 1] - qsl[b] == 1]
+    if mode != "snap_votes" and len(decodes) > 1:  # the common step: one batched pass, no loop
+        _accumulate_decodes(query, cache, block_table, seq_lens, query_start_loc, scale, mode, decodes)
+        batched = set(decodes)
+        rows = [b for b in rows if b not in batched]
+    for b in rows:
+        _accumulate_one(query[qsl[b]: qsl[b + 1]], cache, block_table[b], int(lens[b]), scale, mode, policy)
 
-            w = min(policy.window, m)
-            state = TokenState(keys=k, window_queries=query[qsl[b + 1] - w: qsl[b + 1]], scale=scale)
-            cache.token_scores[blocks[pos // bs], :, pos % bs] = policy.votes(state).T
-            continue
-        if mode == "last_attention":  # the last query sees every resident token
-            q = query[qsl[b + 1] - 1].float().view(1, h, -1, d)
-            probs = torch.softmax(torch.einsum("mhgd,nhd->hgmn", q, k) * scale, -1).mean(1)[:, 0]  # [H, n]
-            cache.token_scores[blocks[pos // bs], :, pos % bs] = probs.T
-            continue
-        q = query[qsl[b]: qsl[b + 1]].float().view(m, h, -1, d)  # [m, H, G, D]
-        logits = torch.einsum("mhgd,nhd->hgmn", q, k) * scale
-        causal = torch.arange(n)[None, :] > (n - m + torch.arange(m))[:, None]  # [m, n]
-        probs = torch.softmax(logits.masked_fill(causal, float("-inf")), -1).sum((1, 2))  # [H, n]
-        cache.token_scores[blocks[pos // bs], :, pos % bs] += probs.T
+
+def _accumulate_one(q: torch.Tensor, cache, blocks: torch.Tensor, n: int, scale: float, mode: str, policy) -> None:
+    """:func:`accumulate_attention` for one request: ``q`` ``[m, H*G, D]``, the last ``m`` of ``n``
+    positions (the readable reference of the batched decode pass)."""
+    h, d, bs = cache.num_kv_heads, cache.head_size, cache.block_size
+    m = q.shape[0]
+    if mode == "snap_votes" and m < 2:  # SnapKV: decode steps do not vote
+        return
+    blocks = blocks[: -(-n // bs)].long()
+    k = cache.key_cache[blocks].reshape(-1, h, d)[:n].float()  # [n, H, D]
+    pos = torch.arange(n)
+    if mode == "snap_votes":
+        from vllm_sparse.policies import TokenState
+
+        w = min(policy.window, m)
+        state = TokenState(keys=k, window_queries=q[m - w:], scale=scale)
+        cache.token_scores[blocks[pos // bs], :, pos % bs] = policy.votes(state).T
+        return
+    if mode == "last_attention":  # the last query sees every resident token
+        qq = q[-1].float().view(1, h, -1, d)
+        probs = torch.softmax(torch.einsum("mhgd,nhd->hgmn", qq, k) * scale, -1).mean(1)[:, 0]  # [H, n]
+        cache.token_scores[blocks[pos // bs], :, pos % bs] = probs.T
+        return
+    qq = q.float().view(m, h, -1, d)  # [m, H, G, D]
+    logits = torch.einsum("mhgd,nhd->hgmn", qq, k) * scale
+    causal = torch.arange(n)[None, :] > (n - m + torch.arange(m))[:, None]  # [m, n]
+    probs = torch.softmax(logits.masked_fill(causal, float("-inf")), -1).sum((1, 2))  # [H, n]
+    cache.token_scores[blocks[pos // bs], :, pos % bs] += probs.T
+
+
+def _accumulate_decodes(query, cache, block_table, seq_lens, query_start_loc, scale, mode, rows) -> None:
+    """H2O / TOVA state of the decode requests ``rows`` (one query each) in one batched pass: keys
+    gathered to ``[R, N, H, D]`` (``N`` = the longest), attention masked past each length."""
+    h, d, bs = cache.num_kv_heads, cache.head_size, cache.block_size
+    idx = torch.tensor(rows)
+    lens = seq_lens[idx].long()
+    n_max = int(lens.max())
+    nb = -(-n_max // bs)
+    blocks = block_table[idx, :nb].long().clamp_min(0)  # [R, nb]; entries past a length are masked below
+    k = cache.key_cache[blocks].reshape(len(rows), nb * bs, h, d).float()  # [R, N, H, D]
+    q = query[query_start_loc[idx].long()].float().view(len(rows), h, -1, d)  # [R, H, G, D]
+    pos = torch.arange(nb * bs)
+    valid = pos[None, :] < lens[:, None]  # [R, N]
+    logits = torch.einsum("rhgd,rnhd->rhgn", q, k) * scale
+    probs = torch.softmax(logits.masked_fill(~valid[:, None, None, :], float("-inf")), -1)
+    probs = probs.mean(2) if mode == "last_attention" else probs.sum(2)  # [R, H, N]
+    r, p = valid.nonzero(as_tuple=True)
+    blk, off = blocks[r, p // bs], p % bs
+    vals = probs[r, :, p]  # [T, H]
+    if mode == "last_attention":
+        cache.token_scores[blk, :, off] = vals
+    else:
+        cache.token_scores[blk, :, off] += vals

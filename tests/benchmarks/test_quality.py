@@ -13,7 +13,7 @@ import re
 import pytest
 from bench_scripts import load_script
 
-from vllm_sparse import data
+from vllm_sparse.assets import data
 
 q = load_script("quality")
 

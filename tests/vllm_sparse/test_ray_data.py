@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("ray")
 
 from llm_utils import generate_once  # noqa: E402
-from vllm_sparse.data import essays_text  # noqa: E402
+from vllm_sparse.assets.data import essays_text  # noqa: E402
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,7 +21,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from llm_utils import free_port  # noqa: E402
-from vllm_sparse import data  # noqa: E402
+from vllm_sparse.assets import data  # noqa: E402
 from vllm_sparse.serve import app_builder, build_app, core_sets, llm_config  # noqa: E402
 
 APP = "vllm-sparse"

@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from llm_utils import serve, sparse_json
-from vllm_sparse import data
+from vllm_sparse.assets import data
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

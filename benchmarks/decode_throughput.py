@@ -10,8 +10,9 @@ sparse/stock ratios and writes JSON + a PNG plot.
 
 Every (backend, case) runs on a fresh engine, and the backends of one case run back to back,
 so a slow drift of the machine (this project's 2-core VMs drift ±20% over minutes) hits
-stock and sparse alike. ``--rounds R`` repeats the whole grid R times that way; the reported
-ratio is the median of the R per-round ratios, with their range.
+stock and sparse alike; odd rounds reverse the backends' order. ``--rounds R`` repeats the
+whole grid R times that way; the reported ratio is the median of the R per-round ratios, with
+their range.
 
 Example (CPU machine, SmolLM2-135M, about 12 minutes per round)::
 
@@ -174,7 +175,8 @@ def main() -> None:
         rnd = {name: {} for name in backends}
         for n in args.contexts:
             for b in args.batches:
-                for name, settings in backends.items():
+                # ABBA: odd rounds reverse the order, so "built second in the process" favours no backend
+                for name, settings in list(backends.items())[:: -1 if k % 2 else 1]:
                     print(f"  {name}: {settings if settings is not None else 'vLLM stock backend'}", flush=True)
                     rnd[name][(n, b)] = run_case(args.model, settings, n, b, args.decode_tokens, args.seed)
         rounds.append(rnd)
@@ -197,8 +199,8 @@ def main() -> None:
     meta = dict(model=args.model, machine=cpu_model(), cpus=os.cpu_count(),
                 decode_tokens=args.decode_tokens, rounds=args.rounds,
                 method="median engine-step time over pure full-batch decode steps, in-process engine, prefix caching "
-                       "off, one engine per (backend, case), backends of a case back to back; over rounds: median "
-                       "step time and the median of each round's ratio to stock")
+                       "off, one engine per (backend, case), backends of a case back to back (order reversed in odd "
+                       "rounds); over rounds: median step time and the median of each round's ratio to stock")
     (args.out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
     try:
         import matplotlib

@@ -68,35 +68,40 @@ void summaries_impl(const at::Tensor& key, const at::Tensor& slots, at::Tensor& 
 
 // Max over the page's first `valid` tokens and the GQA group of q·k restricted to the `r` dims
 // `dims` (all `d` dims: the exact score; fewer: SparQ's approximation from the largest |q|
-// components). Keys stored [d, BS]: dim e of the page is one contiguous row of BS keys.
+// components). Keys stored [d, BS]: dim e of the page is one contiguous row of BS keys. The r
+// rows are converted once into `rows` (r * BS floats, stays in L1); each query of the group then
+// accumulates its BS scores in registers (BS is a compile-time constant).
 template <typename T, int BS>
 float page_score(const T* kt, const float* qsel, const int64_t* dims, int64_t g, int64_t r, int64_t valid,
-                 float* acc) {
-  std::fill(acc, acc + g * BS, 0.f);
-  float row[BS];
-  for (int64_t i = 0; i < r; ++i) {
-    to_f32(kt + dims[i] * BS, row, BS);
-    for (int64_t j = 0; j < g; ++j) {
-      const float x = qsel[j * r + i];
-      float* a = acc + j * BS;
+                 float* rows) {
+  for (int64_t i = 0; i < r; ++i) to_f32(kt + dims[i] * BS, rows + i * BS, BS);
+  const float neg = -std::numeric_limits<float>::infinity();
+  float best = neg;
+  for (int64_t j = 0; j < g; ++j) {
+    float a[BS] = {};
+    const float* qj = qsel + j * r;
+    for (int64_t i = 0; i < r; ++i) {
+      const float x = qj[i];
+      const float* row = rows + i * BS;
 #pragma omp simd
       for (int t = 0; t < BS; ++t) a[t] += x * row[t];
     }
+    float m = neg;
+#pragma omp simd reduction(max : m)
+    for (int t = 0; t < BS; ++t) m = std::max(m, t < valid ? a[t] : neg);
+    best = std::max(best, m);
   }
-  float best = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < g; ++j)
-    for (int64_t t = 0; t < valid; ++t) best = acc[j * BS + t] > best ? acc[j * BS + t] : best;
   return best;
 }
 
 template <typename T>
 float rescore(const T* kt, const float* qsel, const int64_t* dims, int64_t g, int64_t r, int64_t bs, int64_t valid,
-              float* acc) {
+              float* rows) {
   switch (bs) {
-    case 16: return page_score<T, 16>(kt, qsel, dims, g, r, valid, acc);
-    case 32: return page_score<T, 32>(kt, qsel, dims, g, r, valid, acc);
-    case 64: return page_score<T, 64>(kt, qsel, dims, g, r, valid, acc);
-    case 128: return page_score<T, 128>(kt, qsel, dims, g, r, valid, acc);
+    case 16: return page_score<T, 16>(kt, qsel, dims, g, r, valid, rows);
+    case 32: return page_score<T, 32>(kt, qsel, dims, g, r, valid, rows);
+    case 64: return page_score<T, 64>(kt, qsel, dims, g, r, valid, rows);
+    case 128: return page_score<T, 128>(kt, qsel, dims, g, r, valid, rows);
     default: TORCH_CHECK(false, "page rescoring supports block sizes 16/32/64/128, got ", bs);
   }
   return 0.f;
@@ -127,7 +132,8 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
 #pragma omp parallel
   {
     const int64_t r_dims = rescore_dims > 0 && rescore_dims < d ? rescore_dims : d;
-    std::vector<float> score(p_max), qpos(g * d), qneg(g * d), qsel(g * r_dims), weight(d), meta(2 * d), acc(g * bs);
+    std::vector<float> score(p_max), qpos(g * d), qneg(g * d), qsel(g * r_dims), weight(d), meta(2 * d);
+    std::vector<float> krows(r_dims * bs);  // the rescored dims of one page's keys, as float32
     std::vector<int64_t> idx(p_max), dims(d);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < b * h; ++r) {
@@ -204,7 +210,7 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
           if (score[p] == inf) continue;  // forced pages stay first
           const int64_t valid = std::min(bs, sl[req] - p * bs);
           score[p] = rescore(base + (bt[req * bts + p] * h + head) * rs, qsel.data(), dims.data(), g, r_dims, bs,
-                             valid, acc.data());
+                             valid, krows.data());
         }
         std::nth_element(idx.begin(), idx.begin() + (k > 0 ? k - 1 : 0), idx.begin() + c, better);
       } else {

@@ -47,7 +47,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from vllm_sparse import cpu_attention, stats
 from vllm_sparse.config import SparseConfig
-from vllm_sparse.cpu_tuning import tune_malloc
+from vllm_sparse.cpu_tuning import huge_pages, tune_malloc
 from vllm_sparse.kernels import PagedKVCache, summary_states
 from vllm_sparse.kernels.layout import score_states
 from vllm_sparse.kernels import ops
@@ -330,6 +330,8 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             rows = _score_rows(self.config, self.head_size, kv_cache.dtype, self.config.page_size)  # block = page
             cache = PagedKVCache.from_raw(kv_cache, self.num_kv_heads, self.config.page_size, key_transposed=self.cpu,
                                           score_rows=rows)
+            if self.cpu:
+                huge_pages(kv_cache)  # sparse reads hop between blocks: spare them the TLB misses
             self._views = (key, cache)
         return self._views[1]
 

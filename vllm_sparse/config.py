@@ -35,8 +35,8 @@ selection      exact_pages  ``exact_pages``: rank pages by their min/max upper b
                          budget, the baseline). Page selections round the budget up to whole
                          pages. Or a registered third-party selector
                          (``vllm_sparse.kernels.selectors``)
-candidate_factor 4.0     ``exact_pages``/``page``: candidates per page (token) of the budget
-rescore_dims   16        ``exact_pages``: rescore candidates by ``q·k`` over only the
+candidate_factor 8.0     ``exact_pages``/``page``: candidates per page (token) of the budget
+rescore_dims   12        ``exact_pages``: rescore candidates by ``q·k`` over only the
                          ``rescore_dims`` dims where the query group's ``Σ|q|`` is largest
                          (SparQ's approximation; reads that fraction of the candidates'
                          keys); 0 or >= head_size: every dim, the exact max ``q·k``
@@ -123,8 +123,8 @@ class SparseConfig:
     local_window: int = 64
     page_size: int = 32
     selection: str = "exact_pages"
-    candidate_factor: float = 4.0
-    rescore_dims: int = 16
+    candidate_factor: float = 8.0
+    rescore_dims: int = 12
     granularity: str = "kv_head"
     dense_below: int = 1024
     dense_layers: int = 0

@@ -1,0 +1,76 @@
+"""CPU memory tuning: the KV cache on 2 MiB huge pages, checked in the kernel's own accounting."""
+
+import platform
+
+import pytest
+import torch
+
+from llm_utils import generate_once
+from vllm_sparse import cpu_tuning
+
+# MADV_COLLAPSE came with Linux 6.1; this project's machines run newer kernels
+_KERNEL = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
+needs_collapse = pytest.mark.skipif(platform.system() != "Linux" or _KERNEL < (6, 1),
+                                    reason="MADV_COLLAPSE needs Linux >= 6.1")
+
+
+def huge_bytes_at(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    found = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                found = lo <= address < hi
+            elif found and head == "AnonHugePages:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@needs_collapse
+def test_huge_pages_backs_the_tensor_and_keeps_its_data():
+    t = torch.randn((12 << 20) // 4)  # 12 MiB, touched: on 4 KiB pages under THP=madvise
+    want = t.clone()
+    done = cpu_tuning.huge_pages(t)
+    lo = -(-t.data_ptr() // cpu_tuning.HUGE_PAGE) * cpu_tuning.HUGE_PAGE
+    assert done >= 8 << 20 and done % cpu_tuning.HUGE_PAGE == 0  # the 2 MiB-aligned interior
+    assert huge_bytes_at(lo) >= done
+    assert torch.equal(t, want)
+    assert cpu_tuning.huge_pages(t[100:]) == done  # a view: the same storage, already huge
+
+
+def test_huge_pages_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("VLLM_SPARSE_HUGE_PAGES", "0")
+    assert cpu_tuning.huge_pages(torch.randn((6 << 20) // 4)) == 0
+
+
+def test_huge_pages_skips_storage_smaller_than_a_huge_page():
+    assert cpu_tuning.huge_pages(torch.randn(1000)) == 0
+
+
+@pytest.mark.vllm
+@needs_collapse
+def test_sparse_backend_puts_vllms_kv_cache_on_huge_pages(tiny_llama_dir, monkeypatch):
+    """In real vLLM: every layer's KV cache tensor ends up on huge pages, tokens unchanged."""
+    calls = []
+    real = cpu_tuning.huge_pages
+    monkeypatch.setattr(cpu_tuning, "huge_pages", lambda t: calls.append((t, real(t))) or calls[-1][1])
+    import vllm_sparse.backend as backend
+
+    monkeypatch.setattr(backend, "huge_pages", cpu_tuning.huge_pages)
+    prompts = ["hello world " * 300]
+    settings = {"dense_below": 0, "min_budget": 68, "k": 1.0}
+
+    def on_huge_pages(llm):
+        assert calls and all(done > 0 for _, done in calls)
+        for t, _ in calls:
+            lo = -(-t.untyped_storage().data_ptr() // cpu_tuning.HUGE_PAGE) * cpu_tuning.HUGE_PAGE
+            assert huge_bytes_at(lo) > 0
+        return True
+
+    huge, checked = generate_once(tiny_llama_dir, prompts, sparse=settings, with_llm=on_huge_pages)
+    assert checked
+    monkeypatch.setenv("VLLM_SPARSE_HUGE_PAGES", "0")
+    plain = generate_once(tiny_llama_dir, prompts, sparse=settings)
+    assert [o.token_ids for o in huge] == [o.token_ids for o in plain]

@@ -23,6 +23,7 @@ it was (logged). ``VLLM_SPARSE_HUGE_PAGES=0`` turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -38,7 +39,7 @@ _MADV_HUGEPAGE = 14
 _MADV_COLLAPSE = 25
 HUGE_PAGE = 2 << 20
 _done = False
-_logged: set[str] = set()
+_logged: set = set()
 
 
 def tune_malloc() -> bool:
@@ -67,9 +68,51 @@ def huge_pages(tensor: torch.Tensor) -> int:
     huge costs nothing). Returns the bytes now on huge pages: 0 when off, not Linux/CPU, or
     refused by the kernel (older than 6.1, no free huge pages), which is logged once.
     """
-    storage = tensor.untyped_storage()
     if os.environ.get("VLLM_SPARSE_HUGE_PAGES", "1") == "0" or sys.platform != "linux" or tensor.device.type != "cpu":
         return 0
+    if not _advise(tensor, _MADV_HUGEPAGE):
+        return 0
+    done = _advise(tensor, _MADV_COLLAPSE)
+    if done:
+        _log_once("ok", "vllm-sparse: KV cache on 2 MiB huge pages (%d MiB)", done >> 20)
+    return done
+
+
+def _log_once(key, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.info(*args)
+
+
+@contextlib.contextmanager
+def huge_page_allocations(min_bytes: int = 4 * HUGE_PAGE):
+    """Inside this context, ``torch.zeros`` on CPU of at least ``min_bytes`` is advised
+    ``MADV_HUGEPAGE`` *before* it is zeroed, so its pages fault in as 2 MiB pages directly (no
+    copy, unlike collapsing afterwards). vLLM allocates the CPU KV cache with one such call; the
+    plugin's worker wraps that allocation in this context. A no-op when turned off."""
+    if os.environ.get("VLLM_SPARSE_HUGE_PAGES", "1") == "0" or sys.platform != "linux":
+        yield
+        return
+    real = torch.zeros
+
+    def zeros(*size, **kwargs):
+        if "out" in kwargs:
+            return real(*size, **kwargs)
+        t = torch.empty(*size, **kwargs)
+        if t.device.type == "cpu" and t.untyped_storage().nbytes() >= min_bytes:
+            _advise(t, _MADV_HUGEPAGE)
+        return t.zero_()
+
+    torch.zeros = zeros
+    try:
+        yield
+    finally:
+        torch.zeros = real
+
+
+def _advise(tensor: torch.Tensor, advice: int) -> int:
+    """madvise the 2 MiB-aligned part of ``tensor``'s storage; returns its bytes, 0 if refused."""
+    storage = tensor.untyped_storage()
     start = storage.data_ptr()
     lo = -(-start // HUGE_PAGE) * HUGE_PAGE
     hi = (start + storage.nbytes()) // HUGE_PAGE * HUGE_PAGE
@@ -77,16 +120,8 @@ def huge_pages(tensor: torch.Tensor) -> int:
         return 0
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    for advice, name in ((_MADV_HUGEPAGE, "MADV_HUGEPAGE"), (_MADV_COLLAPSE, "MADV_COLLAPSE")):
-        if libc.madvise(lo, hi - lo, advice) != 0:
-            _log_once(name, "vllm-sparse: KV cache left on 4 KiB pages (madvise %s: %s)", name,
-                      os.strerror(ctypes.get_errno()))
-            return 0
-    _log_once("ok", "vllm-sparse: KV cache on 2 MiB huge pages (%d MiB)", (hi - lo) >> 20)
+    if libc.madvise(lo, hi - lo, advice) != 0:
+        _log_once(advice, "vllm-sparse: KV cache left on 4 KiB pages (madvise %d: %s)", advice,
+                  os.strerror(ctypes.get_errno()))
+        return 0
     return hi - lo
-
-
-def _log_once(key: str, *args) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        logger.info(*args)

@@ -3,8 +3,9 @@
 The stock :class:`vllm.platforms.cpu.CpuPlatform` always answers with ``CPU_ATTN``. Here an
 explicit ``CUSTOM`` selection is validated like the CUDA platform does (a ``ValueError``
 listing the reasons when the model/config is unsupported) and returned, and the KV block size
-becomes the plugin's ``page_size`` (one page per block; the stock CPU default is 128); every
-other selection goes to the stock code unchanged.
+becomes the plugin's ``page_size`` (one page per block; the stock CPU default is 128), and the
+worker is :class:`vllm_sparse.cpu_worker.SparseCPUWorker` (the stock one, whose KV cache is put
+on huge pages at start-up); every other selection goes to the stock code unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class SparseCpuPlatform(CpuPlatform):
                 f"got --block-size {cache.block_size}. Drop --block-size or set page_size to the same value."
             )
         cache.block_size = page_size
+        parallel = vllm_config.parallel_config
+        if parallel.worker_cls == "vllm.v1.worker.cpu_worker.CPUWorker":  # the stock default, not a user's
+            parallel.worker_cls = "vllm_sparse.cpu_worker.SparseCPUWorker"
         if sparse.evict is not None:
             from vllm_sparse.eviction import check_engine_config
 

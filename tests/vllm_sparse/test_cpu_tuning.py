@@ -5,7 +5,7 @@ import platform
 import pytest
 import torch
 
-from llm_utils import generate_once
+from llm_utils import generate_once, greedy, make_llm
 from vllm_sparse import cpu_tuning
 
 # MADV_COLLAPSE came with Linux 6.1; this project's machines run newer kernels
@@ -40,6 +40,18 @@ def test_huge_pages_backs_the_tensor_and_keeps_its_data():
     assert cpu_tuning.huge_pages(t[100:]) == done  # a view: the same storage, already huge
 
 
+@needs_collapse
+def test_allocations_inside_the_context_fault_in_as_huge_pages():
+    real = torch.zeros
+    with cpu_tuning.huge_page_allocations():
+        t = torch.zeros((16 << 20) // 4)  # advised before zeroing: no collapse needed
+        small = torch.zeros(10)
+    assert torch.zeros is real
+    lo = -(-t.data_ptr() // cpu_tuning.HUGE_PAGE) * cpu_tuning.HUGE_PAGE
+    assert huge_bytes_at(lo) >= 8 << 20
+    assert not t.any() and not small.any() and t.dtype == small.dtype == torch.float32
+
+
 def test_huge_pages_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("VLLM_SPARSE_HUGE_PAGES", "0")
     assert cpu_tuning.huge_pages(torch.randn((6 << 20) // 4)) == 0
@@ -51,26 +63,34 @@ def test_huge_pages_skips_storage_smaller_than_a_huge_page():
 
 @pytest.mark.vllm
 @needs_collapse
-def test_sparse_backend_puts_vllms_kv_cache_on_huge_pages(tiny_llama_dir, monkeypatch):
-    """In real vLLM: every layer's KV cache tensor ends up on huge pages, tokens unchanged."""
+def test_sparse_backend_puts_vllms_kv_cache_on_huge_pages_at_start_up(tiny_llama_dir, monkeypatch):
+    """In real vLLM: the plugin's CPU worker moves the KV cache onto huge pages before the first
+    request (checked in /proc/self/smaps), and the tokens are those of a 4 KiB-page cache."""
     calls = []
     real = cpu_tuning.huge_pages
-    monkeypatch.setattr(cpu_tuning, "huge_pages", lambda t: calls.append((t, real(t))) or calls[-1][1])
     import vllm_sparse.backend as backend
+    import vllm_sparse.cpu_worker as cpu_worker
 
-    monkeypatch.setattr(backend, "huge_pages", cpu_tuning.huge_pages)
+    def recording(t):
+        calls.append((t, real(t)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(cpu_worker, "huge_pages", recording)
+    monkeypatch.setattr(backend, "huge_pages", recording)
     prompts = ["hello world " * 300]
     settings = {"dense_below": 0, "min_budget": 68, "k": 1.0}
 
-    def on_huge_pages(llm):
+    def on_huge_pages_before_any_request():
         assert calls and all(done > 0 for _, done in calls)
         for t, _ in calls:
             lo = -(-t.untyped_storage().data_ptr() // cpu_tuning.HUGE_PAGE) * cpu_tuning.HUGE_PAGE
             assert huge_bytes_at(lo) > 0
         return True
 
-    huge, checked = generate_once(tiny_llama_dir, prompts, sparse=settings, with_llm=on_huge_pages)
-    assert checked
+    with make_llm(tiny_llama_dir, sparse=settings) as llm:
+        assert on_huge_pages_before_any_request()  # the engine is built, nothing generated yet
+        huge = [o.token_ids for o in greedy(llm, prompts)]
+        del llm
     monkeypatch.setenv("VLLM_SPARSE_HUGE_PAGES", "0")
     plain = generate_once(tiny_llama_dir, prompts, sparse=settings)
-    assert [o.token_ids for o in huge] == [o.token_ids for o in plain]
+    assert huge == [o.token_ids for o in plain]

@@ -13,12 +13,14 @@ it off.
 each of hundreds of randomly placed KV blocks per (request, KV head) and layer — page rescoring
 and the compacted-table attention. With 4 KiB pages nearly every block is a TLB miss (a nested
 page walk in a VM). vLLM allocates the CPU KV cache as ordinary anonymous memory, which the
-common ``transparent_hugepage=madvise`` setting leaves on 4 KiB pages; the backend therefore
-asks the kernel to back each KV cache tensor with 2 MiB pages (``madvise(MADV_HUGEPAGE)``, then
-``MADV_COLLAPSE`` — Linux ≥ 6.1 — for the memory vLLM has already zeroed). Measured on the
-2-core AMD EPYC VM (SmolLM2, 16 × 7,000 tokens, one round): decode step 115.9 → 95.5 ms and
-prefill 240 → 192 s (``docs/RESULTS.md``). Best effort: a kernel that refuses leaves the cache as
-it was (logged). ``VLLM_SPARSE_HUGE_PAGES=0`` turns it off.
+common ``transparent_hugepage=madvise`` setting leaves on 4 KiB pages. The plugin's CPU worker
+(:mod:`vllm_sparse.cpu_worker`) therefore advises vLLM's KV-cache buffer ``MADV_HUGEPAGE``
+before it is zeroed (:func:`huge_page_allocations`: its pages fault in huge, no copy) and
+collapses whatever is left (:func:`huge_pages`, ``MADV_COLLAPSE``, Linux ≥ 6.1), at start-up;
+the backend repeats :func:`huge_pages` on the first use of each cache (a no-op when already
+huge). Measured on the 2-core AMD EPYC VM (SmolLM2, 16 × 7,000 tokens, one round): decode step
+115.9 → 95.5 ms (``docs/RESULTS.md``). Best effort: a kernel that refuses leaves the cache as
+it was (logged once). ``VLLM_SPARSE_HUGE_PAGES=0`` turns it off.
 """
 
 from __future__ import annotations

@@ -20,6 +20,13 @@ Example (CPU machine, SmolLM2-135M, about 12 minutes per round)::
 
 Backends are given as ``name=SETTINGS_JSON`` (``stock`` is vLLM's own backend); default:
 ``stock``, ``sparse`` (the default settings) and ``token`` (``selection=token``).
+
+``stock-thp`` is vLLM's stock backend with the system's transparent huge pages set to
+``always`` during its runs (written to ``/sys/kernel/mm/transparent_hugepage/enabled``, which
+needs root; the previous value is restored after each run): what stock gains from the 2 MiB
+pages the plugin asks for its KV cache by itself (``vllm_sparse/cpu_tuning.py``). Example::
+
+    python benchmarks/decode_throughput.py --backends stock "sparse={}" stock-thp --rounds 2
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine must 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "6")
 
 DEFAULT_BACKENDS = ["stock", "sparse={}", 'token={"selection": "token"}']
+STOCK = ("stock", "stock-thp")  # vLLM's own backend; -thp: with transparent huge pages always on
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def cpu_model() -> str:
@@ -51,7 +60,7 @@ def cpu_model() -> str:
 
 def parse_backend(spec: str) -> tuple[str, dict | None]:
     name, _, settings = spec.partition("=")
-    return name, (None if name == "stock" else json.loads(settings or "{}"))
+    return name, (None if name in STOCK else json.loads(settings or "{}"))
 
 
 class StepTimer:
@@ -84,8 +93,24 @@ class StepTimer:
         core.scheduler.schedule, core.step_fn = timed_schedule, timed_step
 
 
-def run_case(model: str, settings: dict | None, context: int, batch: int, decode_tokens: int, seed: int) -> dict:
-    """One (context, batch) on a fresh engine: median pure-decode step time and prefill time."""
+def thp_mode(mode: str | None = None) -> str:
+    """The system's transparent-huge-page mode (``[always] madvise never`` -> ``always``); sets it when given."""
+    if mode is not None:
+        THP.write_text(mode)
+    return THP.read_text().split("[")[1].split("]")[0]
+
+
+def run_case(model: str, settings: dict | None, context: int, batch: int, decode_tokens: int, seed: int,
+             huge_pages: bool = False) -> dict:
+    """One (context, batch) on a fresh engine: median pure-decode step time and prefill time
+    (``huge_pages``: with the system's transparent huge pages ``always`` while it runs)."""
+    if huge_pages:
+        before = thp_mode()
+        try:
+            thp_mode("always")
+            return run_case(model, settings, context, batch, decode_tokens, seed)
+        finally:
+            thp_mode(before)
     import statistics
 
     import torch
@@ -169,6 +194,8 @@ def main() -> None:
 
         args.model = str(prepare_model("smollm2"))
     backends = dict(parse_backend(spec) for spec in args.backends)
+    if "stock-thp" in backends and not os.access(THP, os.W_OK):
+        raise SystemExit(f"backend stock-thp sets {THP} during its runs: it needs write access (root)")
     rounds = []
     for k in range(args.rounds):  # round -> case -> backend: the backends of a case run back to back
         print(f"round {k + 1}/{args.rounds}", flush=True)
@@ -178,7 +205,8 @@ def main() -> None:
                 # ABBA: odd rounds reverse the order, so "built second in the process" favours no backend
                 for name, settings in list(backends.items())[:: -1 if k % 2 else 1]:
                     print(f"  {name}: {settings if settings is not None else 'vLLM stock backend'}", flush=True)
-                    rnd[name][(n, b)] = run_case(args.model, settings, n, b, args.decode_tokens, args.seed)
+                    rnd[name][(n, b)] = run_case(args.model, settings, n, b, args.decode_tokens, args.seed,
+                                                 huge_pages=name == "stock-thp")
         rounds.append(rnd)
     rows = combine(rounds, list(backends))
     results = {name: dict(settings=backends[name], rows=rows[name]) for name in backends}

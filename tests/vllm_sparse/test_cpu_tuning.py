@@ -14,6 +14,12 @@ needs_collapse = pytest.mark.skipif(platform.system() != "Linux" or _KERNEL < (6
                                     reason="MADV_COLLAPSE needs Linux >= 6.1")
 
 
+@pytest.fixture(autouse=True)
+def huge_pages_on(monkeypatch):
+    """conftest.py turns the plugin's huge pages off for the rest of the suite (start-up time)."""
+    monkeypatch.setenv("VLLM_SPARSE_HUGE_PAGES", "1")
+
+
 def huge_bytes_at(address: int) -> int:
     """AnonHugePages of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
     found = False

@@ -70,7 +70,7 @@ def huge_pages(tensor: torch.Tensor) -> int:
     huge costs nothing). Returns the bytes now on huge pages: 0 when off, not Linux/CPU, or
     refused by the kernel (older than 6.1, no free huge pages), which is logged once.
     """
-    if os.environ.get("VLLM_SPARSE_HUGE_PAGES", "1") == "0" or sys.platform != "linux" or tensor.device.type != "cpu":
+    if not _huge_pages_on() or tensor.device.type != "cpu":
         return 0
     if not _advise(tensor, _MADV_HUGEPAGE):
         return 0
@@ -78,6 +78,10 @@ def huge_pages(tensor: torch.Tensor) -> int:
     if done:
         _log_once("ok", "vllm-sparse: KV cache on 2 MiB huge pages (%d MiB)", done >> 20)
     return done
+
+
+def _huge_pages_on() -> bool:
+    return os.environ.get("VLLM_SPARSE_HUGE_PAGES", "1") != "0" and sys.platform == "linux"
 
 
 def _log_once(key, *args) -> None:
@@ -92,7 +96,7 @@ def huge_page_allocations(min_bytes: int = 4 * HUGE_PAGE):
     ``MADV_HUGEPAGE`` *before* it is zeroed, so its pages fault in as 2 MiB pages directly (no
     copy, unlike collapsing afterwards). vLLM allocates the CPU KV cache with one such call; the
     plugin's worker wraps that allocation in this context. A no-op when turned off."""
-    if os.environ.get("VLLM_SPARSE_HUGE_PAGES", "1") == "0" or sys.platform != "linux":
+    if not _huge_pages_on():
         yield
         return
     real = torch.zeros

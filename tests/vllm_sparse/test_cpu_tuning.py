@@ -34,12 +34,17 @@ def huge_bytes_at(address: int) -> int:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
+def first_huge_page(t: torch.Tensor) -> int:
+    """Address of the first 2 MiB boundary inside ``t``'s storage (where huge pages can start)."""
+    return -(-t.untyped_storage().data_ptr() // cpu_tuning.HUGE_PAGE) * cpu_tuning.HUGE_PAGE
+
+
 @needs_collapse
 def test_huge_pages_backs_the_tensor_and_keeps_its_data():
     t = torch.randn((12 << 20) // 4)  # 12 MiB, touched: on 4 KiB pages under THP=madvise
     want = t.clone()
     done = cpu_tuning.huge_pages(t)
-    lo = -(-t.data_ptr() // cpu_tuning.HUGE_PAGE) * cpu_tuning.HUGE_PAGE
+    lo = first_huge_page(t)
     assert done >= 8 << 20 and done % cpu_tuning.HUGE_PAGE == 0  # the 2 MiB-aligned interior
     assert huge_bytes_at(lo) >= done
     assert torch.equal(t, want)
@@ -53,7 +58,7 @@ def test_allocations_inside_the_context_fault_in_as_huge_pages():
         t = torch.zeros((16 << 20) // 4)  # advised before zeroing: no collapse needed
         small = torch.zeros(10)
     assert torch.zeros is real
-    lo = -(-t.data_ptr() // cpu_tuning.HUGE_PAGE) * cpu_tuning.HUGE_PAGE
+    lo = first_huge_page(t)
     assert huge_bytes_at(lo) >= 8 << 20
     assert not t.any() and not small.any() and t.dtype == small.dtype == torch.float32
 
@@ -89,8 +94,7 @@ def test_sparse_backend_puts_vllms_kv_cache_on_huge_pages_at_start_up(tiny_llama
     def on_huge_pages_before_any_request():
         assert calls and all(done > 0 for _, done in calls)
         for t, _ in calls:
-            lo = -(-t.untyped_storage().data_ptr() // cpu_tuning.HUGE_PAGE) * cpu_tuning.HUGE_PAGE
-            assert huge_bytes_at(lo) > 0
+            assert huge_bytes_at(first_huge_page(t)) > 0
         return True
 
     with make_llm(tiny_llama_dir, sparse=settings) as llm:

@@ -196,16 +196,26 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
         }
         for (int64_t j = 0; j < g; ++j)
           for (int64_t i = 0; i < r_dims; ++i) qsel[j * r_dims + i] = qpos[j * d + dims[i]] + qneg[j * d + dims[i]];
-        const int64_t row_len = bs * static_cast<int64_t>(sizeof(T));
-        auto prefetch_keys = [&](int64_t i) {
-          const char* a = reinterpret_cast<const char*>(base + (bt[req * bts + idx[i]] * h + head) * rs);
-          for (int64_t e = 0; e < r_dims; ++e)
-            for (int64_t o = 0; o < row_len; o += 64) __builtin_prefetch(a + dims[e] * row_len + o);
-        };
-        constexpr int64_t kPagesAhead = 2;
-        for (int64_t i = 0; i < std::min(c, kPagesAhead); ++i) prefetch_keys(i);
+        // The candidates sit in random blocks. Load one element of each cache line of every
+        // candidate's rescored rows first: independent loads, so the core overlaps their misses
+        // (16 x 7k, six layers' caches, same process: 2.45 vs 3.33 ms per layer with software
+        // prefetches two pages ahead, which stalled on each miss); scoring then hits the cache.
+        const int64_t row_len = bs;                                   // elements of one dim's row
+        constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));  // elements per cache line
+        int touched = 0;
         for (int64_t i = 0; i < c; ++i) {
-          if (i + kPagesAhead < c) prefetch_keys(i + kPagesAhead);
+          if (score[idx[i]] == inf) continue;
+          const T* kt = base + (bt[req * bts + idx[i]] * h + head) * rs;
+          if (row_len <= kLine) {
+            for (int64_t e = 0; e < r_dims; ++e) touched += reinterpret_cast<const uint8_t*>(kt + dims[e] * row_len)[0];
+          } else {
+            for (int64_t e = 0; e < r_dims; ++e)
+              for (int64_t o = 0; o < row_len; o += kLine)
+                touched += reinterpret_cast<const uint8_t*>(kt + dims[e] * row_len + o)[0];
+          }
+        }
+        asm volatile("" : : "r"(touched));  // the loads are what counts: keep them
+        for (int64_t i = 0; i < c; ++i) {
           const int64_t p = idx[i];
           if (score[p] == inf) continue;  // forced pages stay first
           const int64_t valid = std::min(bs, sl[req] - p * bs);

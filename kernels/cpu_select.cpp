@@ -202,7 +202,7 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
         // prefetches two pages ahead, which stalled on each miss); scoring then hits the cache.
         const int64_t row_len = bs;                                   // elements of one dim's row
         constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));  // elements per cache line
-        int touched = 0;
+        unsigned touched = 0;  // unsigned: wraps, never overflows
         for (int64_t i = 0; i < c; ++i) {
           if (score[idx[i]] == inf) continue;
           const T* kt = base + (bt[req * bts + idx[i]] * h + head) * rs;

@@ -206,7 +206,7 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
         for (int64_t i = 0; i < c; ++i) {
           if (score[idx[i]] == inf) continue;
           const T* kt = base + (bt[req * bts + idx[i]] * h + head) * rs;
-          if (row_len <= kLine) {
+          if (row_len <= kLine) {  // a row within one line (bf16 pages of 16/32): one load, no inner loop
             for (int64_t e = 0; e < r_dims; ++e) touched += reinterpret_cast<const uint8_t*>(kt + dims[e] * row_len)[0];
           } else {
             for (int64_t e = 0; e < r_dims; ++e)

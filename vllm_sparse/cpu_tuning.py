@@ -116,12 +116,16 @@ def huge_page_allocations(min_bytes: int = 4 * HUGE_PAGE):
         torch.zeros = real
 
 
-def _advise(tensor: torch.Tensor, advice: int) -> int:
-    """madvise the 2 MiB-aligned part of ``tensor``'s storage; returns its bytes, 0 if refused."""
+def huge_page_range(tensor: torch.Tensor) -> tuple[int, int]:
+    """Addresses ``[lo, hi)`` of the 2 MiB-aligned part of ``tensor``'s storage (where huge pages fit)."""
     storage = tensor.untyped_storage()
     start = storage.data_ptr()
-    lo = -(-start // HUGE_PAGE) * HUGE_PAGE
-    hi = (start + storage.nbytes()) // HUGE_PAGE * HUGE_PAGE
+    return -(-start // HUGE_PAGE) * HUGE_PAGE, (start + storage.nbytes()) // HUGE_PAGE * HUGE_PAGE
+
+
+def _advise(tensor: torch.Tensor, advice: int) -> int:
+    """madvise the 2 MiB-aligned part of ``tensor``'s storage; returns its bytes, 0 if refused."""
+    lo, hi = huge_page_range(tensor)
     if hi <= lo:
         return 0
     libc = ctypes.CDLL("libc.so.6", use_errno=True)

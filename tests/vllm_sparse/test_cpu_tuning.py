@@ -36,7 +36,7 @@ def huge_bytes_at(address: int) -> int:
 
 def first_huge_page(t: torch.Tensor) -> int:
     """Address of the first 2 MiB boundary inside ``t``'s storage (where huge pages can start)."""
-    return -(-t.untyped_storage().data_ptr() // cpu_tuning.HUGE_PAGE) * cpu_tuning.HUGE_PAGE
+    return cpu_tuning.huge_page_range(t)[0]
 
 
 @needs_collapse

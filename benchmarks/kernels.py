@@ -8,7 +8,11 @@ min/max), then times with ``triton.testing.do_bench`` (median, L2 flushed betwee
 * the sparse decode step (``select_topk`` + ``sparse_attention``) for page selection (one
   variant per ``--candidate-factors`` entry) and token selection, eager and replayed from a
   CUDA graph, split into scoring (Triton kernels), top-k selection (torch.topk/sort) and
-  attention.
+  attention;
+* for the whole-page selections (``quest``, ``exact_pages``; page = block) also the route the
+  vLLM backend takes: the chosen pages as compacted per-head block tables walked by our split-K
+  kernel (``ops.table_decode``), and the same tables through vLLM's ``unified_attention`` over
+  one-head blocks where vLLM is importable — the comparison that picks the GPU decode kernel.
 
 Budget: ``attended_tokens(n, n_alpha_budget(n, k, alpha, min_budget), sink, window)``. Bytes
 moved are the minimum traffic of each step (each input row read once, :func:`traffic`);
@@ -80,7 +84,7 @@ def parse_args(argv=None):
     if args.dry_run:
         args.contexts, args.batches = [200], [2]
         args.num_heads, args.num_kv_heads, args.head_size = 4, 2, 64
-        args.min_budget, args.local_window, args.page_size = 32, 16, 8
+        args.min_budget, args.local_window, args.page_size = 32, 16, 16  # page = block: the compacted route too
     return args
 
 
@@ -248,14 +252,10 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
             t[p + "_score"] = timer(lambda: token_scores_triton(*sargs, num_slots=n))
         t[p + "_topk"] = max(t[p + "_select"] - t[p + "_score"], 0.0)
         if cuda and not args.no_graph:
-            try:
-                step()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step()
-                t[p + "_graph"] = timer(graph.replay)
-            except Exception as e:  # noqa: BLE001
-                row[p + "_graph_error"] = f"{type(e).__name__}: {e}"[:200]
+            _time_graph(timer, step, t, row, p + "_graph")
+        if ops.compacted_route(sel, cache):
+            _time_compacted(t, row, p, q, cache, bt, seq_lens, attended, scale, kw, idx.shape[-1], n, so, timer,
+                            cuda and not args.no_graph, force, unified)
         # correctness spot check: the first request against the torch reference
         step()
         one = (q[:1], cache, bt[:1], seq_lens[:1])
@@ -263,28 +263,88 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
         row[p + "_err_vs_reference"] = _rel(so[:1], ref)
         row[p + "_approx_err_vs_dense"] = _rel(so, dense_out)  # sparsity error, not a bug check
     if cuda and not args.no_graph:
-        try:
-            def dense_step():
-                ops.dense_decode(q, cache, bt, seq_lens, scale, out=out, max_seq_len=n)
-
-            dense_step()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                dense_step()
-            t["dense_ours_graph"] = timer(graph.replay)
-        except Exception as e:  # noqa: BLE001
-            row["dense_graph_error"] = f"{type(e).__name__}: {e}"[:200]
+        _time_graph(timer, lambda: ops.dense_decode(q, cache, bt, seq_lens, scale, out=out, max_seq_len=n), t, row,
+                    "dense_ours_graph")
 
     row["times_ms"] = t
     for name, _, _ in args.variants:
         p = f"sparse_{name}"
         row[p + "_speedup"] = t[dense_key] / t[p]
+        if p + "_tables" in t:
+            row[p + "_tables_speedup"] = t[dense_key] / t[p + "_tables"]
         if p + "_graph" in t and "dense_ours_graph" in t:
             row[p + "_graph_speedup_vs_dense_ours_graph"] = t["dense_ours_graph"] / t[p + "_graph"]
     del cache, bt
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def _time_graph(timer, step, t: dict, row: dict, key: str) -> None:
+    """``t[key]``: ``step`` captured in a CUDA graph and replayed; a capture failure is reported in ``row``."""
+    import torch
+
+    try:
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        t[key] = timer(graph.replay)
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        row[key + "_error"] = f"{type(e).__name__}: {e}"[:200]
+
+
+def _time_compacted(t, row, p, q, cache, bt, seq_lens, attended, scale, kw, capacity, n, so, timer, graphs, force,
+                    unified) -> None:
+    """Whole pages over compacted block tables (the route ``ops.sparse_decode`` takes without an index
+    buffer): the whole step, its attention by our split-K kernel over the tables, and — where vLLM
+    is importable — the same attention by vLLM's ``unified_attention`` over one-head blocks."""
+    import torch
+
+    from vllm_sparse.kernels import ops
+    from vllm_sparse.kernels import reference as R
+    from vllm_sparse.kernels.selection import compact_pages
+    from vllm_sparse.kernels.triton_select import select_pages_triton
+
+    def step():
+        ops.sparse_decode(q, cache, bt, seq_lens, attended, scale, out=so, capacity=capacity, max_seq_len=n, **kw,
+                          **force)
+
+    t[p + "_tables"] = timer(step)
+    sel_kw = dict(kw, granularity="kv_head", rescore_dims=kw.get("rescore_dims", 0))
+    pages = select_pages_triton(q, cache, bt, seq_lens, attended, scale, **sel_kw, capacity=capacity, max_seq_len=n)
+    tables, lens = compact_pages(pages, bt, seq_lens, cache.page_size)
+    width = tables.shape[-1] * cache.block_size
+    t[p + "_tables_select"] = timer(lambda: compact_pages(select_pages_triton(
+        q, cache, bt, seq_lens, attended, scale, **sel_kw, capacity=capacity, max_seq_len=n), bt, seq_lens,
+        cache.page_size))
+    t[p + "_tables_attn"] = timer(lambda: ops.table_decode(q, cache, tables, lens, scale, out=so, max_len=width,
+                                                           **force))
+    step()
+    row[p + "_tables_err_vs_reference"] = _rel(so[:1], R.sparse_decode(q[:1].float(), cache, bt[:1], seq_lens[:1],
+                                                                       attended[:1], scale, **kw))
+    if graphs:
+        _time_graph(timer, step, t, row, p + "_tables_graph")
+    if unified is not None and cache.slot_rows is not None:  # each (request, KV head) one single-head sequence
+        b, h, d = q.shape
+        hkv = cache.num_kv_heads
+        kc, vc = (x.transpose(1, 2) for x in cache.head_blocks)  # [blocks * Hkv, block_size, 1, D]
+        one_head = (tables.long() * hkv + torch.arange(hkv, device=q.device)[None, :, None]).view(b * hkv, -1)
+        cu_q = torch.arange(b * hkv + 1, dtype=torch.int32, device=q.device)
+        seqused = lens.reshape(-1).contiguous()
+        o_v = torch.empty(b * hkv, h // hkv, d, dtype=q.dtype, device=q.device)
+
+        def vllm_tables():
+            unified(q=q.reshape(b * hkv, h // hkv, d), k=kc, v=vc, out=o_v, cu_seqlens_q=cu_q, max_seqlen_q=1,
+                    seqused_k=seqused, max_seqlen_k=width, softmax_scale=scale, causal=True,
+                    window_size=(-1, -1), block_table=one_head.to(torch.int32), softcap=0, q_descale=None,
+                    k_descale=None, v_descale=None)
+
+        try:
+            t[p + "_tables_vllm_attn"] = timer(vllm_tables)
+            row[p + "_tables_vllm_err_vs_ours"] = _rel(o_v.view(b, h, d), so)
+        except Exception as e:  # noqa: BLE001 - a baseline that fails is reported, not fatal
+            row[p + "_tables_vllm_error"] = f"{type(e).__name__}: {e}"[:200]
 
 
 def _rel(x, ref) -> float:
@@ -346,10 +406,11 @@ def add_bandwidth(row: dict, copy_bw: float, variants) -> None:
 
 
 def print_table(rows, variants) -> None:
+    nan = float("nan")
     head = f"{'ctx':>7} {'B':>3} {'att':>5} | {'dense':>8} {'base':>10} {'sdpa':>8} |"
     for name, _, _ in variants:
         head += (f" {name + ' ms':>12} {'x':>5} {'floor':>5} {'score':>6} {'topk':>6} {'attn':>6} {'graph':>6}"
-                 f" {'BW':>5} |")
+                 f" {'BW':>5} {'tables':>7} {'x':>5} {'t.attn':>6} {'vllm':>6} |")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -363,12 +424,16 @@ def print_table(rows, variants) -> None:
             p = f"sparse_{name}"
             line += (f" {t[p]:12.3f} {r[p + '_speedup']:5.2f} {r[p + '_floor_x']:5.2f} {t[p + '_score']:6.3f}"
                      f" {t[p + '_topk']:6.3f} {t[p + '_attn']:6.3f} {t.get(p + '_graph', float('nan')):6.3f}"
-                     f" {r[p + '_bw_frac']:5.2f} |")
+                     f" {r[p + '_bw_frac']:5.2f} {t.get(p + '_tables', nan):7.3f} {r.get(p + '_tables_speedup', nan):5.2f}"
+                     f" {t.get(p + '_tables_attn', nan):6.3f} {t.get(p + '_tables_vllm_attn', nan):6.3f} |")
         print(line)
     print("ms: median time of one layer's decode attention step; x: dense baseline / sparse (eager); "
           "floor: dense bytes / sparse bytes (the x both kernels at equal bandwidth would give); "
           "score/topk/attn: the sparse step's parts; graph: sparse step replayed from a CUDA graph; "
-          "BW: sparse bytes moved / time, as a fraction of a device-to-device copy")
+          "BW: sparse bytes moved / time, as a fraction of a device-to-device copy; "
+          "tables: whole pages over compacted block tables (the route without an index buffer), its x vs "
+          "the dense baseline, t.attn its attention by our split-K kernel, vllm: the same attention by "
+          "vLLM's unified_attention over one-head blocks (where vLLM is importable)")
 
 
 def print_floor(args, esz: int) -> list[dict]:

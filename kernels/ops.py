@@ -20,6 +20,7 @@ import torch
 
 from . import reference
 from .layout import PagedKVCache
+from .selection import index_capacity
 
 __all__ = [
     "FORCE_TRITON",
@@ -27,6 +28,7 @@ __all__ = [
     "write_kv",
     "paged_attention",
     "dense_decode",
+    "table_decode",
     "select_topk",
     "sparse_attention",
     "sparse_decode",
@@ -137,6 +139,34 @@ def dense_decode(
     return reference.dense_decode(query, cache, block_table, seq_lens, scale, out=out)
 
 
+def table_decode(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    max_len: int | None = None,
+    num_splits: int | None = None,
+    force_triton: bool | None = None,
+) -> torch.Tensor:
+    """Decode over one block table per (request, selection head) (:func:`.reference.table_decode`).
+
+    Args:
+        tables: ``[B, S, W]`` block ids; lens: ``[B, S]`` tokens per row (see
+            :func:`.selection.compact_pages`).
+        out: optional ``[B, num_heads, head_size]`` output.
+        max_len: host bound of ``lens`` for the split count (``None``: ``W * block_size``).
+    """
+    if uses_triton(query, force_triton):
+        from .triton_sparse_attn import table_decode_triton
+
+        return table_decode_triton(query, cache, tables, lens, scale, out=out, num_splits=num_splits,
+                                   max_len=max_len)
+    return _into(out, reference.table_decode(query, cache, tables, lens, scale))
+
+
 def select_topk(
     query: torch.Tensor,
     cache: PagedKVCache,
@@ -242,18 +272,56 @@ def sparse_decode(
 
     Args: as :func:`select_topk` and :func:`sparse_attention`; ``indices_out`` is the
     ``[B, S, capacity]`` index buffer (filled on both paths when given).
+
+    On the Triton path, whole-page selectors with one page per KV block (the vLLM backend's
+    layout) and no ``indices_out`` take the compacted route (:func:`compacted_route`): each head's
+    chosen pages become its block table and :func:`table_decode` reads them whole; otherwise the
+    positions go through :func:`sparse_attention`. Same set, same result.
     Returns:
         ``[B, num_heads, head_size]`` (``out`` when given).
     """
     select = dict(sink_tokens=sink_tokens, local_window=local_window, selection=selection,
                   granularity=granularity, candidate_factor=candidate_factor, rescore_dims=rescore_dims)
-    if not uses_triton(query, force_triton) and indices_out is None:
+    triton_path = uses_triton(query, force_triton)
+    if not triton_path and indices_out is None:
         # the reference fuses selection and attention (its selection logits are the attention logits)
         return _into(out, reference.sparse_decode(query, cache, block_table, seq_lens, attended, scale, **select))
+    if triton_path and indices_out is None and compacted_route(selection, cache):
+        return _compacted_decode(query, cache, block_table, seq_lens, attended, scale, select, out=out,
+                                 capacity=capacity, max_seq_len=max_seq_len, num_splits=num_splits)
     idx = select_topk(query, cache, block_table, seq_lens, attended, scale, **select, out=indices_out,
                       capacity=capacity, max_seq_len=max_seq_len, force_triton=force_triton)
     return sparse_attention(query, cache, block_table, idx, scale, out=out, num_splits=num_splits,
                             force_triton=force_triton)
+
+
+def compacted_route(selection: str, cache: PagedKVCache) -> bool:
+    """Whether :func:`sparse_decode` on the Triton path attends whole pages through compacted block
+    tables (:func:`table_decode`) instead of a per-token index (:func:`sparse_attention`): for
+    whole-page selectors when a page is a whole KV block (as in the vLLM backend)."""
+    from .selectors import get_selector
+
+    return get_selector(selection).whole_pages and cache.page_size == cache.block_size
+
+
+def _compacted_decode(query, cache, block_table, seq_lens, attended, scale, select, *, out, capacity, max_seq_len,
+                      num_splits) -> torch.Tensor:
+    """Whole-page sparse decode: the chosen pages, sorted, are each head's block table; the dense
+    split-K kernel walks them (contiguous page rows, no position list)."""
+    from .selection import compact_pages
+    from .triton_select import select_pages_triton
+
+    if capacity is None:  # a sync: the backend passes the step's host-side width
+        count = torch.minimum(attended.long(), seq_lens.long())
+        capacity = index_capacity(select["selection"], int(count.max()) if count.numel() else 0, cache.page_size,
+                                  select["sink_tokens"], select["local_window"])
+    if query.shape[0] == 0 or capacity == 0:
+        return out if out is not None else torch.empty_like(query)
+    pages = select_pages_triton(query, cache, block_table, seq_lens, attended, scale, **select, capacity=capacity,
+                                max_seq_len=max_seq_len)
+    tables, lens = compact_pages(pages, block_table, seq_lens, cache.page_size)
+    return table_decode(query, cache, tables, lens, scale, out=out, max_len=pages.shape[-1] * cache.page_size,
+                        num_splits=num_splits, force_triton=True)
 
 
 def _into(out: torch.Tensor | None, res: torch.Tensor) -> torch.Tensor:

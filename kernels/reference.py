@@ -41,6 +41,7 @@ __all__ = [
     "update_page_summaries",
     "paged_attention",
     "dense_decode",
+    "table_decode",
     "select_topk",
     "sparse_attention",
     "sparse_decode",
@@ -198,6 +199,40 @@ def dense_decode(
         return o.to(query.dtype)
     out[:b] = o.to(out.dtype)
     return out
+
+
+def table_decode(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Single-token decode where each (request, selection head) attends the first ``lens[b, s]``
+    tokens of its own block table ``tables[b, s]`` — whole-page sparse decode over compacted
+    tables (:func:`.selection.compact_pages`).
+
+    Args:
+        query: ``[B, num_heads, head_size]``.
+        tables: ``[B, S, W]`` block ids, ``S = num_kv_heads`` (the GQA group shares the row) or
+            ``num_heads``; lens: ``[B, S]`` int.
+    Returns:
+        ``[B, num_heads, head_size]`` in ``query.dtype``.
+    """
+    b, num_heads, d = query.shape
+    s, bs = tables.shape[1], cache.block_size
+    heads = _selection_heads(num_heads, cache.num_kv_heads, "query_head" if s == num_heads else "kv_head",
+                             query.device)
+    pos = torch.arange(tables.shape[2] * bs, device=query.device)  # position in the compacted sequence
+    blk = tables.long()[:, :, pos // bs].clamp_min(0)  # [B, S, N]
+    kv_head = heads.view(1, s, 1).expand_as(blk)
+    k = cache.key_cache[blk, pos % bs, kv_head].float()  # [B, S, N, D]
+    v = cache.value_cache[blk, pos % bs, kv_head].float()
+    invalid = pos >= lens.long()[..., None]  # [B, S, N]
+    logits = torch.einsum("bsgd,bsnd->bsgn", query.float().view(b, s, num_heads // s, d), k) * scale
+    p = torch.softmax(logits.masked_fill(invalid[:, :, None, :], _NEG_INF), dim=-1)
+    v = v.masked_fill(invalid[..., None], 0.0)  # rows past a row's length may hold anything
+    return torch.einsum("bsgn,bsnd->bsgd", p, v).reshape(b, num_heads, d).to(query.dtype)
 
 
 # --------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ __all__ = [
     "candidate_capacity",
     "candidate_pages",
     "page_positions",
+    "compact_pages",
     "topk_rows",
     "sorted_positions",
     "recent_positions",
@@ -117,6 +118,34 @@ def page_positions(pages: torch.Tensor, page_size: int) -> torch.Tensor:
     """``[B, S, C]`` pages (−1 padded) -> ``[B, S, C * page_size]`` positions (−1 padded)."""
     pos = pages[..., None] * page_size + torch.arange(page_size, device=pages.device)
     return torch.where(pages[..., None] < 0, -1, pos).flatten(2)
+
+
+def compact_pages(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen whole pages as one compacted block table per (request, selection head).
+
+    With one page per KV block, the pages a head attends, in ascending order, *are* a block
+    table: the row's sequence is their tokens back to back, whole pages but the request's last
+    (partial) one, which sorts last. Device-side, no sync.
+
+    Args:
+        pages: ``[B, S, C]`` request-local page ids, ``-1`` padded, any order.
+        block_table: ``[B, max_blocks]`` the requests' block ids (page ``p`` is block ``block_table[b, p]``).
+        seq_lens: ``[B]`` context lengths.
+    Returns:
+        ``(tables, lens)``: ``[B, S, C]`` int32 block ids ascending by page (entries past the row's
+        pages hold the request's first block and are never read) and ``[B, S]`` int32 tokens per row.
+    """
+    seq = seq_lens.long()[:, None]
+    big = torch.iinfo(torch.int64).max
+    ordered = torch.where(pages >= 0, pages.long(), big).sort(dim=-1).values
+    valid = ordered != big
+    safe = torch.where(valid, ordered, 0)
+    tables = block_table.long().gather(1, safe.flatten(1)).view(safe.shape).to(torch.int32)
+    last = (seq + page_size - 1) // page_size - 1  # [B, 1] the partial page, if chosen
+    short = torch.where((ordered == last[..., None]).any(-1), (last + 1) * page_size - seq, 0)
+    lens = valid.sum(-1) * page_size - short
+    return tables, lens.to(torch.int32)
 
 
 def topk_rows(scores: torch.Tensor, count: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:

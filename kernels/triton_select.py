@@ -49,6 +49,7 @@ from .triton_sparse_attn import _check_query, _dot, _load_rows, _math_mode, _pag
 
 __all__ = [
     "select_topk_triton",
+    "select_pages_triton",
     "exact_pages_triton",
     "page_scores_triton",
     "token_scores_triton",
@@ -439,16 +440,11 @@ def select_topk_triton(
     capacity = out.shape[2]
     if b == 0 or capacity == 0:
         return out
-    if max_seq_len is None:
-        max_seq_len = int(seq_lens.max())
-    max_seq_len = max(int(max_seq_len), 1)
     args = (query, cache, block_table, seq_lens, scale, sink_tokens, local_window, granularity)
     selector = get_selector(selection)
-    heads = torch.arange(s_heads, device=query.device)
-    if granularity == "query_head":
-        heads = heads // (num_heads // cache.num_kv_heads)
-    x = SelectInputs(query, cache, block_table, seq_lens, count, scale, sink_tokens, local_window, granularity,
-                     heads, candidate_factor, rescore_dims, max_seq_len, capacity)
+    x = _inputs(query, cache, block_table, seq_lens, count, scale, sink_tokens, local_window, granularity,
+                candidate_factor, rescore_dims, max_seq_len, capacity)
+    max_seq_len = x.max_seq_len
 
     if selector.by_position:
         out.copy_(selector.positions(x, capacity))
@@ -465,3 +461,45 @@ def select_topk_triton(
         scores, pos = token_scores_triton(*args, cand=cand)
     topk_into(scores, pos, count, out)
     return out
+
+
+def _inputs(query, cache, block_table, seq_lens, count, scale, sink_tokens, local_window, granularity,
+            candidate_factor, rescore_dims, max_seq_len, capacity) -> SelectInputs:
+    num_heads = query.shape[1]
+    heads = torch.arange(cache.num_kv_heads if granularity == "kv_head" else num_heads, device=query.device)
+    if granularity == "query_head":
+        heads = heads // (num_heads // cache.num_kv_heads)
+    max_seq_len = max(int(seq_lens.max() if max_seq_len is None else max_seq_len), 1)
+    return SelectInputs(query, cache, block_table, seq_lens, count, scale, sink_tokens, local_window, granularity,
+                        heads, candidate_factor, rescore_dims, max_seq_len, capacity)
+
+
+def select_pages_triton(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    attended: torch.Tensor,
+    scale: float,
+    sink_tokens: int,
+    local_window: int,
+    selection: str,
+    granularity: str,
+    candidate_factor: float,
+    rescore_dims: int,
+    capacity: int,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """The pages a whole-page selector (``quest``, ``exact_pages``, ...) attends: ``[B, S, ≤ capacity //
+    page_size]`` request-local page ids, ``-1`` padded — :func:`select_topk_triton` before the
+    expansion to positions (the same set). ``capacity``: the step's index width in tokens
+    (:func:`.selection.index_capacity`). Device-side, no sync given ``max_seq_len``."""
+    _check_select_args(selection, granularity)
+    selector = get_selector(selection)
+    if not selector.whole_pages:
+        raise ValueError(f"select_pages_triton needs a whole-page selector; {selection!r} chooses tokens")
+    _check_query(query, cache)
+    count = torch.minimum(attended.long(), seq_lens.long())
+    return selector.pages_triton(_inputs(query, cache, block_table, seq_lens, count, scale, sink_tokens,
+                                         local_window, granularity, candidate_factor, rescore_dims, max_seq_len,
+                                         capacity))

@@ -1,12 +1,16 @@
 """Split-K (flash-decoding) attention of one decode query per request, straight from the paged cache.
 
-One kernel serves two ops:
+One kernel serves three ops:
 
 * **sparse** (:func:`sparse_attention_triton`): each (request, selection head) attends the
   positions listed in ``indices[b, s, :]`` (``-1`` = skip), read in place from the paged
   cache — no gathered copy. ``S = num_kv_heads`` (the GQA group shares the set: one program
   loads each selected K/V row once for the whole group) or ``S = num_heads``.
 * **dense** (:func:`dense_decode_triton`): positions ``0 .. seq_lens[b]-1``.
+* **per-head tables** (:func:`table_decode_triton`): the dense loop, but each (request, selection
+  head) walks its own block table ``tables[b, s]`` for ``lens[b, s]`` tokens — whole-page sparse
+  decode over compacted tables of the chosen pages (:func:`.selection.compact_pages`): contiguous
+  page rows, no per-token index.
 
 The slot axis (indices, or positions) is cut into ``num_splits`` contiguous splits; each
 program runs an fp32 online softmax over its split and, when there is more than one split,
@@ -26,7 +30,7 @@ import triton.language as tl
 
 from .layout import PagedKVCache
 
-__all__ = ["sparse_attention_triton", "dense_decode_triton", "decode_num_splits"]
+__all__ = ["sparse_attention_triton", "dense_decode_triton", "table_decode_triton", "decode_num_splits"]
 
 # Read when the kernels are decorated, as Triton itself does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -81,9 +85,9 @@ def _split_decode_kernel(
     q_ptr,  # [B, num_heads, head_size]
     k_ptr,  # [num_blocks, block_size, num_kv_heads, head_size]
     v_ptr,  # [num_blocks, block_size, num_kv_heads, head_size]
-    block_table_ptr,  # [B, max_blocks] int
+    block_table_ptr,  # [B, max_blocks] int, or [B, S, max_blocks]: one table per selection head
     idx_ptr,  # [B, S, L] int positions (USE_INDICES), -1 = skip
-    seq_lens_ptr,  # [B] int (dense mode)
+    seq_lens_ptr,  # [B] int, or [B, S] (dense mode: positions 0 .. len-1 of the row's table)
     out_ptr,  # [B, num_heads, head_size]            (written when NUM_SPLITS == 1)
     acc_ptr,  # [B, num_heads, NUM_SPLITS, head_size] fp32 partial numerators
     ml_ptr,  # [B, num_heads, NUM_SPLITS, 2] fp32 (running max in log2 units, running sum)
@@ -96,7 +100,8 @@ def _split_decode_kernel(
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
-    stride_btb, stride_btn,
+    stride_btb, stride_bts, stride_btn,  # stride_bts = 0: one table shared by the request's heads
+    stride_slb, stride_sls,
     stride_ib, stride_is, stride_il,
     stride_ob, stride_oh, stride_od,
     stride_ab, stride_ah, stride_as,
@@ -137,7 +142,7 @@ def _split_decode_kernel(
     if USE_INDICES:
         length = num_slots
     else:
-        length = tl.load(seq_lens_ptr + b).to(tl.int32)
+        length = tl.load(seq_lens_ptr + b * stride_slb + sel * stride_sls).to(tl.int32)
     split_len = tl.cdiv(length, NUM_SPLITS)
     start = split * split_len
     end = tl.minimum(length, start + split_len)
@@ -157,7 +162,8 @@ def _split_decode_kernel(
             pos = slot.to(tl.int64)
             valid = in_range
         # k, v: [TILE_N, BLOCK_D]
-        blk, off = _paged_slots(block_table_ptr, b, stride_btb, stride_btn, pos, valid, BLOCK_SIZE)
+        blk, off = _paged_slots(block_table_ptr + sel * stride_bts, b, stride_btb, stride_btn, pos, valid,
+                                BLOCK_SIZE)
         kv_mask = valid[:, None] & d_mask[None, :]
         k = _load_rows(k_ptr, blk, off, kvh, d, kv_mask, stride_kb, stride_kt, stride_kh, stride_kd)
         v = _load_rows(v_ptr, blk, off, kvh, d, kv_mask, stride_vb, stride_vt, stride_vh, stride_vd)
@@ -293,7 +299,8 @@ def _launch(
 ) -> torch.Tensor:
     b, num_heads, d = query.shape
     hkv = cache.num_kv_heads
-    s = indices.shape[1] if indices is not None else hkv
+    per_head = block_table.dim() == 3  # [B, S, max_blocks]: every selection head has its own table
+    s = indices.shape[1] if indices is not None else block_table.shape[1] if per_head else hkv
     rows_per_sel = num_heads // s
     q_per_kv = num_heads // hkv
     upcast, ieee = _math_mode(query, cache)
@@ -316,11 +323,13 @@ def _launch(
         ml = torch.empty((1, 1, 1, 2), dtype=torch.float32, device=query.device)
     idx = indices if indices is not None else block_table  # dummy pointer in dense mode
     sl = seq_lens if seq_lens is not None else block_table
+    bt_strides = block_table.stride() if per_head else (block_table.stride(0), 0, block_table.stride(1))
+    sl_strides = (0, 0) if seq_lens is None else (*seq_lens.stride(), 0)[:2]
     kc, vc = cache.key_cache, cache.value_cache
     _split_decode_kernel[(b, s, num_splits)](
         query, kc, vc, block_table, idx, sl, out, acc, ml,
         scale * _LOG2E, length, rows_per_sel, q_per_kv,
-        *query.stride(), *kc.stride(), *vc.stride(), *block_table.stride(),
+        *query.stride(), *kc.stride(), *vc.stride(), *bt_strides, *sl_strides,
         *(idx.stride() if indices is not None else (0, 0, 0)),
         *out.stride(), *acc.stride()[:3], *ml.stride()[:3],
         BLOCK_SIZE=cache.block_size, HEAD_SIZE=d, BLOCK_D=block_d, BLOCK_G=block_g, TILE_N=tile_n,
@@ -400,3 +409,40 @@ def dense_decode_triton(
         _launch(query, cache, block_table, scale, out_view, num_splits, seq_lens=seq_lens, length=0)
         return out
     return _launch(query, cache, block_table, scale, None, num_splits, seq_lens=seq_lens, length=0)
+
+
+def table_decode_triton(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """Decode where each (request, selection head) attends positions ``0 .. lens[b, s] - 1`` of its own
+    block table ``tables[b, s]`` (see :func:`.reference.table_decode`): whole-page sparse decode over
+    the compacted tables of :func:`.selection.compact_pages`. The dense kernel, one table per head.
+
+    Args:
+        query: ``[B, num_heads, head_size]``.
+        tables: ``[B, S, W]`` int32/int64 block ids, ``S = num_kv_heads`` or ``num_heads``; entries
+            past a row's length are never read.
+        lens: ``[B, S]`` int tokens each row attends (all its blocks whole but the last).
+        out: optional ``[B, num_heads, head_size]`` output.
+        max_len: host bound ``>= max(lens)`` for the split count (``None``: ``W * block_size``).
+    Returns:
+        ``out``. Graph-safe given static shapes and ``num_splits``.
+    """
+    b, num_heads, _ = _check_query(query, cache)
+    if tables.dim() != 3 or tables.shape[0] != b or tables.shape[1] not in (cache.num_kv_heads, num_heads):
+        raise ValueError(f"tables must be [B={b}, S, W] with S in (num_kv_heads={cache.num_kv_heads}, "
+                         f"num_heads={num_heads}); got {tuple(tables.shape)}")
+    if tuple(lens.shape) != tuple(tables.shape[:2]):
+        raise ValueError(f"lens must be [B, S] = {tuple(tables.shape[:2])}; got {tuple(lens.shape)}")
+    if num_splits is None:
+        length = max_len if max_len is not None else tables.shape[2] * cache.block_size
+        num_splits = decode_num_splits(b * tables.shape[1], length, query.device,
+                                       _tile_n(_math_mode(query, cache)[1]))
+    return _launch(query, cache, tables, scale, out, num_splits, seq_lens=lens, length=0)

@@ -220,16 +220,16 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             attended = torch.minimum(cfg.attended(context[:num_decodes]), seq.long())  # budget by true length
             dense = bool((attended >= seq).all()) and not cfg.force_sparse
             capacity = index_capacity(cfg.selection, int(attended.max()), cfg.page_size, cfg.sink_tokens,
-                                      cfg.local_window)
+                                      cfg.decode_window)
             if self.selector.whole_pages:  # whole pages: what the kernels read
                 attended_total = int(quest_attended(seq, attended, cfg.page_size, cfg.sink_tokens,
-                                                    cfg.local_window).sum())
+                                                    cfg.decode_window).sum())
             else:
                 attended_total = int(torch.minimum(attended, seq.long()).sum())
             if self.cpu_fused_decode and not dense:
                 cpu_decode = cpu_attention.plan_decode(
                     seq, attended, cm.block_table_tensor[:num_decodes], block_size=self.spec.block_size,
-                    sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, num_heads=self.num_heads,
+                    sink_tokens=cfg.sink_tokens, local_window=cfg.decode_window, num_heads=self.num_heads,
                     num_kv_heads=self.spec.num_kv_heads, head_size=self.spec.head_size, dtype=self.dtype,
                     isa=self.isa,
                     candidate_factor=self.selector.cpu_candidate_factor(cfg.candidate_factor),
@@ -405,7 +405,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             else:
                 output[:ndt] = ops.sparse_decode(
                     q, cache, bt, seq, md.decode_attended, self.scale,
-                    sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, selection=cfg.selection,
+                    sink_tokens=cfg.sink_tokens, local_window=cfg.decode_window, selection=cfg.selection,
                     granularity=cfg.granularity, candidate_factor=cfg.candidate_factor,
                     rescore_dims=cfg.rescore_dims,
                     capacity=md.decode_capacity, max_seq_len=md.max_seq_len,
@@ -433,7 +433,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             else:
                 output[:ndt] = ops.sparse_decode(
                     q, cache, md.block_table[:nd], md.seq_lens[:nd], md.decode_attended, self.scale,
-                    sink_tokens=cfg.sink_tokens, local_window=cfg.local_window, selection=cfg.selection,
+                    sink_tokens=cfg.sink_tokens, local_window=cfg.decode_window, selection=cfg.selection,
                     granularity=cfg.granularity, candidate_factor=cfg.candidate_factor,
                     rescore_dims=cfg.rescore_dims)
             first, t0 = nd, ndt

@@ -22,7 +22,8 @@ k              8.0       coefficient k of k·n^α, > 0
 min_budget     128       lower clamp of the budget, ≥ sink_tokens + local_window
 max_budget     None      upper clamp of the budget (None: no clamp)
 sink_tokens    4         first tokens always attended (inside the budget)
-local_window   64        most recent tokens always attended (inside the budget)
+local_window   64        most recent tokens always attended (inside the budget); whole-page
+                         selections always attend the current token's page, even at 0
 page_size      32        tokens per selection page (its key min/max is the page summary);
                          one page is one KV block: sets vLLM's block size (power of two >= 16)
 selection      exact_pages  ``exact_pages``: rank pages by their min/max upper bound, rescore
@@ -249,6 +250,14 @@ class SparseConfig:
             return cls.from_settings(self.to_dict(), args)
         except ValueError as e:
             raise ValueError(f"vllm_sparse setting evict_args for evict={self.evict!r}: {e}") from None
+
+    @property
+    def decode_window(self) -> int:
+        """The most recent tokens sparse decode always attends: ``local_window``, and for whole-page
+        selections (``exact_pages``, ``quest``) at least the current token, so the page being written
+        is always attended (as in Quest, whose selection keeps the last page: its summary is still
+        growing) and the compacted block tables end with that partial page."""
+        return max(self.local_window, 1) if get_selector(self.selection).whole_pages else self.local_window
 
     def attended(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """Tokens each request attends at its current length, ``[B]`` int64 (dense below ``dense_below``)."""

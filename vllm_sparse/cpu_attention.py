@@ -113,6 +113,9 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
             (``selection="exact_pages"``); 1 is Quest.
         rescore_dims: see :class:`DecodePlan`.
     """
+    if local_window < 1:  # the lengths below assume every head attends the request's last (partial) page
+        raise ValueError(f"plan_decode needs local_window >= 1 (the page being written is always attended); "
+                         f"got {local_window} (SparseConfig.decode_window)")
     seq = seq_lens.long()
     bs = block_size
     num_pages = (seq + bs - 1) // bs

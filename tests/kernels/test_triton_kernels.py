@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
 from paged_case import make_case  # noqa: E402
 from vllm_sparse.kernels import PagedKVCache, ops  # noqa: E402
 from vllm_sparse.kernels import reference as R  # noqa: E402
+from vllm_sparse.kernels.selection import compact_pages, page_positions, quest_attended  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -312,6 +313,86 @@ def test_sparse_decode_pipeline_with_static_buffers(num_heads, num_kv_heads, dty
 
 
 # --------------------------------------------------------------------------------------
+# whole pages over compacted block tables
+# --------------------------------------------------------------------------------------
+def test_compact_pages_orders_pages_and_counts_the_partial_one_once():
+    bt = torch.tensor([[7, 3, 9, 4], [5, 8, 1, 2]], device=DEV)
+    seq = torch.tensor([100, 64], device=DEV)  # 4 pages (the last holds 4 tokens); 2 pages, both whole
+    pages = torch.tensor([[[3, -1, 0], [2, 1, -1]], [[1, 0, -1], [-1, 1, -1]]], device=DEV)
+    tables, lens = compact_pages(pages, bt, seq, 32)
+    assert tables[0, 0, :2].tolist() == [7, 4] and tables[0, 1, :2].tolist() == [3, 9]
+    assert tables[1, 0, :2].tolist() == [5, 8] and tables[1, 1, 0].item() == 8
+    assert lens.tolist() == [[32 + 4, 64], [64, 32]]
+
+
+@pytest.mark.parametrize(
+    "num_heads, num_kv_heads, head_size, dtype, shared, num_splits",
+    [(4, 4, 64, F32, True, 1), (6, 2, 128, F16, True, 3), (8, 2, 64, BF16, False, 2), (16, 2, 64, F32, True, 2)],
+)
+def test_table_decode(num_heads, num_kv_heads, head_size, dtype, shared, num_splits):
+    """Each (request, selection head) walks its own table: random page sets, the partial page among them."""
+    lens, bs = [1, 45, 130], 16
+    c = case(lens, num_heads, num_kv_heads, head_size, bs, bs, dtype)
+    s = num_kv_heads if shared else num_heads
+    num_pages = [-(-n // bs) for n in lens]
+    pages = torch.full((3, s, max(num_pages)), -1, dtype=torch.long)
+    for b, m in enumerate(num_pages):
+        for h in range(s):
+            chosen = torch.randperm(m)[: torch.randint(1, m + 1, ()).item()]
+            pages[b, h, : len(chosen)] = chosen
+    pages = pages.to(DEV)
+    tables, tlens = compact_pages(pages, c.block_table, c.seq_lens, bs)
+    q = torch.randn(len(lens), num_heads, head_size, device=DEV).to(dtype)
+    out = ops.table_decode(q, c.cache, tables, tlens, 0.125, out=nan_like(q.shape, dtype), num_splits=num_splits,
+                           **FORCE)
+    ref = R.table_decode(q.float(), c.cache, tables, tlens, 0.125)
+    # the reference over the tables = the reference over those pages' positions
+    pos = page_positions(pages, bs)
+    pos = torch.where(pos < c.seq_lens[:, None, None], pos, -1)
+    torch.testing.assert_close(ref, R.sparse_attention(q.float(), c.cache, c.block_table, pos, 0.125))
+    assert bool(out.isfinite().all())
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "num_heads, num_kv_heads, head_size, dtype, selection, granularity, window",
+    [(3, 1, 64, F32, "exact_pages", "kv_head", 8), (6, 2, 128, BF16, "quest", "kv_head", 8),
+     (8, 2, 64, F16, "exact_pages", "kv_head", 1), (16, 2, 64, F32, "quest", "query_head", 8),
+     (4, 4, 128, F16, "exact_pages", "query_head", 0)],
+)
+def test_sparse_decode_over_compacted_tables(num_heads, num_kv_heads, head_size, dtype, selection, granularity,
+                                             window):
+    """Whole-page selection with one page per block takes the compacted route: the reference's
+    output, mixed lengths, GQA groups 1/3/4/8, budgets below and above the context; with a window
+    the tables' lengths are what the stats count (:func:`quest_attended`)."""
+    lens, bs = [300, 1, 77, 160], 16
+    c = case(lens, num_heads, num_kv_heads, head_size, bs, bs, dtype)
+    assert ops.compacted_route(selection, c.cache)
+    q = torch.randn(len(lens), num_heads, head_size, device=DEV).to(dtype)
+    attended = torch.tensor([64, 64, 40, 400], device=DEV)  # the last: budget >= context
+    kw = dict(sink_tokens=2, local_window=window, selection=selection, granularity=granularity, candidate_factor=2.0)
+    out = ops.sparse_decode(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, out=nan_like(q.shape, dtype),
+                            max_seq_len=300, **kw, **FORCE)
+    ref = R.sparse_decode(q.float(), c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw)
+    assert bool(out.isfinite().all())
+    assert rel_err(out, ref) < TOL[dtype]
+    # the index route (an index buffer asked for) gives the same output
+    s = num_kv_heads if granularity == "kv_head" else num_heads
+    idx = torch.empty((len(lens), s, R.index_capacity(selection, 160, bs, 2, window)), dtype=torch.long, device=DEV)
+    by_index = ops.sparse_decode(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, indices_out=idx,
+                                 max_seq_len=300, **kw, **FORCE)
+    assert rel_err(out, by_index) < TOL[dtype]
+    if window:
+        from vllm_sparse.kernels.triton_select import select_pages_triton
+
+        pages = select_pages_triton(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw,
+                                    rescore_dims=0, capacity=idx.shape[-1], max_seq_len=300)
+        _, tlens = compact_pages(pages, c.block_table, c.seq_lens, bs)
+        want = quest_attended(c.seq_lens, attended, bs, 2, window)
+        assert torch.equal(tlens.long(), want[:, None].expand_as(tlens))
+
+
+# --------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------
 def test_cpu_tensors_take_the_reference_path_by_default():
@@ -376,6 +457,11 @@ def test_gpu_decode_step_at_realistic_shapes(selection):
     assert rel_err(out, R.sparse_attention(q.float(), c.cache, c.block_table, ref_idx, d**-0.5)) < TOL[dtype]
     dense = ops.dense_decode(q, c.cache, c.block_table, c.seq_lens, d**-0.5)
     assert rel_err(dense, R.dense_decode(q.float(), c.cache, c.block_table, c.seq_lens, d**-0.5)) < TOL[dtype]
+    if ops.compacted_route(selection, c.cache):  # whole pages through compacted block tables
+        fused = ops.sparse_decode(q, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, **kw, capacity=2304,
+                                  max_seq_len=8192)
+        assert rel_err(fused, R.sparse_decode(q.float(), c.cache, c.block_table, c.seq_lens, attended, d**-0.5,
+                                              **kw)) < TOL[dtype]
 
 
 @pytest.mark.gpu
@@ -407,16 +493,22 @@ def test_gpu_prefill_write_and_graph_capture():
     idx = torch.empty((3, hkv, 320), dtype=torch.int32, device=DEV)
     o = torch.empty_like(qd)
 
-    def step():
-        ops.sparse_decode(qd, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, out=o, indices_out=idx,
-                          max_seq_len=3072, num_splits=4, sink_tokens=4, local_window=64, selection="page")
-
-    step()
-    eager = o.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def replays_as_eager(step):
         step()
-    o.zero_()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(o, eager)
+        eager = o.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        o.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        return torch.equal(o, eager)
+
+    assert replays_as_eager(lambda: ops.sparse_decode(
+        qd, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, out=o, indices_out=idx, max_seq_len=3072,
+        num_splits=4, sink_tokens=4, local_window=64, selection="page"))
+    # and the compacted route (exact_pages, no index buffer)
+    assert replays_as_eager(lambda: ops.sparse_decode(
+        qd, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, out=o,
+        capacity=R.index_capacity("exact_pages", 300, ps, 4, 64), max_seq_len=3072, num_splits=4, sink_tokens=4,
+        local_window=64, selection="exact_pages"))

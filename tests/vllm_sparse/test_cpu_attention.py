@@ -259,3 +259,27 @@ def test_rescore_dims_fused_equals_reference(dtype, group):
     exact = R.select_topk(q, cache, bt, seq, attended, 0.125, SINK, WINDOW, "exact_pages", **kw)
     approx = R.select_topk(q, cache, bt, seq, attended, 0.125, SINK, WINDOW, "exact_pages", rescore_dims=8, **kw)
     assert not torch.equal(exact, approx)
+
+
+def test_window_of_one_token_keeps_the_partial_page_last():
+    """``local_window=0`` is run as 1 for whole pages (``SparseConfig.decode_window``): the page being
+    written is always attended, so each compacted table ends with the request's partial page and the
+    op's lengths hold. ``plan_decode`` refuses 0, where a head could skip that page and the op would
+    cut its last full page short."""
+    from vllm_sparse.config import SparseConfig
+
+    assert SparseConfig(local_window=0).decode_window == 1
+    assert SparseConfig(local_window=0, selection="token").decode_window == 0
+    lens, hkv, g, d, bs = [1000, 513, 260], 2, 2, 64, 16
+    cache, bt, _, _ = make_cache(lens, hkv, d, bs, torch.float32)
+    seq, attended = torch.tensor(lens), torch.tensor([200, 100, 64])
+    q = torch.randn(len(lens), hkv * g, d)
+    kw = dict(block_size=bs, sink_tokens=SINK, num_heads=hkv * g, num_kv_heads=hkv, head_size=d,
+              dtype=torch.float32, isa=C.cpu_isa(bs))
+    with pytest.raises(ValueError, match="local_window >= 1"):
+        C.plan_decode(seq, attended, bt, local_window=0, **kw)
+    p = C.plan_decode(seq, attended, bt, local_window=1, **kw)
+    out = torch.empty_like(q)
+    C.sparse_decode(q, cache, p, 0.125, out)
+    ref = R.sparse_decode(q, cache, bt, seq, attended, 0.125, SINK, 1, "quest")
+    assert rel_err(out, ref) < RTOL[torch.float32]

@@ -326,23 +326,12 @@ def _time_compacted(t, row, p, q, cache, bt, seq_lens, attended, scale, kw, capa
     if graphs:
         _time_graph(timer, step, t, row, p + "_tables_graph")
     if unified is not None and cache.slot_rows is not None:  # each (request, KV head) one single-head sequence
-        b, h, d = q.shape
-        hkv = cache.num_kv_heads
-        kc, vc = (x.transpose(1, 2) for x in cache.head_blocks)  # [blocks * Hkv, block_size, 1, D]
-        one_head = (tables.long() * hkv + torch.arange(hkv, device=q.device)[None, :, None]).view(b * hkv, -1)
-        cu_q = torch.arange(b * hkv + 1, dtype=torch.int32, device=q.device)
-        seqused = lens.reshape(-1).contiguous()
-        o_v = torch.empty(b * hkv, h // hkv, d, dtype=q.dtype, device=q.device)
+        from vllm_sparse.gpu_attention import unified_table_decode
 
-        def vllm_tables():
-            unified(q=q.reshape(b * hkv, h // hkv, d), k=kc, v=vc, out=o_v, cu_seqlens_q=cu_q, max_seqlen_q=1,
-                    seqused_k=seqused, max_seqlen_k=width, softmax_scale=scale, causal=True,
-                    window_size=(-1, -1), block_table=one_head.to(torch.int32), softcap=0, q_descale=None,
-                    k_descale=None, v_descale=None)
-
+        o_v = torch.empty_like(q)
         try:
-            t[p + "_tables_vllm_attn"] = timer(vllm_tables)
-            row[p + "_tables_vllm_err_vs_ours"] = _rel(o_v.view(b, h, d), so)
+            t[p + "_tables_vllm_attn"] = timer(lambda: unified_table_decode(q, cache, tables, lens, scale, o_v, width))
+            row[p + "_tables_vllm_err_vs_ours"] = _rel(o_v, so)
         except Exception as e:  # noqa: BLE001 - a baseline that fails is reported, not fatal
             row[p + "_tables_vllm_error"] = f"{type(e).__name__}: {e}"[:200]
 

@@ -95,7 +95,8 @@ def main() -> int:
     from vllm_sparse.kernels.triton_kv_write import write_kv_triton
     from vllm_sparse.kernels.triton_paged_attn import paged_attention_triton
     from vllm_sparse.kernels.triton_select import select_topk_triton
-    from vllm_sparse.kernels.triton_sparse_attn import dense_decode_triton, sparse_attention_triton
+    from vllm_sparse.kernels.triton_sparse_attn import (dense_decode_triton, sparse_attention_triton,
+                                                        table_decode_triton)
 
     b, bt = 2, torch.arange(64, dtype=torch.int32).view(2, 32)
     seq_lens, att = torch.tensor([300, 500]), torch.tensor([64, 64])
@@ -108,6 +109,9 @@ def main() -> int:
                 dense_decode_triton(q, c, bt, seq_lens, 0.1, num_splits=4)
                 sparse_attention_triton(q, c, bt, torch.randint(0, 300, (b, hkv, 96)), 0.1, num_splits=4)
                 sparse_attention_triton(q, c, bt, torch.randint(0, 300, (b, h, 96)), 0.1, num_splits=1)
+                for s, splits in ((hkv, 2), (h, 1)):  # whole pages over per-head compacted tables
+                    table_decode_triton(q, c, bt[:, None, :8].expand(b, s, 8).contiguous(),
+                                        torch.full((b, s), 100, dtype=torch.int32), 0.1, num_splits=splits)
                 for qlen in (3, 100):  # small and large query blocks
                     paged_attention_triton(torch.randn(2 * qlen, h, d).to(dtype), c, bt, seq_lens,
                                            torch.tensor([0, qlen, 2 * qlen]), 0.1, max_query_len=qlen)

@@ -40,13 +40,13 @@ def test_needles_at_the_default_budget(smollm2_dir, record_property):
 
     cases = data.needle_prompts(AutoTokenizer.from_pretrained(str(smollm2_dir)))
     assert len(cases) == 12 and max(c.context_tokens for c in cases) > 6500
-    scores = {}
-    for name, settings in {"n_alpha (default)": {}, "sinks+window, same budget": {"selection": "recent"}}.items():
-        outs = generate_once(smollm2_dir, [c.prompt for c in cases], sparse=settings, max_tokens=16)
-        scores[name] = data.score(cases, [o.text for o in outs])[0]
-    record_property("needle_scores", scores)
-    print(f"needle retrieval out of 12: {scores}")
-    assert scores["n_alpha (default)"] >= 11
+    # the defaults only: the baselines at the same budget (sinks + window, topk, quest, evictions)
+    # are compared in benchmarks/front.py and benchmarks/quality.py, not asserted here
+    outs = generate_once(smollm2_dir, [c.prompt for c in cases], sparse={}, max_tokens=16)
+    score = data.score(cases, [o.text for o in outs])[0]
+    record_property("needle_score", score)
+    print(f"needle retrieval at the defaults: {score}/12")
+    assert score >= 11
 
 
 def test_preemption_and_chunked_prefill_give_the_same_greedy_outputs(smollm2_dir, essay_prompts):

@@ -67,8 +67,8 @@ void summaries_impl(const at::Tensor& key, const at::Tensor& slots, at::Tensor& 
 }
 
 // Max over the page's first `valid` tokens and the GQA group of q·k restricted to the `r` dims
-// `dims` (all `d` dims: the exact score; fewer: SparQ's approximation from the largest |q|
-// components). Keys stored [d, BS]: dim e of the page is one contiguous row of BS keys. The r
+// `dims` (all `d` dims: the exact score; fewer: SparQ's approximation from the dims of largest
+// |q| x key range). Keys stored [d, BS]: dim e of the page is one contiguous row of BS keys. The r
 // rows are converted once into `rows` (r * BS floats, stays in L1); each query of the group then
 // accumulates its BS scores in registers (BS is a compile-time constant).
 template <typename T, int BS>
@@ -133,6 +133,7 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
   {
     const int64_t r_dims = rescore_dims > 0 && rescore_dims < d ? rescore_dims : d;
     std::vector<float> score(p_max), qpos(g * d), qneg(g * d), qsel(g * r_dims), weight(d), meta(2 * d);
+    std::vector<float> klo(d), khi(d);  // per dim: the least min and the largest max over the scored pages
     std::vector<float> krows(r_dims * bs);  // the rescored dims of one page's keys, as float32
     std::vector<int64_t> idx(p_max), dims(d);
 #pragma omp for schedule(dynamic, 1)
@@ -146,6 +147,8 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
           qneg[j * d + e] = x < 0.f ? x : 0.f;
         }
       }
+      std::fill(klo.begin(), klo.end(), inf);
+      std::fill(khi.begin(), khi.end(), -inf);
       constexpr int64_t kAhead = 16;  // rows sit in random blocks: keep several loads in flight
       const int64_t row_bytes = 2 * d * static_cast<int64_t>(sizeof(T));
       for (int64_t p = 0; p < std::min(pages, kAhead); ++p) {
@@ -164,6 +167,12 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
         }
         to_f32(base + (bt[req * bts + p] * h + head) * rs + summary_offset, meta.data(), 2 * d);
         const float *mn = meta.data(), *mx = meta.data() + d;
+        float *lo_e = klo.data(), *hi_e = khi.data();
+#pragma omp simd
+        for (int64_t e = 0; e < d; ++e) {
+          lo_e[e] = mn[e] < lo_e[e] ? mn[e] : lo_e[e];
+          hi_e[e] = mx[e] > hi_e[e] ? mx[e] : hi_e[e];
+        }
         float best = -inf;
         for (int64_t j = 0; j < g; ++j) {
           float acc = 0.f;
@@ -179,13 +188,16 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
       auto better = [&](int64_t x, int64_t y) { return score[x] > score[y] || (score[x] == score[y] && x < y); };
       const int64_t c = std::min(std::max(cand[req], k), pages);
       if (c > k) {
-        // stage 2: rescore the best `c` pages by max q·k over the `r_dims` dims where the group's
-        // |q| is largest (all dims: exact), reading only those rows of the pages' keys
+        // stage 2: rescore the best `c` pages by max q·k over the `r_dims` dims of largest group
+        // |q| x key range (all dims: exact), reading only those rows of the pages' keys
         std::nth_element(idx.begin(), idx.begin() + (c - 1), idx.begin() + pages, better);
+        // weight of dim e: sum_j |q_je| x (the key range of dim e over the pages stage 1 scored),
+        // how far dim e can move q.k between this context's keys (selection.rescore_dims_mask)
+        const bool ranged = khi[0] >= klo[0];  // some page was scored (not only sinks/window)
         for (int64_t e = 0; e < d; ++e) {
           float w = 0.f;
           for (int64_t j = 0; j < g; ++j) w += std::abs(qpos[j * d + e] + qneg[j * d + e]);
-          weight[e] = w;
+          weight[e] = ranged ? w * (khi[e] - klo[e]) : w;
           dims[e] = e;
         }
         if (r_dims < d) {

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .layout import PagedKVCache
 from .selection import (GRANULARITIES, index_capacity, page_counts, page_positions, sorted_positions,
-                        topk_rows)
+                        rescore_dims_mask, topk_rows)
 from .selectors import SelectInputs, get_selector
 
 __all__ = [
@@ -339,7 +339,7 @@ def select_topk(
             ``max(ceil(attended / page_size), sink/window pages)`` pages — Quest's rule, no
             token scoring), ``"exact_pages"`` (as many whole pages as ``"quest"``, chosen among
             ``candidate_factor ×`` as many bound-ranked candidates by their exact ``max q·k``,
-            or by ``q·k`` over the ``rescore_dims`` largest-``|q|`` dimensions when
+            or by ``q·k`` over the ``rescore_dims`` dimensions of largest ``|q|`` × key range when
             ``0 < rescore_dims < head_size``) or ``"recent"`` (no scoring: sinks + the most
             recent tokens, StreamingLLM's rule at the same budget — the baseline).
         granularity: ``"kv_head"`` (one set per KV head, score = max over its query group)
@@ -392,7 +392,9 @@ def _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_
     candidates (by the bound) by each page's exact ``max q·k`` (over its tokens and the GQA group).
 
     ``0 < rescore_dims < head_size`` scores with only the ``rescore_dims`` dimensions where the
-    group's ``Σ|q|`` is largest (SparQ's approximation, Ribar et al. 2023): ``q`` is zero elsewhere.
+    group's ``Σ|q|`` times the key range is largest (SparQ's approximation, Ribar et al. 2023, with
+    the dims weighted by how much the keys vary: :func:`.selection.rescore_dims_mask`); ``q`` is
+    zero elsewhere.
 
     Returns ``[B, S, C]`` page ids, −1 padded; sink/window pages always in.
     """
@@ -408,9 +410,8 @@ def _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_
     k, _ = cache.gather_pages(block_table, cand, heads)
     q = query.float().view(b, s, num_heads // s, d)
     if 0 < rescore_dims < d:
-        w = q.abs().sum(2)  # [B, S, D]
-        order = torch.sort(w, dim=-1, descending=True, stable=True).indices[..., :rescore_dims]
-        keep_dims = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, order, True)
+        kmin, kmax = cache.gather_page_bounds(block_table, int(num_pages.max()), heads)
+        keep_dims = rescore_dims_mask(q, kmin, kmax, seq_lens, ps, sink_tokens, local_window, rescore_dims)
         q = q * keep_dims[:, :, None, :]
     logits = torch.matmul(q, k.float().transpose(-1, -2)).amax(2)
     logits = logits.masked_fill((pos < 0) | (pos >= n), _NEG_INF)

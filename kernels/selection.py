@@ -148,6 +148,39 @@ def compact_pages(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torc
     return tables, lens.to(torch.int32)
 
 
+def rescore_dims_mask(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, seq_lens: torch.Tensor,
+                      page_size: int, sink_tokens: int, local_window: int, rescore_dims: int) -> torch.Tensor:
+    """The dims ``exact_pages`` rescores with (``0 < rescore_dims < head_size``): ``[B, S, D]`` bool.
+
+    A dim's weight is ``Σ_group |q_e| × (max_p kmax_pe − min_p kmin_pe)`` over the pages stage 1
+    scored (valid, neither sink nor window pages): how far dim ``e`` can move ``q·k`` between this
+    context's keys. SparQ (Ribar et al. 2023) ranks by ``|q_e|`` alone; weighting by the key range
+    drops dims whose keys barely vary (a near-constant offset ranks nothing) and finds the ones that
+    separate keys — on SmolLM2 at 6k–7.5k tokens it recovers the needle digits 12 dims by ``|q|``
+    lose (docs/RESULTS.md). Rows without such a page fall back to ``|q|``. The C++ kernel
+    (``kernels/cpu_select.cpp``) computes the same in float32; ties go to the lower dim.
+
+    Args:
+        q: ``[B, S, G, D]`` float32 queries per selection head; kmin, kmax: ``[B, S, P, D]`` page bounds.
+    """
+    d = q.shape[-1]
+    if not 0 < rescore_dims < d:
+        return torch.ones(q.shape[:2] + (d,), dtype=torch.bool, device=q.device)
+    ps, p_max = page_size, kmin.shape[2]
+    page = torch.arange(p_max, device=q.device)
+    num_pages = (seq_lens.long() + ps - 1) // ps
+    first_window_page = (seq_lens.long() - local_window).clamp_min(0) // ps if local_window > 0 else num_pages
+    scored = (page[None, :] >= -(-sink_tokens // ps)) & (page[None, :] < first_window_page[:, None]) & (
+        page[None, :] < num_pages[:, None])  # [B, P]
+    m = scored[:, None, :, None]
+    hi = kmax.float().masked_fill(~m, float("-inf")).amax(2)
+    lo = kmin.float().masked_fill(~m, float("inf")).amin(2)
+    w = q.abs().sum(2)  # [B, S, D]
+    w = torch.where(scored.any(-1)[:, None, None], w * (hi - lo), w)
+    order = torch.sort(w, dim=-1, descending=True, stable=True).indices[..., :rescore_dims]
+    return torch.zeros_like(w, dtype=torch.bool).scatter_(-1, order, True)
+
+
 def topk_rows(scores: torch.Tensor, count: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``count[b]`` entries of ``scores`` ``[B, S, L]`` (``-inf`` never kept).
 

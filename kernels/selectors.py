@@ -218,7 +218,7 @@ class Quest(Selector):
 
 class ExactPages(Selector):
     """Quest's page count, chosen among ``candidate_factor ×`` as many bound-ranked candidates by
-    each page's exact max ``q·k`` (or over the ``rescore_dims`` largest-``|q|`` dims); whole pages."""
+    each page's exact max ``q·k`` (or over the ``rescore_dims`` dims of largest ``|q|`` × key range); whole pages."""
 
     name = "exact_pages"
     whole_pages = True

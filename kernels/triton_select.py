@@ -16,7 +16,7 @@ are expanded to their positions — no key is read for selection, only page summ
 
 ``selection="exact_pages"``: stage 1 keeps ``ceil(candidate_factor ×)`` Quest's page count
 as candidates, stage 2 scores their tokens exactly (with ``rescore_dims``, by a query zeroed
-outside the group's largest-``Σ|q|`` dims, as the reference), each page scores its best token,
+outside the group's dims of largest ``Σ|q|`` × key range, as the reference), each page scores its best token,
 and the top Quest-count pages are attended whole (:func:`exact_pages_triton`).
 
 ``selection="recent"`` (StreamingLLM: sinks + the most recent tokens) needs no scores and
@@ -44,7 +44,8 @@ import triton.language as tl
 from .layout import PagedKVCache
 from .selectors import SelectInputs, get_selector
 from .selection import (GRANULARITIES, candidate_capacity, candidate_pages, index_capacity, page_counts,
-                        page_positions, recent_positions, sorted_positions, topk_into, topk_rows, write_rows)
+                        page_positions, recent_positions, rescore_dims_mask, sorted_positions, topk_into, topk_rows,
+                        write_rows)
 from .triton_sparse_attn import _check_query, _dot, _load_rows, _math_mode, _paged_slots
 
 __all__ = [
@@ -340,16 +341,22 @@ def token_scores_triton(
     return scores, pos
 
 
-def rescore_query(query: torch.Tensor, s_heads: int, rescore_dims: int) -> torch.Tensor:
-    """``query`` zeroed outside each selection head's ``rescore_dims`` dims of largest ``Σ|q|`` over
-    its query group (SparQ; the reference's rule and tie order); unchanged for 0 or ``>= head_size``."""
+def rescore_query(query: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  s_heads: int, sink_tokens: int, local_window: int, rescore_dims: int,
+                  num_pages: int) -> torch.Tensor:
+    """``query`` zeroed outside each selection head's ``rescore_dims`` dims of largest ``Σ|q|`` ×
+    key range (:func:`.selection.rescore_dims_mask`: the reference's rule and tie order); unchanged
+    for 0 or ``>= head_size``."""
     b, num_heads, d = query.shape
     if not 0 < rescore_dims < d:
         return query
     q = query.view(b, s_heads, num_heads // s_heads, d)
-    w = q.float().abs().sum(2)  # [B, S, D]
-    order = torch.sort(w, dim=-1, descending=True, stable=True).indices[..., :rescore_dims]
-    keep = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, order, True)
+    heads = torch.arange(s_heads, device=query.device)
+    if s_heads != cache.num_kv_heads:  # query_head granularity: each query head reads its KV head
+        heads = heads // (num_heads // cache.num_kv_heads)
+    kmin, kmax = cache.gather_page_bounds(block_table, num_pages, heads)
+    keep = rescore_dims_mask(q.float(), kmin, kmax, seq_lens, cache.page_size, sink_tokens, local_window,
+                             rescore_dims)
     return (q * keep[:, :, None, :].to(q.dtype)).view(b, num_heads, d)
 
 
@@ -382,8 +389,9 @@ def exact_pages_triton(
     top, keep = topk_rows(ub, n_cand, c_cap)
     cand = torch.where(keep, top, -1)  # [B, S, C]
     # unscaled q·k (scale 1): the reference ranks pages by max q·k, and a scale could merge near-ties
-    scores, _ = token_scores_triton(rescore_query(query, s_heads, rescore_dims), cache, block_table, seq_lens, 1.0,
-                                    sink_tokens, local_window, granularity, cand=cand)
+    rq = rescore_query(query, cache, block_table, seq_lens, s_heads, sink_tokens, local_window, rescore_dims, n_pages)
+    scores, _ = token_scores_triton(rq, cache, block_table, seq_lens, 1.0, sink_tokens, local_window, granularity,
+                                    cand=cand)
     page_score = scores.view(*cand.shape, ps).amax(-1)  # forced tokens are +inf: so are their pages
     top, keep = topk_rows(page_score, attend, max_pages)
     return torch.where(keep, cand.gather(-1, top), -1)

@@ -38,9 +38,10 @@ selection      exact_pages  ``exact_pages``: rank pages by their min/max upper b
                          (``vllm_sparse.kernels.selectors``)
 candidate_factor 8.0     ``exact_pages``/``page``: candidates per page (token) of the budget
 rescore_dims   12        ``exact_pages``: rescore candidates by ``q·k`` over only the
-                         ``rescore_dims`` dims where the query group's ``Σ|q|`` is largest
-                         (SparQ's approximation; reads that fraction of the candidates'
-                         keys); 0 or >= head_size: every dim, the exact max ``q·k``
+                         ``rescore_dims`` dims of largest ``Σ|q|`` × key range (the keys'
+                         spread in that dim over the scored pages; SparQ's approximation,
+                         range-weighted: ``kernels.selection.rescore_dims_mask``; reads
+                         that fraction of the candidates' keys); 0 or >= head_size: every dim, the exact max ``q·k``
 granularity    kv_head   ``kv_head``: one token set per KV head (GQA group shares it);
                          ``query_head``: one set per query head
 dense_below    1024      sequences shorter than this decode densely

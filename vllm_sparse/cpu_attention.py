@@ -81,7 +81,8 @@ class DecodePlan:
         attended_tokens: tokens attended per KV head, summed over the batch (what the op reads).
         width: columns of the compacted table (``max(count)``).
         rescore_dims: rescore with the ``q·k`` of only this many dims, those with the largest
-            ``Σ|q|`` over the GQA group (SparQ); ``0``: every dim, the exact ``max q·k``.
+            ``Σ|q|`` over the GQA group × key range (SparQ, range-weighted:
+            ``kernels.selection.rescore_dims_mask``); ``0``: every dim, the exact ``max q·k``.
     """
 
     block_table: torch.Tensor

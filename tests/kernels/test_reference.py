@@ -267,3 +267,30 @@ def test_strided_cache_takes_the_general_path_and_agrees(selection):
     assert rel_err(R.sparse_decode(q, strided, *args, **kw), R.sparse_decode(q, case.cache, *args, **kw)) < 1e-6
     assert rel_err(R.dense_decode(q, strided, case.block_table, case.seq_lens, 0.125),
                    R.dense_decode(q, case.cache, case.block_table, case.seq_lens, 0.125)) < 1e-6
+
+
+def test_rescore_dims_weigh_the_key_range_not_the_query_alone():
+    """``rescore_dims`` keeps the dims of largest ``Σ|q|`` × key range over the scored pages: a dim
+    where the query is huge but every key holds the same value moves no page's rank, so it is
+    dropped for one where the keys differ; sink and window pages do not count toward the range,
+    and a row with no other page falls back to ``|q|``."""
+    from vllm_sparse.kernels.selection import rescore_dims_mask
+
+    b, s, g, d, p, ps = 2, 2, 3, 16, 10, 32
+    q = torch.rand(b, s, g, d) + 0.5  # fresh, never zero
+    q[..., 0] = 50.0  # the largest |q| ...
+    kmin = torch.randn(b, s, p, d) - 2.0
+    kmax = kmin + torch.rand(b, s, p, d) + 0.1
+    kmin[..., 0] = kmax[..., 0] = 3.0  # ... over keys that never vary
+    kmin[:, :, 0, 0], kmax[:, :, 0, 0] = -100.0, 100.0  # a sink page's spread does not count
+    seq = torch.tensor([p * ps, p * ps])
+    keep = rescore_dims_mask(q, kmin, kmax, seq, ps, 4, 64, 4)
+    assert keep.sum(-1).eq(4).all() and not keep[..., 0].any()
+    w = q.abs().sum(2) * (kmax[:, :, 1:8].amax(2) - kmin[:, :, 1:8].amin(2))  # pages 1..7: not sink, not window
+    want = torch.zeros_like(keep).scatter_(-1, w.topk(4, dim=-1).indices, True)
+    assert torch.equal(keep, want)
+    # only sink and window pages: |q| decides, so dim 0 is back
+    short = rescore_dims_mask(q, kmin, kmax, torch.tensor([60, 64]), ps, 4, 64, 4)
+    assert short[..., 0].all()
+    # 0 or >= head_size: every dim
+    assert rescore_dims_mask(q, kmin, kmax, seq, ps, 4, 64, 0).all()

@@ -14,8 +14,9 @@ RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 SINK, WINDOW = 4, 16
 
 
-def make_cache(lens, num_kv_heads, head_size, block_size, dtype):
+def make_cache(lens, num_kv_heads, head_size, block_size, dtype, key_scale=None):
     """Requests of ``lens`` tokens written by the fused path into shuffled blocks; spare blocks stay NaN.
+    ``key_scale`` (``[head_size]``) multiplies the keys per dim (real keys' dims differ in spread).
 
     vLLM zero-fills its caches and the op reads a partial last block's tail (masked), so the
     requests' own blocks start at zero; every block no request owns is NaN-poisoned, so a read
@@ -37,7 +38,8 @@ def make_cache(lens, num_kv_heads, head_size, block_size, dtype):
         slots = bt[b, pos // block_size].long() * block_size + pos % block_size
         zeros = torch.zeros(len(pos), num_kv_heads, head_size, dtype=dtype)
         C.write_kv(zeros, zeros, slots, cache, isa)
-        k, v = (torch.randn(n, num_kv_heads, head_size).to(dtype) for _ in range(2))
+        k, v = (torch.randn(n, num_kv_heads, head_size) for _ in range(2))
+        k, v = (k if key_scale is None else k * key_scale).to(dtype), v.to(dtype)
         half = n // 2  # two writes: the second continues a half-filled page
         for lo, hi in ((0, half), (half, n)):
             C.write_kv(k[lo:hi], v[lo:hi], slots[lo:hi], cache, isa)
@@ -235,10 +237,12 @@ def test_exact_pages_fused_equals_reference_float32(group):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 3])
 def test_rescore_dims_fused_equals_reference(dtype, group):
-    """rescore_dims: candidates rescored over the largest-|q| dims only (SparQ) — the C++ kernel picks
-    the reference's pages; the approximate choice differs from the exact one, and from Quest's."""
+    """rescore_dims: candidates rescored over the dims of largest |q| × key range only (SparQ's
+    approximation, range-weighted) — the C++ kernel picks the reference's pages; the approximate
+    choice differs from the exact one."""
     lens, hkv, d, bs = [1500, 700], 2, 64, 32
-    cache, bt, _, _ = make_cache(lens, hkv, d, bs, dtype)
+    # dims of unequal spread, so that |q| x key range picks other dims than |q| would
+    cache, bt, _, _ = make_cache(lens, hkv, d, bs, dtype, key_scale=torch.rand(d) * 4 + 0.05)
     seq = torch.tensor(lens)
     attended = torch.tensor([256, 160])
     q = torch.randn(len(lens), hkv * group, d).to(dtype)

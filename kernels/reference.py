@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from .layout import PagedKVCache
-from .selection import (GRANULARITIES, index_capacity, page_counts, page_positions, sorted_positions,
-                        rescore_dims_mask, topk_rows)
+from .selection import (GRANULARITIES, forced_page_mask, index_capacity, page_counts, page_positions,
+                        rescore_dims_mask, scored_key_range, sorted_positions, topk_rows)
 from .selectors import SelectInputs, get_selector
 
 __all__ = [
@@ -358,32 +358,32 @@ def select_topk(
 
 
 def _candidate_pages(q, cache, block_table, seq_lens, count, heads, scale, sink_tokens, local_window,
-                     candidate_factor, quest=False, n_cand=None) -> torch.Tensor:
+                     candidate_factor, quest=False, n_cand=None, with_key_range=False):
     """Stage 1 of page selection: the best pages by upper bound, ``[B, S, C]``, −1 padded.
 
-    ``n_cand`` (``[B]``) overrides how many pages each row keeps (default: :func:`page_counts`)."""
+    ``n_cand`` (``[B]``) overrides how many pages each row keeps (default: :func:`page_counts`).
+    ``with_key_range`` also returns :func:`.selection.scored_key_range` of the bounds stage 1 read
+    (``[B, S, D]``): ``(pages, key_range)``."""
     b, num_heads, d = q.shape
     s, ps, dev = heads.numel(), cache.page_size, q.device
     num_pages = (seq_lens + ps - 1) // ps  # [B]
     p_max = int(num_pages.max())
-    kmin, kmax = cache.gather_page_bounds(block_table, p_max, heads)  # [B, S, P, D] each
-    kmin = kmin.float().transpose(-1, -2)  # [B, S, D, P]
-    kmax = kmax.float().transpose(-1, -2)
+    bounds = cache.gather_page_bounds(block_table, p_max, heads)  # [B, S, P, D] each
+    kmin, kmax = (x.float().transpose(-1, -2) for x in bounds)  # [B, S, D, P]
     qs = q.view(b, s, num_heads // s, d)
     # max over the page of q·k <= sum_d max(q_d·min_d, q_d·max_d) = q⁺·max + q⁻·min
     ub = (torch.matmul(qs.clamp_min(0), kmax) + torch.matmul(qs.clamp_max(0), kmin)).amax(2) * scale  # [B, S, P]
-    page = torch.arange(p_max, device=dev)
-    first_window_page = (seq_lens - local_window).clamp_min(0) // ps
-    forced = (page[None, :] < -(-sink_tokens // ps)) | (
-        (page[None, :] >= first_window_page[:, None]) & (local_window > 0)
-    )
-    valid = page[None, :] < num_pages[:, None]
-    forced = forced & valid
+    page = torch.arange(p_max, device=dev).expand(b, -1)
+    valid = page < num_pages[:, None]
+    forced = forced_page_mask(page, seq_lens, ps, sink_tokens, local_window)
     ub = ub.masked_fill(~valid[:, None, :], _NEG_INF).masked_fill(forced[:, None, :], math.inf)
     if n_cand is None:
         n_cand = page_counts(seq_lens, count, ps, sink_tokens, local_window, candidate_factor, quest)  # [B]
     top, keep = topk_rows(ub, n_cand, int(n_cand.max()))
-    return torch.where(keep, top, -1)
+    pages = torch.where(keep, top, -1)
+    if with_key_range:
+        return pages, scored_key_range(*bounds, seq_lens, ps, sink_tokens, local_window)
+    return pages
 
 
 def _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_tokens, local_window,
@@ -403,21 +403,19 @@ def _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_
     num_pages = (seq_lens + ps - 1) // ps
     n_pages = page_counts(seq_lens, count, ps, sink_tokens, local_window, 1.0, quest=True)
     n_cand = torch.minimum(torch.ceil(n_pages.double() * candidate_factor).long(), num_pages)
-    cand = _candidate_pages(query.float(), cache, block_table, seq_lens, count, heads, scale, sink_tokens,
-                            local_window, candidate_factor, n_cand=n_cand)  # [B, S, C]
+    cand, key_range = _candidate_pages(query.float(), cache, block_table, seq_lens, count, heads, scale,
+                                       sink_tokens, local_window, candidate_factor, n_cand=n_cand,
+                                       with_key_range=True)  # [B, S, C], [B, S, D]
     pos = page_positions(cand, ps)  # [B, S, C * ps]
     n = seq_lens[:, None, None]
     k, _ = cache.gather_pages(block_table, cand, heads)
     q = query.float().view(b, s, num_heads // s, d)
     if 0 < rescore_dims < d:
-        kmin, kmax = cache.gather_page_bounds(block_table, int(num_pages.max()), heads)
-        keep_dims = rescore_dims_mask(q, kmin, kmax, seq_lens, ps, sink_tokens, local_window, rescore_dims)
-        q = q * keep_dims[:, :, None, :]
+        q = q * rescore_dims_mask(q, key_range, rescore_dims)[:, :, None, :]
     logits = torch.matmul(q, k.float().transpose(-1, -2)).amax(2)
     logits = logits.masked_fill((pos < 0) | (pos >= n), _NEG_INF)
     score = logits.view(b, s, cand.shape[-1], ps).amax(-1)  # [B, S, C]
-    first_window_page = (seq_lens - local_window).clamp_min(0) // ps if local_window > 0 else num_pages
-    forced = (cand >= 0) & ((cand < -(-sink_tokens // ps)) | (cand >= first_window_page[:, None, None]))
+    forced = forced_page_mask(cand, seq_lens, ps, sink_tokens, local_window)
     top, keep = topk_rows(score.masked_fill(forced, math.inf).masked_fill(cand < 0, _NEG_INF), n_pages,
                           int(n_pages.max()))
     return torch.where(keep, cand.gather(-1, top), -1)

@@ -14,6 +14,8 @@ import torch
 
 __all__ = [
     "GRANULARITIES",
+    "forced_page_range",
+    "forced_page_mask",
     "page_counts",
     "index_capacity",
     "quest_attended",
@@ -21,6 +23,8 @@ __all__ = [
     "candidate_pages",
     "page_positions",
     "compact_pages",
+    "scored_key_range",
+    "rescore_dims_mask",
     "topk_rows",
     "sorted_positions",
     "recent_positions",
@@ -30,6 +34,32 @@ __all__ = [
 
 #: Allowed ``granularity`` values: one selected set per KV head or per query head.
 GRANULARITIES = ("kv_head", "query_head")
+
+
+def forced_page_range(seq_lens: torch.Tensor, page_size: int, sink_tokens: int,
+                      local_window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pages every selector attends, ``(lo, hi)``, both ``[B]`` int64: pages ``[0, lo)`` hold
+    the sinks, pages ``[hi, num_pages)`` the local window (``hi = num_pages`` without a window).
+
+    The one definition of "forced" shared by the page counts, the reference, the Triton path's
+    host side, the page selectors and the C++ plan (``vllm_sparse.cpu_attention.plan_decode``).
+    """
+    seq = seq_lens.long()
+    num_pages = (seq + page_size - 1) // page_size
+    lo = torch.full_like(num_pages, -(-sink_tokens // page_size)).minimum(num_pages)
+    hi = (seq - local_window).clamp_min(0) // page_size if local_window > 0 else num_pages
+    return lo, hi
+
+
+def forced_page_mask(pages: torch.Tensor, seq_lens: torch.Tensor, page_size: int, sink_tokens: int,
+                     local_window: int) -> torch.Tensor:
+    """Which of ``pages`` (``[B, ...]`` page ids, ``-1`` = none) hold a sink or window token: bool,
+    same shape; pages past the request's end are not forced (:func:`forced_page_range`)."""
+    lo, hi = forced_page_range(seq_lens, page_size, sink_tokens, local_window)
+    num_pages = (seq_lens.long() + page_size - 1) // page_size
+    view = (-1,) + (1,) * (pages.dim() - 1)
+    lo, hi, num_pages = lo.view(view), hi.view(view), num_pages.view(view)
+    return (pages >= 0) & (pages < num_pages) & ((pages < lo) | (pages >= hi))
 
 
 def page_counts(seq_lens: torch.Tensor, count: torch.Tensor, page_size: int, sink_tokens: int, local_window: int,
@@ -42,14 +72,9 @@ def page_counts(seq_lens: torch.Tensor, count: torch.Tensor, page_size: int, sin
     they are more). Never more than the request's pages.
     """
     ps = page_size
-    seq_lens = seq_lens.long()
-    num_pages = (seq_lens + ps - 1) // ps
-    sink_p = torch.clamp_max(torch.full_like(num_pages, -(-sink_tokens // ps)), num_pages)
-    if local_window > 0:
-        first_window_page = (seq_lens - local_window).clamp_min(0) // ps
-        n_forced = sink_p + (num_pages - first_window_page) - (sink_p - first_window_page).clamp_min(0)
-    else:
-        n_forced = sink_p
+    num_pages = (seq_lens.long() + ps - 1) // ps
+    lo, hi = forced_page_range(seq_lens, ps, sink_tokens, local_window)
+    n_forced = lo + (num_pages - hi) - (lo - hi).clamp_min(0)  # the two ranges may overlap
     if quest:
         wanted = torch.maximum((count.long() + ps - 1) // ps, n_forced)
     else:
@@ -148,35 +173,42 @@ def compact_pages(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torc
     return tables, lens.to(torch.int32)
 
 
-def rescore_dims_mask(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, seq_lens: torch.Tensor,
-                      page_size: int, sink_tokens: int, local_window: int, rescore_dims: int) -> torch.Tensor:
+def scored_key_range(kmin: torch.Tensor, kmax: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                     sink_tokens: int, local_window: int) -> torch.Tensor:
+    """``[B, S, D]`` float32: per dim, ``max_p kmax_pe − min_p kmin_pe`` over the pages stage 1
+    scored (valid, neither sink nor window pages); ``1`` in rows without such a page, so that
+    :func:`rescore_dims_mask` falls back to ``|q|`` there.
+
+    Args:
+        kmin, kmax: ``[B, S, P, D]`` page bounds (page ``p`` of row ``b`` at index ``p``).
+    """
+    page = torch.arange(kmin.shape[2], device=kmin.device).expand(kmin.shape[0], -1)  # [B, P]
+    num_pages = (seq_lens.long() + page_size - 1) // page_size
+    scored = (page < num_pages[:, None]) & ~forced_page_mask(page, seq_lens, page_size, sink_tokens, local_window)
+    m = scored[:, None, :, None]
+    hi = kmax.float().masked_fill(~m, float("-inf")).amax(2)
+    lo = kmin.float().masked_fill(~m, float("inf")).amin(2)
+    return torch.where(scored.any(-1)[:, None, None], hi - lo, 1.0)
+
+
+def rescore_dims_mask(q: torch.Tensor, key_range: torch.Tensor, rescore_dims: int) -> torch.Tensor:
     """The dims ``exact_pages`` rescores with (``0 < rescore_dims < head_size``): ``[B, S, D]`` bool.
 
-    A dim's weight is ``Σ_group |q_e| × (max_p kmax_pe − min_p kmin_pe)`` over the pages stage 1
-    scored (valid, neither sink nor window pages): how far dim ``e`` can move ``q·k`` between this
-    context's keys. SparQ (Ribar et al. 2023) ranks by ``|q_e|`` alone; weighting by the key range
-    drops dims whose keys barely vary (a near-constant offset ranks nothing) and finds the ones that
-    separate keys — on SmolLM2 at 6k–7.5k tokens it recovers the needle digits 12 dims by ``|q|``
-    lose (docs/RESULTS.md). Rows without such a page fall back to ``|q|``. The C++ kernel
+    A dim's weight is ``Σ_group |q_e| × key_range_e``, the key range over the pages stage 1 scored
+    (:func:`scored_key_range`): how far dim ``e`` can move ``q·k`` between this context's keys.
+    SparQ (Ribar et al. 2023) ranks by ``|q_e|`` alone; weighting by the key range drops dims whose
+    keys barely vary (a near-constant offset ranks nothing) and finds the ones that separate keys —
+    on SmolLM2 at 6k–7.5k tokens it recovers the needle digits 12 dims by ``|q|`` lose
+    (docs/RESULTS.md). Rows without such a page have range 1: ``|q|`` alone. The C++ kernel
     (``kernels/cpu_select.cpp``) computes the same in float32; ties go to the lower dim.
 
     Args:
-        q: ``[B, S, G, D]`` float32 queries per selection head; kmin, kmax: ``[B, S, P, D]`` page bounds.
+        q: ``[B, S, G, D]`` float32 queries per selection head; key_range: ``[B, S, D]``.
     """
     d = q.shape[-1]
     if not 0 < rescore_dims < d:
         return torch.ones(q.shape[:2] + (d,), dtype=torch.bool, device=q.device)
-    ps, p_max = page_size, kmin.shape[2]
-    page = torch.arange(p_max, device=q.device)
-    num_pages = (seq_lens.long() + ps - 1) // ps
-    first_window_page = (seq_lens.long() - local_window).clamp_min(0) // ps if local_window > 0 else num_pages
-    scored = (page[None, :] >= -(-sink_tokens // ps)) & (page[None, :] < first_window_page[:, None]) & (
-        page[None, :] < num_pages[:, None])  # [B, P]
-    m = scored[:, None, :, None]
-    hi = kmax.float().masked_fill(~m, float("-inf")).amax(2)
-    lo = kmin.float().masked_fill(~m, float("inf")).amin(2)
-    w = q.abs().sum(2)  # [B, S, D]
-    w = torch.where(scored.any(-1)[:, None, None], w * (hi - lo), w)
+    w = q.abs().sum(2) * key_range  # [B, S, D]
     order = torch.sort(w, dim=-1, descending=True, stable=True).indices[..., :rescore_dims]
     return torch.zeros_like(w, dtype=torch.bool).scatter_(-1, order, True)
 

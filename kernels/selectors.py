@@ -39,7 +39,7 @@ from typing import ClassVar
 import torch
 
 from .layout import PagedKVCache
-from .selection import page_counts, recent_positions, topk_rows
+from .selection import forced_page_mask, page_counts, recent_positions, topk_rows
 
 __all__ = [
     "SelectInputs",
@@ -93,10 +93,7 @@ class SelectInputs:
 
     def forced_pages(self, pages: torch.Tensor) -> torch.Tensor:
         """``[B, S, C]`` bool: which of ``pages`` (``-1`` padded) hold a sink or window token."""
-        ps, seq = self.cache.page_size, self.seq_lens.long()
-        first_window = ((seq - self.local_window).clamp_min(0) // ps if self.local_window > 0
-                        else (seq + ps - 1) // ps)
-        return (pages >= 0) & ((pages < -(-self.sink_tokens // ps)) | (pages >= first_window[:, None, None]))
+        return forced_page_mask(pages, self.seq_lens, self.cache.page_size, self.sink_tokens, self.local_window)
 
     def best_pages(self, pages: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """The :meth:`whole_page_count` best of ``pages`` ``[B, S, C]`` by ``scores`` (higher first,

@@ -68,6 +68,8 @@ def _page_score_kernel(
     block_table_ptr,  # [B, max_blocks] int
     seq_lens_ptr,  # [B] int
     ub_ptr,  # [B, S, num_page_slots] fp32 out
+    klo_ptr,  # [B, num_kv_heads, num_tiles, BLOCK_D] fp32 out (STORE_RANGE): min kmin over scored pages
+    khi_ptr,  # same shape: max kmax over scored pages
     # -- sizes / scalars -----------------------------------------------------------
     scale,
     sink_pages,  # ceil(sink_tokens / page_size)
@@ -88,6 +90,7 @@ def _page_score_kernel(
     BLOCK_G: tl.constexpr,  # >= max(16, q_per_kv), power of two
     TILE_P: tl.constexpr,
     PER_ROW_OUT: tl.constexpr,  # granularity == "query_head"
+    STORE_RANGE: tl.constexpr,  # also write this tile's per-dim key min/max over scored pages
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -105,6 +108,15 @@ def _page_score_kernel(
     kv_mask = valid[:, None] & d_mask[None, :]
     kmin = _load_rows(kmin_ptr, blk, off, kvh, d, kv_mask, stride_nb, stride_np, stride_nh, stride_nd)
     kmax = _load_rows(kmax_ptr, blk, off, kvh, d, kv_mask, stride_xb, stride_xp, stride_xh, stride_xd)
+    first_window_page = tl.maximum(n - local_window, 0) // PAGE_SIZE
+    forced = valid & ((p < sink_pages) | ((p >= first_window_page) & (local_window > 0)))
+    if STORE_RANGE:  # rescore_dims' key range (selection.scored_key_range), from the bounds read here
+        scored = (valid & (p >= sink_pages) & ((p < first_window_page) | (local_window <= 0)))[:, None]
+        lo = tl.min(tl.where(scored, kmin.to(tl.float32), float("inf")), axis=0)  # [BLOCK_D]
+        hi = tl.max(tl.where(scored, kmax.to(tl.float32), float("-inf")), axis=0)
+        row = ((b * tl.num_programs(1) + kvh) * tl.num_programs(2) + tl.program_id(2)) * BLOCK_D
+        tl.store(klo_ptr + row + d, lo)
+        tl.store(khi_ptr + row + d, hi)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < q_per_kv
     heads = kvh * q_per_kv + g
@@ -121,8 +133,6 @@ def _page_score_kernel(
     q_neg = tl.minimum(q, 0.0).to(q.dtype)
     ub = (_dot(q_pos, tl.trans(kmax), IEEE) + _dot(q_neg, tl.trans(kmin), IEEE)) * scale  # [BLOCK_G, TILE_P]
 
-    first_window_page = tl.maximum(n - local_window, 0) // PAGE_SIZE
-    forced = valid & ((p < sink_pages) | ((p >= first_window_page) & (local_window > 0)))
     if PER_ROW_OUT:
         ub = tl.where(valid[None, :], ub, float("-inf"))
         ub = tl.where(forced[None, :], float("inf"), ub)
@@ -264,10 +274,13 @@ def page_scores_triton(
     local_window: int,
     granularity: str,
     num_pages: int,
-) -> torch.Tensor:
+    with_key_range: bool = False,
+):
     """Stage 1 scores: ``[B, S, num_pages]`` fp32 page upper bounds (``+inf`` forced, ``-inf`` invalid).
 
     ``num_pages``: static page-axis length, ``>= ceil(max(seq_lens) / page_size)``.
+    ``with_key_range``: also return :func:`.selection.scored_key_range` of the bounds read
+    (``[B, S, head_size]``), computed in the same pass: ``(scores, key_range)``.
     """
     b, num_heads, d = query.shape
     hkv, ps = cache.num_kv_heads, cache.page_size
@@ -276,16 +289,28 @@ def page_scores_triton(
     ub = torch.empty((b, s_heads, num_pages), dtype=torch.float32, device=query.device)
     upcast, ieee = _math_mode(query, cache)
     tile_p = _tile(ieee)
-    _page_score_kernel[(b, hkv, triton.cdiv(num_pages, tile_p))](
-        query, cache.key_min, cache.key_max, block_table, seq_lens, ub,
+    n_tiles, block_d = triton.cdiv(num_pages, tile_p), triton.next_power_of_2(d)
+    if with_key_range:
+        klo = torch.empty((b, hkv, n_tiles, block_d), dtype=torch.float32, device=query.device)
+        khi = torch.empty_like(klo)
+    else:
+        klo = khi = ub  # not written
+    _page_score_kernel[(b, hkv, n_tiles)](
+        query, cache.key_min, cache.key_max, block_table, seq_lens, ub, klo, khi,
         scale, -(-sink_tokens // ps), local_window, num_pages, q_per_kv,
         *query.stride(), *cache.key_min.stride(), *cache.key_max.stride(), *block_table.stride(), *ub.stride(),
-        PAGE_SIZE=ps, PAGES_PER_BLOCK=cache.pages_per_block, HEAD_SIZE=d, BLOCK_D=triton.next_power_of_2(d),
+        PAGE_SIZE=ps, PAGES_PER_BLOCK=cache.pages_per_block, HEAD_SIZE=d, BLOCK_D=block_d,
         BLOCK_G=max(16, triton.next_power_of_2(q_per_kv)), TILE_P=tile_p,
-        PER_ROW_OUT=granularity == "query_head", UPCAST=upcast, IEEE=ieee,
+        PER_ROW_OUT=granularity == "query_head", STORE_RANGE=with_key_range, UPCAST=upcast, IEEE=ieee,
         num_warps=8 if ieee else 4,  # two FMA dots: spread the registers
     )
-    return ub
+    if not with_key_range:
+        return ub
+    lo, hi = klo.amin(2)[..., :d], khi.amax(2)[..., :d]  # [B, Hkv, D]
+    key_range = torch.where(hi[..., :1] > float("-inf"), hi - lo, 1.0)  # no scored page: |q| alone
+    if s_heads != hkv:  # query_head granularity: each query head takes its KV head's range
+        key_range = key_range.repeat_interleave(q_per_kv, dim=1)
+    return ub, key_range
 
 
 def token_scores_triton(
@@ -341,22 +366,15 @@ def token_scores_triton(
     return scores, pos
 
 
-def rescore_query(query: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                  s_heads: int, sink_tokens: int, local_window: int, rescore_dims: int,
-                  num_pages: int) -> torch.Tensor:
+def rescore_query(query: torch.Tensor, key_range: torch.Tensor, s_heads: int, rescore_dims: int) -> torch.Tensor:
     """``query`` zeroed outside each selection head's ``rescore_dims`` dims of largest ``Σ|q|`` ×
-    key range (:func:`.selection.rescore_dims_mask`: the reference's rule and tie order); unchanged
-    for 0 or ``>= head_size``."""
+    ``key_range`` (:func:`.selection.rescore_dims_mask`: the reference's rule and tie order);
+    unchanged for 0 or ``>= head_size``."""
     b, num_heads, d = query.shape
     if not 0 < rescore_dims < d:
         return query
     q = query.view(b, s_heads, num_heads // s_heads, d)
-    heads = torch.arange(s_heads, device=query.device)
-    if s_heads != cache.num_kv_heads:  # query_head granularity: each query head reads its KV head
-        heads = heads // (num_heads // cache.num_kv_heads)
-    kmin, kmax = cache.gather_page_bounds(block_table, num_pages, heads)
-    keep = rescore_dims_mask(q.float(), kmin, kmax, seq_lens, cache.page_size, sink_tokens, local_window,
-                             rescore_dims)
+    keep = rescore_dims_mask(q.float(), key_range, rescore_dims)
     return (q * keep[:, :, None, :].to(q.dtype)).view(b, num_heads, d)
 
 
@@ -380,8 +398,10 @@ def exact_pages_triton(
     ps = cache.page_size
     s_heads = cache.num_kv_heads if granularity == "kv_head" else query.shape[1]
     n_pages = triton.cdiv(max_seq_len, ps)
-    ub = page_scores_triton(query, cache, block_table, seq_lens, scale, sink_tokens, local_window, granularity,
-                            num_pages=n_pages)
+    rescore = 0 < rescore_dims < query.shape[-1]
+    stage1 = page_scores_triton(query, cache, block_table, seq_lens, scale, sink_tokens, local_window, granularity,
+                                num_pages=n_pages, with_key_range=rescore)
+    ub, key_range = stage1 if rescore else (stage1, None)
     attend = page_counts(seq_lens, count, ps, sink_tokens, local_window, 1.0, quest=True)  # [B] pages attended
     num_pages = (seq_lens.long() + ps - 1) // ps
     n_cand = torch.minimum(torch.ceil(attend.double() * candidate_factor).long(), num_pages)
@@ -389,7 +409,7 @@ def exact_pages_triton(
     top, keep = topk_rows(ub, n_cand, c_cap)
     cand = torch.where(keep, top, -1)  # [B, S, C]
     # unscaled q·k (scale 1): the reference ranks pages by max q·k, and a scale could merge near-ties
-    rq = rescore_query(query, cache, block_table, seq_lens, s_heads, sink_tokens, local_window, rescore_dims, n_pages)
+    rq = rescore_query(query, key_range, s_heads, rescore_dims) if rescore else query
     scores, _ = token_scores_triton(rq, cache, block_table, seq_lens, 1.0, sink_tokens, local_window, granularity,
                                     cand=cand)
     page_score = scores.view(*cand.shape, ps).amax(-1)  # forced tokens are +inf: so are their pages

@@ -36,7 +36,7 @@ from vllm import _custom_ops as vllm_ops
 from vllm import envs
 
 from vllm_sparse.kernels import PagedKVCache, cpu_ext
-from vllm_sparse.kernels.selection import page_counts, quest_attended
+from vllm_sparse.kernels.selection import forced_page_range, page_counts, quest_attended
 
 __all__ = ["cpu_isa", "DecodePlan", "plan_decode", "scheduler_metadata", "write_kv", "attention", "select_pages",
            "select_pages_reference", "sparse_decode"]
@@ -121,8 +121,7 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
     bs = block_size
     num_pages = (seq + bs - 1) // bs
     count = page_counts(seq, torch.minimum(attended.long(), seq), bs, sink_tokens, local_window, 1.0, quest=True)
-    forced_lo = torch.full_like(num_pages, -(-sink_tokens // bs)).minimum(num_pages)
-    forced_hi = (seq - local_window).clamp_min(0) // bs if local_window > 0 else num_pages.clone()
+    forced_lo, forced_hi = forced_page_range(seq, bs, sink_tokens, local_window)
     # each head attends its `count` pages; all are whole but the request's last
     lens = quest_attended(seq, attended, bs, sink_tokens, local_window).to(torch.int32).repeat_interleave(num_kv_heads)
     qsl = torch.arange(lens.shape[0] + 1, dtype=torch.int32)

@@ -274,7 +274,7 @@ def test_rescore_dims_weigh_the_key_range_not_the_query_alone():
     where the query is huge but every key holds the same value moves no page's rank, so it is
     dropped for one where the keys differ; sink and window pages do not count toward the range,
     and a row with no other page falls back to ``|q|``."""
-    from vllm_sparse.kernels.selection import rescore_dims_mask
+    from vllm_sparse.kernels.selection import rescore_dims_mask, scored_key_range
 
     b, s, g, d, p, ps = 2, 2, 3, 16, 10, 32
     q = torch.rand(b, s, g, d) + 0.5  # fresh, never zero
@@ -284,13 +284,16 @@ def test_rescore_dims_weigh_the_key_range_not_the_query_alone():
     kmin[..., 0] = kmax[..., 0] = 3.0  # ... over keys that never vary
     kmin[:, :, 0, 0], kmax[:, :, 0, 0] = -100.0, 100.0  # a sink page's spread does not count
     seq = torch.tensor([p * ps, p * ps])
-    keep = rescore_dims_mask(q, kmin, kmax, seq, ps, 4, 64, 4)
+    key_range = scored_key_range(kmin, kmax, seq, ps, 4, 64)
+    assert torch.equal(key_range, kmax[:, :, 1:8].amax(2) - kmin[:, :, 1:8].amin(2))  # not sink, not window
+    keep = rescore_dims_mask(q, key_range, 4)
     assert keep.sum(-1).eq(4).all() and not keep[..., 0].any()
-    w = q.abs().sum(2) * (kmax[:, :, 1:8].amax(2) - kmin[:, :, 1:8].amin(2))  # pages 1..7: not sink, not window
+    w = q.abs().sum(2) * key_range
     want = torch.zeros_like(keep).scatter_(-1, w.topk(4, dim=-1).indices, True)
     assert torch.equal(keep, want)
-    # only sink and window pages: |q| decides, so dim 0 is back
-    short = rescore_dims_mask(q, kmin, kmax, torch.tensor([60, 64]), ps, 4, 64, 4)
-    assert short[..., 0].all()
+    # only sink and window pages: range 1, so |q| decides and dim 0 is back
+    short_range = scored_key_range(kmin, kmax, torch.tensor([60, 64]), ps, 4, 64)
+    assert torch.equal(short_range, torch.ones_like(short_range))
+    assert rescore_dims_mask(q, short_range, 4)[..., 0].all()
     # 0 or >= head_size: every dim
-    assert rescore_dims_mask(q, kmin, kmax, seq, ps, 4, 64, 0).all()
+    assert rescore_dims_mask(q, key_range, 0).all() and rescore_dims_mask(q, key_range, d).all()

@@ -209,6 +209,29 @@ def test_exact_pages_matches_reference_sets(rescore_dims, granularity, gqa):
     _assert_same_sets(ours, ref)
 
 
+@pytest.mark.parametrize("granularity", ["kv_head", "query_head"])
+def test_page_scores_emit_the_scored_key_range(granularity):
+    """Stage 1 also returns ``rescore_dims``' key range from the bounds it reads (no second read):
+    equal to :func:`selection.scored_key_range` of the gathered bounds, over several page tiles,
+    and 1 in a row whose pages are all sinks or window (the ``|q|`` fallback)."""
+    from vllm_sparse.kernels.selection import scored_key_range
+    from vllm_sparse.kernels.triton_select import page_scores_triton
+
+    lens = [1100, 70, 9]  # 1100 tokens at page size 4: 275 pages, more than one tile even interpreted
+    c = case(lens, 6, 2, 64, 16, 4, BF16)
+    q = torch.randn(len(lens), 6, 64, device=DEV).bfloat16()
+    n_pages = -(-max(lens) // 4)
+    ub, key_range = page_scores_triton(q, c.cache, c.block_table, c.seq_lens, 0.1, 4, 8, granularity,
+                                       num_pages=n_pages, with_key_range=True)
+    heads = torch.arange(2, device=DEV) if granularity == "kv_head" else torch.arange(6, device=DEV) // 3
+    kmin, kmax = c.cache.gather_page_bounds(c.block_table, n_pages, heads)
+    want = scored_key_range(kmin, kmax, c.seq_lens, 4, 4, 8)
+    assert torch.equal(key_range, want)
+    assert torch.equal(key_range[2], torch.ones_like(key_range[2])) and (key_range[:2] != 1).all()
+    assert torch.equal(ub, page_scores_triton(q, c.cache, c.block_table, c.seq_lens, 0.1, 4, 8, granularity,
+                                              num_pages=n_pages))
+
+
 @pytest.mark.parametrize("candidate_factor", [0.5, 8.0])
 def test_page_selection_candidate_counts(candidate_factor):
     """Few candidates (fewer tokens than the budget) and candidates covering every page."""

@@ -123,10 +123,10 @@ def main() -> int:
                                        max_seq_len=512)
                 kv = torch.randn(5, hkv, d).to(dtype)
                 write_kv_triton(kv, kv, torch.arange(5), c)
-                for sel in ("token", "page"):
-                    for gran in ("kv_head", "query_head"):
+                for sel in ("token", "page", "exact_pages"):
+                    for gran in ("kv_head", "query_head"):  # exact_pages: the default, dims rescored
                         select_topk_triton(q, c, bt, seq_lens, att, 0.1, 4, 16, sel, gran, capacity=64,
-                                           max_seq_len=512)
+                                           max_seq_len=512, rescore_dims=12 if sel == "exact_pages" else 0)
     except Exception:
         import traceback
 

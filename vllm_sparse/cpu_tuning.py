@@ -95,7 +95,11 @@ def huge_page_allocations(min_bytes: int = 4 * HUGE_PAGE):
     """Inside this context, ``torch.zeros`` on CPU of at least ``min_bytes`` is advised
     ``MADV_HUGEPAGE`` *before* it is zeroed, so its pages fault in as 2 MiB pages directly (no
     copy, unlike collapsing afterwards). vLLM allocates the CPU KV cache with one such call; the
-    plugin's worker wraps that allocation in this context. A no-op when turned off."""
+    plugin's worker wraps that allocation in this context. A no-op when turned off.
+
+    Only memory that is not yet faulted in benefits: a block above glibc's largest mmap
+    threshold (32 MiB; any real KV cache) is always a fresh mapping, while a smaller one may
+    reuse heap pages already on 4 KiB pages (:func:`huge_pages` collapses those)."""
     if not _huge_pages_on():
         yield
         return

@@ -147,6 +147,10 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
           qneg[j * d + e] = x < 0.f ? x : 0.f;
         }
       }
+      const int64_t k = std::min(cnt[req], pages);
+      const int64_t c = std::min(std::max(cand[req], k), pages);
+      // the key range weighs the rescored dims: only tracked when stage 2 runs on fewer than every dim
+      const bool track = c > k && r_dims < d;
       std::fill(klo.begin(), klo.end(), inf);
       std::fill(khi.begin(), khi.end(), -inf);
       constexpr int64_t kAhead = 16;  // rows sit in random blocks: keep several loads in flight
@@ -167,11 +171,13 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
         }
         to_f32(base + (bt[req * bts + p] * h + head) * rs + summary_offset, meta.data(), 2 * d);
         const float *mn = meta.data(), *mx = meta.data() + d;
-        float *lo_e = klo.data(), *hi_e = khi.data();
+        if (track) {
+          float *lo_e = klo.data(), *hi_e = khi.data();
 #pragma omp simd
-        for (int64_t e = 0; e < d; ++e) {
-          lo_e[e] = mn[e] < lo_e[e] ? mn[e] : lo_e[e];
-          hi_e[e] = mx[e] > hi_e[e] ? mx[e] : hi_e[e];
+          for (int64_t e = 0; e < d; ++e) {
+            lo_e[e] = mn[e] < lo_e[e] ? mn[e] : lo_e[e];
+            hi_e[e] = mx[e] > hi_e[e] ? mx[e] : hi_e[e];
+          }
         }
         float best = -inf;
         for (int64_t j = 0; j < g; ++j) {
@@ -183,10 +189,8 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
         }
         score[p] = best;
       }
-      const int64_t k = std::min(cnt[req], pages);
       for (int64_t p = 0; p < pages; ++p) idx[p] = p;
       auto better = [&](int64_t x, int64_t y) { return score[x] > score[y] || (score[x] == score[y] && x < y); };
-      const int64_t c = std::min(std::max(cand[req], k), pages);
       if (c > k) {
         // stage 2: rescore the best `c` pages by max q·k over the `r_dims` dims of largest group
         // |q| x key range (all dims: exact), reading only those rows of the pages' keys

@@ -60,12 +60,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _store_key_range(klo_ptr, khi_ptr, kmin, kmax, valid, p, d, b, kvh, sink_pages, first_window_page,
-                     local_window, BLOCK_D: tl.constexpr):
-    """This tile's per-dim ``min kmin`` / ``max kmax`` over its scored pages (neither sink nor
-    window): ``rescore_dims``' key range (:func:`.selection.scored_key_range`) from the bounds
-    the page scores already read; the host reduces the tiles."""
-    scored = (valid & (p >= sink_pages) & ((p < first_window_page) | (local_window <= 0)))[:, None]
+def _store_key_range(klo_ptr, khi_ptr, kmin, kmax, scored, d, b, kvh, BLOCK_D: tl.constexpr):
+    """This tile's per-dim ``min kmin`` / ``max kmax`` over its ``scored`` pages (valid, neither
+    sink nor window): ``rescore_dims``' key range (:func:`.selection.scored_key_range`) from the
+    bounds the page scores already read; the host reduces the tiles."""
+    scored = scored[:, None]
     lo = tl.min(tl.where(scored, kmin.to(tl.float32), float("inf")), axis=0)  # [BLOCK_D]
     hi = tl.max(tl.where(scored, kmax.to(tl.float32), float("-inf")), axis=0)
     row = ((b * tl.num_programs(1) + kvh) * tl.num_programs(2) + tl.program_id(2)) * BLOCK_D
@@ -125,8 +124,7 @@ def _page_score_kernel(
     first_window_page = tl.maximum(n - local_window, 0) // PAGE_SIZE
     forced = valid & ((p < sink_pages) | ((p >= first_window_page) & (local_window > 0)))
     if STORE_RANGE and not IEEE:  # before the tensor-core dots: fewer registers live (sm_90: 127 vs 216)
-        _store_key_range(klo_ptr, khi_ptr, kmin, kmax, valid, p, d, b, kvh, sink_pages, first_window_page,
-                         local_window, BLOCK_D)
+        _store_key_range(klo_ptr, khi_ptr, kmin, kmax, valid & (forced == 0), d, b, kvh, BLOCK_D)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < q_per_kv
     heads = kvh * q_per_kv + g
@@ -143,8 +141,7 @@ def _page_score_kernel(
     q_neg = tl.minimum(q, 0.0).to(q.dtype)
     ub = (_dot(q_pos, tl.trans(kmax), IEEE) + _dot(q_neg, tl.trans(kmin), IEEE)) * scale  # [BLOCK_G, TILE_P]
     if STORE_RANGE and IEEE:  # after the FMA dots: the fp32 tiles then stay in shared memory (no spills)
-        _store_key_range(klo_ptr, khi_ptr, kmin, kmax, valid, p, d, b, kvh, sink_pages, first_window_page,
-                         local_window, BLOCK_D)
+        _store_key_range(klo_ptr, khi_ptr, kmin, kmax, valid & (forced == 0), d, b, kvh, BLOCK_D)
 
     if PER_ROW_OUT:
         ub = tl.where(valid[None, :], ub, float("-inf"))
@@ -414,7 +411,7 @@ def exact_pages_triton(
     rescore = 0 < rescore_dims < query.shape[-1]
     stage1 = page_scores_triton(query, cache, block_table, seq_lens, scale, sink_tokens, local_window, granularity,
                                 num_pages=n_pages, with_key_range=rescore)
-    ub, key_range = stage1 if rescore else (stage1, None)
+    ub, key_range = stage1 if rescore else (stage1, None)  # rescore_query leaves the query whole without
     attend = page_counts(seq_lens, count, ps, sink_tokens, local_window, 1.0, quest=True)  # [B] pages attended
     num_pages = (seq_lens.long() + ps - 1) // ps
     n_cand = torch.minimum(torch.ceil(attend.double() * candidate_factor).long(), num_pages)
@@ -422,7 +419,7 @@ def exact_pages_triton(
     top, keep = topk_rows(ub, n_cand, c_cap)
     cand = torch.where(keep, top, -1)  # [B, S, C]
     # unscaled q·k (scale 1): the reference ranks pages by max q·k, and a scale could merge near-ties
-    rq = rescore_query(query, key_range, s_heads, rescore_dims) if rescore else query
+    rq = rescore_query(query, key_range, s_heads, rescore_dims)
     scores, _ = token_scores_triton(rq, cache, block_table, seq_lens, 1.0, sink_tokens, local_window, granularity,
                                     cand=cand)
     page_score = scores.view(*cand.shape, ps).amax(-1)  # forced tokens are +inf: so are their pages

@@ -12,6 +12,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # settings of the sparse backend for `make serve` (JSON; {} = the documented defaults)
 SPARSE ?= {}
+# model dtype for `make serve`/`make ray-serve`: bfloat16 on a GPU or a CPU with bf16 arithmetic
+# (AVX512-BF16/AMX), float32 on an AVX2-only CPU, where torch runs bf16 ~100x slower (cpu_tuning.py)
+DTYPE ?= $(shell nvidia-smi >/dev/null 2>&1 || grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo bfloat16 || echo float32)
 # engine replicas behind one endpoint for `make ray-serve`; KV cache per replica (GiB, CPU build)
 REPLICAS ?= 2
 REPLICA_KV_GIB ?= 2
@@ -71,7 +74,7 @@ serve: assets
 	$(VENV)/bin/vllm-sparse serve "$$($(PY) -m vllm_sparse.assets.models path smollm2)" \
 	  --served-model-name smollm2 --host $(HOST) --port $(PORT) \
 	  --attention-backend CUSTOM --additional-config '{"vllm_sparse": $(SPARSE)}' \
-	  --max-model-len 8192 --enforce-eager
+	  --max-model-len 8192 --enforce-eager --dtype $(DTYPE)
 
 # The same endpoint served by REPLICAS engines on Ray Serve (vllm_sparse/serve.py); Ctrl-C stops it.
 ray-serve: assets
@@ -79,7 +82,7 @@ ray-serve: assets
 	  --num-replicas $(REPLICAS) --kv-cache-space-gib $(REPLICA_KV_GIB) \
 	  --served-model-name smollm2 --host $(HOST) --port $(PORT) \
 	  --attention-backend CUSTOM --additional-config '{"vllm_sparse": $(SPARSE)}' \
-	  --max-model-len 8192 --enforce-eager
+	  --max-model-len 8192 --enforce-eager --dtype $(DTYPE)
 
 demo: venv
 	$(PY) benchmarks/approx_error.py --out benchmarks/results

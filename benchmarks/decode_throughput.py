@@ -101,14 +101,14 @@ def thp_mode(mode: str | None = None) -> str:
 
 
 def run_case(model: str, settings: dict | None, context: int, batch: int, decode_tokens: int, seed: int,
-             huge_pages: bool = False) -> dict:
+             huge_pages: bool = False, dtype: str = "bfloat16") -> dict:
     """One (context, batch) on a fresh engine: median pure-decode step time and prefill time
     (``huge_pages``: with the system's transparent huge pages ``always`` while it runs)."""
     if huge_pages:
         before = thp_mode()
         try:
             thp_mode("always")
-            return run_case(model, settings, context, batch, decode_tokens, seed)
+            return run_case(model, settings, context, batch, decode_tokens, seed, dtype=dtype)
         finally:
             thp_mode(before)
     import statistics
@@ -120,7 +120,7 @@ def run_case(model: str, settings: dict | None, context: int, batch: int, decode
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
         raise SystemExit("run with VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine must run in-process to be timed)")
     # one scheduler step may take every prompt whole, so all requests start decoding together
-    kw = dict(model=model, enforce_eager=True, max_model_len=context + decode_tokens + 16, dtype="bfloat16",
+    kw = dict(model=model, enforce_eager=True, max_model_len=context + decode_tokens + 16, dtype=dtype,
               enable_prefix_caching=False, seed=seed, max_num_batched_tokens=context * batch + 64)
     if settings is not None:
         kw.update(attention_backend="CUSTOM", additional_config={"vllm_sparse": settings})
@@ -175,6 +175,8 @@ def combine(rounds: list[dict[str, dict]], names: list[str]) -> dict[str, list[d
 
 
 def main() -> None:
+    from vllm_sparse.cpu_tuning import model_dtype
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model directory (default: the prepared SmolLM2)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 7000])
@@ -182,12 +184,13 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--backends", nargs="+", default=DEFAULT_BACKENDS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default=model_dtype(), help="model dtype (default here: %(default)s; see cpu_tuning.py)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat every case this many times, backends interleaved; ratios are medians over rounds")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--name", default="decode_throughput", help="stem of the JSON/PNG written under --out")
     args = ap.parse_args()
-    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs", flush=True)
+    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; dtype {args.dtype}", flush=True)
 
     if args.model is None:
         from vllm_sparse.assets.models import prepare_model
@@ -206,7 +209,7 @@ def main() -> None:
                 for name, settings in list(backends.items())[:: -1 if k % 2 else 1]:
                     print(f"  {name}: {settings if settings is not None else 'vLLM stock backend'}", flush=True)
                     rnd[name][(n, b)] = run_case(args.model, settings, n, b, args.decode_tokens, args.seed,
-                                                 huge_pages=name == "stock-thp")
+                                                 huge_pages=name == "stock-thp", dtype=args.dtype)
         rounds.append(rnd)
     rows = combine(rounds, list(backends))
     results = {name: dict(settings=backends[name], rows=rows[name]) for name in backends}
@@ -224,7 +227,7 @@ def main() -> None:
                   f"{ratio:>10}{spread:>20}{r['prefill_s']:>11.1f}{pratio:>10}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(model=args.model, machine=cpu_model(), cpus=os.cpu_count(),
+    meta = dict(model=args.model, dtype=args.dtype, machine=cpu_model(), cpus=os.cpu_count(),
                 decode_tokens=args.decode_tokens, rounds=args.rounds,
                 method="median engine-step time over pure full-batch decode steps, in-process engine, prefix caching "
                        "off, one engine per (backend, case), backends of a case back to back (order reversed in odd "

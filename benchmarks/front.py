@@ -45,12 +45,12 @@ DEFAULT_SETTINGS = [
 ]
 
 
-def accuracy(model: str, settings: dict | None, needles, multikey) -> dict:
+def accuracy(model: str, settings: dict | None, needles, multikey, dtype: str = "bfloat16") -> dict:
     from vllm import LLM, SamplingParams
 
     from vllm_sparse.assets import data
 
-    kw = dict(model=model, max_model_len=8192, enforce_eager=True, dtype="bfloat16", seed=0)
+    kw = dict(model=model, max_model_len=8192, enforce_eager=True, dtype=dtype, seed=0)
     if settings is not None:
         kw.update(attention_backend="CUSTOM", additional_config={"vllm_sparse": settings})
     llm = LLM(**kw)
@@ -80,17 +80,20 @@ def layer_speed(settings: dict | None, args) -> dict | None:
 
     cfg = SparseConfig(**settings)
     ns = SimpleNamespace(batch=args.batch, context=args.context, num_kv_heads=3, group=3, head_size=64,
-                         block_size=cfg.page_size, dtype="bfloat16", repeats=10, seed=0)
+                         block_size=cfg.page_size, dtype=args.dtype, repeats=10, seed=0)
     return cpu_paths.layer_cost(ns, cfg)
 
 
 def main() -> None:
+    from vllm_sparse.cpu_tuning import model_dtype
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS)
     ap.add_argument("--multikey-per-length", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=7000)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--dtype", default=model_dtype(), help="model dtype (default here: %(default)s; see cpu_tuning.py)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -106,7 +109,7 @@ def main() -> None:
     for spec in args.settings:
         name, settings = parse_backend(spec)
         print(f"{name}: {settings if settings is not None else 'vLLM stock backend'}", flush=True)
-        row = dict(name=name, settings=settings, **accuracy(model, settings, needles, multikey))
+        row = dict(name=name, settings=settings, **accuracy(model, settings, needles, multikey, args.dtype))
         row["layer"] = layer_speed(settings, args)
         rows.append(row)
         print(f"  needles {row['needles']}/{row['needles_total']}, multi-key {row['multikey']}/{row['multikey_total']}"
@@ -120,7 +123,7 @@ def main() -> None:
         print(f"{r['name']:<16}{r['needles']:>6}/{r['needles_total']:<2}{r['multikey']:>8}/{r['multikey_total']:<2}"
               f"{att:>10}{sp:>16}")
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(machine=cpu_model(), cpus=os.cpu_count(), model="SmolLM2-135M-Instruct bf16",
+    meta = dict(machine=cpu_model(), cpus=os.cpu_count(), model=f"SmolLM2-135M-Instruct {args.dtype}",
                 speed=f"one layer's decode step, batch {args.batch} x {args.context} tokens, vs vLLM's dense CPU op")
     (args.out / "front.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
 

@@ -60,14 +60,14 @@ def per_request_blocks(settings: dict, length: int = 7016, in_flight: int = 1024
     return full if rule is None else rule.max_resident_blocks(length, in_flight)
 
 
-def run(model: str, settings: dict, cases, chunk: int) -> dict:
+def run(model: str, settings: dict, cases, chunk: int, dtype: str = "bfloat16") -> dict:
     import time
 
     from vllm import LLM, SamplingParams
 
     from vllm_sparse.assets import data
 
-    kw = dict(model=model, max_model_len=8192, enforce_eager=True, dtype="bfloat16", seed=0,
+    kw = dict(model=model, max_model_len=8192, enforce_eager=True, dtype=dtype, seed=0,
               enable_prefix_caching=False, max_num_batched_tokens=chunk, attention_backend="CUSTOM",
               additional_config={"vllm_sparse": settings})
     llm = LLM(**kw)
@@ -123,6 +123,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    from vllm_sparse.cpu_tuning import model_dtype
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policies", nargs="+", default=["topk", "quest", "streaming", "streaming-evict", "knorm-evict", "h2o-evict"])
     ap.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
@@ -130,6 +132,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--merge", action="store_true",
                     help="keep the other policies' rows of an existing policies.json in --out")
+    ap.add_argument("--dtype", default=model_dtype(), help="model dtype (default here: %(default)s; see cpu_tuning.py)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -140,12 +143,12 @@ def main() -> None:
     model = str(prepare_model("smollm2"))
     cases = data.needle_prompts(AutoTokenizer.from_pretrained(model))
     rows = [dict(policy="dense", budget=None, settings=settings_for("dense", None),
-                 **run(model, settings_for("dense", None), cases, args.chunk))]
+                 **run(model, settings_for("dense", None), cases, args.chunk, args.dtype))]
     print(f"dense: {rows[0]['needles']}/12", flush=True)
     for policy in args.policies:
         for b in args.budgets:
             st = settings_for(policy, b)
-            rows.append(dict(policy=policy, budget=b, settings=st, **run(model, st, cases, args.chunk)))
+            rows.append(dict(policy=policy, budget=b, settings=st, **run(model, st, cases, args.chunk, args.dtype)))
             print(f"{policy} @ {b}: {rows[-1]['needles']}/12", flush=True)
     dense_s = rows[0]["wall_s"]
     head = (f"{'policy':<17}{'budget':>7}{'needles':>9}  {'1k/2k/4k/7k':<13}{'peak blocks':>12}{'batch@7k':>9}"
@@ -157,7 +160,7 @@ def main() -> None:
         print(f"{r['policy']:<17}{str(r['budget'] or '-'):>7}{r['needles']:>6}/12  {bl:<13}{r['peak_blocks']:>12}"
               f"{r['batch_at_7k']:>9}{r['wall_s']:>8.1f}{r['wall_vs_dense']:>8.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(machine=cpu_model(), cpus=os.cpu_count(), model="SmolLM2-135M-Instruct bf16",
+    meta = dict(machine=cpu_model(), cpus=os.cpu_count(), model=f"SmolLM2-135M-Instruct {args.dtype}",
                 needles="12 prompts: 1k/2k/4k/7k tokens x depths 10/50/90%, one batch, greedy",
                 pool=f"batch_at_7k: 7,000-token requests fitting {POOL_TOKENS} tokens ({BLOCK}-token blocks)")
     path = args.out / "policies.json"

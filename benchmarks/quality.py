@@ -308,13 +308,13 @@ def chunk_for(settings: dict | None, chunk: int | None = None) -> int:
     return 512 if settings is not None and settings.get("evict") else 8192
 
 
-def run(model: str, settings: dict | None, cases, chunk: int | None = None) -> dict:
+def run(model: str, settings: dict | None, cases, chunk: int | None = None, dtype: str = "bfloat16") -> dict:
     """Generate every case with one in-process LLM; outputs, scores, attended fraction, wall time."""
     from vllm import LLM, SamplingParams
 
     from vllm_sparse import stats
 
-    kw = dict(model=model, max_model_len=8192, enforce_eager=True, dtype="bfloat16", seed=0,
+    kw = dict(model=model, max_model_len=8192, enforce_eager=True, dtype=dtype, seed=0,
               enable_prefix_caching=False, max_num_batched_tokens=chunk_for(settings, chunk))
     if settings is not None:
         kw.update(attention_backend="CUSTOM", additional_config={"vllm_sparse": settings})
@@ -408,6 +408,8 @@ def _cpu_model() -> str:
 
 
 def main(argv=None) -> dict:
+    from vllm_sparse.cpu_tuning import model_dtype
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true", help=f"reduced grid and settings: {QUICK}")
@@ -423,6 +425,7 @@ def main(argv=None) -> dict:
     fmt.add_argument("--completion", dest="chat", action="store_false", help="plain completion prompts")
     ap.add_argument("--chunk", type=int, help="max_num_batched_tokens (default: 512 with eviction, else 8192)")
     ap.add_argument("--model", help="model directory (default: the prepared SmolLM2-135M-Instruct)")
+    ap.add_argument("--dtype", default=model_dtype(), help="model dtype (default here: %(default)s; see cpu_tuning.py)")
     ap.add_argument("--dry-run", action="store_true", help="build the cases, check every setting, print the plan, exit")
     args = ap.parse_args(argv)
     base = QUICK if args.quick else dict(lengths=LENGTHS, depths=DEPTHS, task_lengths=(2048, 4096, 7500),
@@ -461,14 +464,14 @@ def main(argv=None) -> dict:
         settings = settings_of(name, budget)
         label = name.partition("=")[0]
         print(f"{label}: {settings if settings is not None else 'vLLM stock backend'}", flush=True)
-        res = run(model, settings, cases, args.chunk)
+        res = run(model, settings, cases, args.chunk, args.dtype)
         rows.append(dict(name=label, settings=settings, summary=summarize(cases, res["scores"]), **res))
         print("  " + ", ".join(f"{t} {v['acc']:.0%}" for t, v in rows[-1]["summary"].items() if t != "single_grid")
               + f"; attended {res['attended_fraction']:.1%}; {res['total_s']:.0f} s", flush=True)
     tasks = [t for t in TASKS if t in args.tasks]
     print("\n" + table(rows, tasks))
     args.out.mkdir(parents=True, exist_ok=True)
-    result = dict(meta=dict(seed=seed, chat=args.chat, model=model, budget=budget, chunk=args.chunk,
+    result = dict(meta=dict(seed=seed, chat=args.chat, model=model, dtype=args.dtype, budget=budget, chunk=args.chunk,
                             wall_s=time.perf_counter() - t0, cpus=os.cpu_count(), machine=_cpu_model()),
                   cases=[{k: v for k, v in asdict(c).items() if k != "prompt"} for c in cases], rows=rows)
     (args.out / "quality.json").write_text(json.dumps(result, indent=2))

@@ -74,8 +74,9 @@ def vllm_sparse_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "vllm_sparse.cli"]
 
 
-def engine_args(model: str, settings: dict | None, max_model_len: int, extra: list[str]) -> list[str]:
-    args = ["--model", model, "--max-model-len", str(max_model_len), "--dtype", "bfloat16", "--seed", "0",
+def engine_args(model: str, settings: dict | None, max_model_len: int, extra: list[str],
+                dtype: str = "bfloat16") -> list[str]:
+    args = ["--model", model, "--max-model-len", str(max_model_len), "--dtype", dtype, "--seed", "0",
             "--no-enable-prefix-caching", *extra]
     if settings is not None:
         args += ["--attention-backend", "CUSTOM", "--additional-config", json.dumps({"vllm_sparse": settings})]
@@ -100,7 +101,7 @@ def run_bench(kind: str, args: list[str], log: Path) -> tuple[dict, int | None]:
 
 def measure(model: str, name: str, settings: dict | None, input_len: int, a, log: Path) -> dict:
     max_len = a.max_model_len or (input_len + max(a.output_len, a.latency_output_len) + 64)
-    common = engine_args(model, settings, max_len, a.engine_arg)
+    common = engine_args(model, settings, max_len, a.engine_arg, a.dtype)
     t0 = time.perf_counter()
     thr, kv_tokens = run_bench("throughput", [*common, "--dataset-name", "random", "--random-input-len",
                                               str(input_len), "--random-output-len", str(a.output_len),
@@ -176,6 +177,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main(argv=None) -> int:
+    from vllm_sparse.cpu_tuning import model_dtype
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model directory (default: the prepared SmolLM2)")
     ap.add_argument("--input-lens", type=int, nargs="+", default=None)
@@ -191,6 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", action="store_true", help="the GPU preset: 8k-128k inputs, 32 prompts")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--dry-run", action="store_true", help="print the plan (runs, commands) and exit")
+    ap.add_argument("--dtype", default=model_dtype(), help="model dtype (default here: %(default)s; see cpu_tuning.py)")
     a = ap.parse_args(argv)
     preset = (dict(input_lens=GPU_LENGTHS, output_len=256, num_prompts=32, latency_iters=3) if a.gpu else
               dict(input_lens=[2048, 7000], output_len=64, num_prompts=4, latency_iters=1) if a.quick else
@@ -225,7 +229,7 @@ def main(argv=None) -> int:
         for name, settings in backends:
             max_len = a.max_model_len or max(a.input_lens) + max(a.output_len, a.latency_output_len) + 64
             print(f"  {name}: vllm-sparse bench throughput "
-                  f"{' '.join(engine_args(model, settings, max_len, a.engine_arg)[2:])}")
+                  f"{' '.join(engine_args(model, settings, max_len, a.engine_arg, a.dtype)[2:])}")
         return 0
     a.out.mkdir(parents=True, exist_ok=True)
     log = a.out / f"{stem}.log"
@@ -246,7 +250,7 @@ def main(argv=None) -> int:
     machine = cpu_model() or "unknown CPU"
     gpu = shutil.which("nvidia-smi") and subprocess.run(
         ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
-    result = dict(model=model, machine=machine, gpu=gpu or None, cpus=os.cpu_count(), baseline=baseline,
+    result = dict(model=model, dtype=a.dtype, machine=machine, gpu=gpu or None, cpus=os.cpu_count(), baseline=baseline,
                   argv=sys.argv[1:] if argv is None else list(argv), rows=rows)
     (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(rows, baseline))

@@ -19,6 +19,7 @@ from vllm import LLM, SamplingParams
 
 from vllm_sparse.assets import data
 from vllm_sparse.assets.models import prepare_model
+from vllm_sparse.cpu_tuning import model_dtype
 
 
 def answers(model, prompts, **llm_kwargs):
@@ -35,6 +36,8 @@ def main():
     ap.add_argument("--model", default=None, help="HF model directory (default: SmolLM2-135M-Instruct, built offline)")
     ap.add_argument("--sparse", default="{}", help="vllm_sparse settings as JSON (default: the documented defaults)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 7000], help="context lengths")
+    # bf16 on a GPU or a CPU with bf16 arithmetic; float32 on an AVX2-only CPU, where bf16 is ~100x slower
+    ap.add_argument("--dtype", default=model_dtype(), help="model dtype (default here: %(default)s)")
     args = ap.parse_args()
     model = args.model or str(prepare_model("smollm2"))
 
@@ -42,8 +45,8 @@ def main():
 
     cases = data.needle_prompts(AutoTokenizer.from_pretrained(model), lengths=tuple(args.lengths))
     prompts = [c.prompt for c in cases]
-    dense = answers(model, prompts)
-    sparse = answers(model, prompts, attention_backend="CUSTOM",
+    dense = answers(model, prompts, dtype=args.dtype)
+    sparse = answers(model, prompts, dtype=args.dtype, attention_backend="CUSTOM",
                      additional_config={"vllm_sparse": json.loads(args.sparse)})
 
     print(f"\n{'tokens':>7} {'depth':>5}  {'answer':<14} {'dense':<24} {'sparse':<24}")

@@ -8,7 +8,9 @@ its pages fault in as 2 MiB pages with no copy (faulting fresh memory that way a
 GiB to start-up on the project's VM). Right after it,
 :func:`~vllm_sparse.cpu_tuning.huge_pages` collapses whatever is still on 4 KiB pages (nothing,
 normally; collapsing 6 GiB from scratch took 13 s on the 2-core VM) — all before the first
-request. Everything else is the stock ``CPUWorker``.
+request. On a CPU without bf16 arithmetic (AVX2 only) it warns when the model runs in bf16/fp16,
+which torch computes ~100× slower than float32 there (:func:`~vllm_sparse.cpu_tuning.model_dtype`).
+Everything else is the stock ``CPUWorker``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from vllm_sparse.cpu_tuning import huge_page_allocations, huge_pages
+from vllm_sparse.cpu_tuning import huge_page_allocations, huge_pages, native_bf16
 
 logger = logging.getLogger("vllm.sparse")
 
@@ -30,6 +34,11 @@ class SparseCPUWorker(CPUWorker):
         return super()._maybe_get_memory_pool_context(tag)
 
     def initialize_from_config(self, kv_cache_config) -> None:
+        dtype = self.model_config.dtype
+        if dtype in (torch.bfloat16, torch.float16) and not native_bf16():
+            logger.warning("vllm-sparse: this CPU has no bf16 arithmetic (no AVX512-BF16 or AMX), so torch runs "
+                           "the model's %s matmuls ~100x slower than float32; start with --dtype float32",
+                           str(dtype).removeprefix("torch."))
         super().initialize_from_config(kv_cache_config)
         start = time.perf_counter()
         seen, done = set(), 0

@@ -14,13 +14,19 @@ from pathlib import Path
 
 import requests
 
+from vllm_sparse.cpu_tuning import model_dtype
+
+# SmolLM2 is a bf16 model; a CPU without bf16 arithmetic (AVX2 only) runs bf16 ~100x slower than
+# float32 (vllm_sparse.cpu_tuning), so the tests run it in float32 there.
+DTYPE = model_dtype()
+
 
 @contextlib.contextmanager
 def make_llm(model, backend="CUSTOM", sparse=None, **kwargs):
-    """An in-process ``vllm.LLM``; ``backend="stock"`` leaves vLLM's default backend."""
+    """An in-process ``vllm.LLM`` (dtype ``DTYPE`` unless given); ``backend="stock"`` leaves vLLM's default backend."""
     from vllm import LLM
 
-    kw = dict(model=str(model), enforce_eager=True, max_model_len=8192, dtype="bfloat16", seed=0)
+    kw = dict(model=str(model), enforce_eager=True, max_model_len=8192, dtype=DTYPE, seed=0)
     if backend != "stock":
         kw["attention_backend"] = backend
     if sparse is not None:
@@ -62,8 +68,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(model, *args, timeout=240, log_path=None):
-    """``vllm-sparse serve MODEL ARGS`` on 127.0.0.1; yields ``(base_url, process)``; SIGTERM on exit."""
+    """``vllm-sparse serve MODEL ARGS`` (``--dtype DTYPE`` unless given) on 127.0.0.1; yields
+    ``(base_url, process)``; SIGTERM on exit."""
     port = free_port()
+    if "--dtype" not in args:
+        args = (*args, "--dtype", DTYPE)
     exe = Path(sys.executable).with_name("vllm-sparse")
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")

@@ -20,7 +20,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from llm_utils import free_port  # noqa: E402
+from llm_utils import DTYPE, free_port  # noqa: E402
 from vllm_sparse.assets import data  # noqa: E402
 from vllm_sparse.serve import app_builder, build_app, core_sets, llm_config  # noqa: E402
 
@@ -121,7 +121,7 @@ def _start(model, port, log):
     cmd = [str(exe), "ray-serve", str(model), "--num-replicas", "2", "--kv-cache-space-gib", "1",
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2",
            "--attention-backend", "CUSTOM", "--additional-config", json.dumps({"vllm_sparse": SPARSE}),
-           "--max-model-len", "4096", "--enforce-eager"]
+           "--max-model-len", "4096", "--enforce-eager", "--dtype", DTYPE]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 

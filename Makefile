@@ -13,8 +13,9 @@ PORT ?= 8000
 # settings of the sparse backend for `make serve` (JSON; {} = the documented defaults)
 SPARSE ?= {}
 # model dtype for `make serve`/`make ray-serve`: bfloat16 on a GPU or a CPU with bf16 arithmetic
-# (AVX512-BF16/AMX), float32 on an AVX2-only CPU, where torch runs bf16 ~100x slower (cpu_tuning.py)
-DTYPE ?= $(shell nvidia-smi >/dev/null 2>&1 || grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo bfloat16 || echo float32)
+# (AVX512-BF16/AMX), float32 on an AVX2-only CPU, where torch runs bf16 ~100x slower. The plugin's
+# own rule (vllm_sparse/cpu_tuning.py), asked when a recipe first uses it (the venv exists by then).
+DTYPE ?= $(shell $(PY) -c "from vllm_sparse.cpu_tuning import model_dtype; print(model_dtype())")
 # engine replicas behind one endpoint for `make ray-serve`; KV cache per replica (GiB, CPU build)
 REPLICAS ?= 2
 REPLICA_KV_GIB ?= 2

@@ -135,7 +135,7 @@ def _cpu_flags() -> set[str]:
 @pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/cpuinfo")
 def test_model_dtype_follows_the_cpus_bf16_arithmetic():
     """bf16 where the CPU has AVX512-BF16 or AMX (torch's view checked against the kernel's flags),
-    float32 on an AVX2-only CPU; ``make serve`` picks the same dtype from the same flags."""
+    float32 on an AVX2-only CPU; ``make serve`` passes the same dtype."""
     import subprocess
     from pathlib import Path
 

@@ -1,5 +1,10 @@
 """Eviction inside stock vLLM: the block manager with vLLM's BlockPool, the workers' compacted
-tables, and real runs where a prompt longer than the KV pool completes."""
+tables, and real runs where a prompt longer than the KV pool completes.
+
+The real runs use tiny-llama (2 layers, SmolLM2's tokenizer and head layout, random weights): what
+they check — blocks freed and reused, pool peaks, NaN-poisoned freed blocks never read, outputs
+equal between runs — does not depend on trained weights, and it runs ~10x faster than SmolLM2 on
+a 2-core CPU. What eviction costs in answers is measured on SmolLM2 by ``benchmarks/quality.py``."""
 
 import gc
 import math
@@ -94,12 +99,12 @@ def _prompt_ids(tok, n, start=0):
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.parametrize("evict", ["streaming", "knorm", "h2o", "tova", "snapkv"])
-def test_prompt_longer_than_the_pool_completes(smollm2_dir, evict):
+def test_prompt_longer_than_the_pool_completes(tiny_llama_dir, evict):
     """4,000 tokens, chunked prefill (512), in a pool of 80 blocks × 32 = 2,560 tokens: evicting
     frees the middle as it goes. Dense attention with the same pool refuses to start."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     prompt = {"prompt_token_ids": _prompt_ids(tok, 4000)}
     common = dict(max_num_batched_tokens=512, num_gpu_blocks_override=80, enable_prefix_caching=False)
     peak = {}
@@ -120,14 +125,14 @@ def test_prompt_longer_than_the_pool_completes(smollm2_dir, evict):
         peak["blocks"] = 80 - 1 - min(low)
         return outs
 
-    with make_llm(smollm2_dir, sparse={"evict": evict}, **common) as llm:
+    with make_llm(tiny_llama_dir, sparse={"evict": evict}, **common) as llm:
         outs = run(llm)
         del llm
     gc.collect()
     assert len(outs[0].token_ids) == 16 and outs[0].text.strip()
     assert peak["blocks"] < 60  # ~2/3 of the pool at most; 4,000 tokens would need 125 blocks
     with pytest.raises(ValueError, match="max seq len"):
-        with make_llm(smollm2_dir, sparse={}, **common):
+        with make_llm(tiny_llama_dir, sparse={}, **common):
             pass
 
 
@@ -140,15 +145,15 @@ def test_eviction_is_refused_with_prefix_caching(tiny_llama_dir):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_kept_budget_covering_the_context_equals_no_eviction(smollm2_dir):
+def test_kept_budget_covering_the_context_equals_no_eviction(tiny_llama_dir):
     """Eviction keeping more than the context frees nothing: greedy outputs equal the non-evicting run."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     prompts = [{"prompt_token_ids": _prompt_ids(tok, n, start=i * 3000)} for i, n in enumerate((300, 1200, 2500))]
     common = dict(dtype="float32", max_num_batched_tokens=512, enable_prefix_caching=False, max_model_len=4096)
-    plain = generate_once(smollm2_dir, prompts, sparse={}, max_tokens=24, **common)
-    kept = generate_once(smollm2_dir, prompts, sparse={"evict": "streaming", "evict_args": {"keep": 4096}},
+    plain = generate_once(tiny_llama_dir, prompts, sparse={}, max_tokens=24, **common)
+    kept = generate_once(tiny_llama_dir, prompts, sparse={"evict": "streaming", "evict_args": {"keep": 4096}},
                          max_tokens=24, **common)
     assert [o.token_ids for o in kept] == [o.token_ids for o in plain]
 
@@ -195,17 +200,17 @@ def test_attention_over_compacted_tables_equals_masked_dense_float32():
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.parametrize("evict", ["streaming", "h2o"])  # knorm/tova share h2o's merge path
-def test_freed_blocks_poisoned_with_nan_are_never_read(smollm2_dir, evict):
+def test_freed_blocks_poisoned_with_nan_are_never_read(tiny_llama_dir, evict):
     """Every block the manager frees is filled with NaN in every layer's cache the moment it is
     freed (and cleaned when vLLM hands it out again): outputs stay finite and equal an unpoisoned run."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     prompts = [{"prompt_token_ids": _prompt_ids(tok, n, start=i * 7000)} for i, n in enumerate((3000, 1500))]
     common = dict(dtype="float32", max_num_batched_tokens=512, enable_prefix_caching=False, max_model_len=4096,
                   num_gpu_blocks_override=120)
     sparse = {"evict": evict, "evict_args": {"keep": 512}} if evict != "streaming" else {"evict": evict}
-    clean = generate_once(smollm2_dir, prompts, sparse=sparse, max_tokens=24, **common)
+    clean = generate_once(tiny_llama_dir, prompts, sparse=sparse, max_tokens=24, **common)
     poisoned = {"n": 0}
 
     def run(llm):
@@ -236,7 +241,7 @@ def test_freed_blocks_poisoned_with_nan_are_never_read(smollm2_dir, evict):
         pool.free_blocks, pool.get_new_blocks = poison_on_free, clean_on_alloc
         return greedy(llm, prompts, max_tokens=24)
 
-    with make_llm(smollm2_dir, sparse=sparse, **common) as llm:
+    with make_llm(tiny_llama_dir, sparse=sparse, **common) as llm:
         outs = run(llm)
         del llm
     gc.collect()
@@ -247,19 +252,19 @@ def test_freed_blocks_poisoned_with_nan_are_never_read(smollm2_dir, evict):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_four_long_requests_share_a_pool_that_holds_one_dense(smollm2_dir):
+def test_four_long_requests_share_a_pool_that_holds_one_dense(tiny_llama_dir):
     """Four concurrent 3,000-token requests in a 160-block pool (5,120 tokens): dense attention
     holds one request at a time (vLLM admits a prompt only when all of it fits); with eviction
     three run together (no more preemptions than dense, vLLM's own counter)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     prompts = [{"prompt_token_ids": _prompt_ids(tok, 3000, start=i * 3000)} for i in range(4)]
     common = dict(max_num_batched_tokens=512, enable_prefix_caching=False, max_model_len=4096,
                   num_gpu_blocks_override=160, disable_log_stats=False)
     result = {}
     for name, sparse in {"dense": {}, "evict": {"evict": "streaming"}}.items():
-        with make_llm(smollm2_dir, sparse=sparse, **common) as llm:
+        with make_llm(tiny_llama_dir, sparse=sparse, **common) as llm:
             sched = llm.llm_engine.engine_core.engine_core.scheduler
             peak = [0]
             schedule = sched.schedule

@@ -47,21 +47,3 @@ def test_needles_at_the_default_budget(smollm2_dir, record_property):
     record_property("needle_score", score)
     print(f"needle retrieval at the defaults: {score}/12")
     assert score >= 11
-
-
-def test_preemption_and_chunked_prefill_give_the_same_greedy_outputs(smollm2_dir, essay_prompts):
-    """A KV cache too small for the batch forces preemption (recompute); prompts prefill in 256-token chunks."""
-    prompts = essay_prompts[:3] * 4  # 12 requests of 100..600 tokens, 96 new tokens each
-    settings = {"alpha": 1.0, "k": 1.0, "dense_below": 0}
-    common = dict(dtype="float32", max_num_batched_tokens=256, enable_chunked_prefill=True, max_model_len=1024)
-    free = generate_once(smollm2_dir, prompts, sparse=settings, max_tokens=96, **common)
-    # 40 blocks of 32 = 1.3k tokens of cache: the admitted requests outgrow it while decoding, and vLLM preempts
-    tight, preempted = generate_once(smollm2_dir, prompts, sparse=settings, max_tokens=96, with_llm=_preemptions,
-                                     num_gpu_blocks_override=40, disable_log_stats=False, **common)
-    assert preempted > 0
-    assert [o.token_ids for o in tight] == [o.token_ids for o in free]
-
-
-def _preemptions(llm) -> int:
-    """Total preemptions the engine counted (from vLLM's own stats)."""
-    return int(sum(getattr(m, "value", 0) for m in llm.get_metrics() if "preempt" in m.name))

@@ -60,6 +60,21 @@ def greedy(llm, prompts, max_tokens=16):
     return [o.outputs[0] for o in outs]
 
 
+def preemptions(llm) -> int:
+    """Total preemptions the engine counted (from vLLM's own stats; needs ``disable_log_stats=False``)."""
+    return int(sum(getattr(m, "value", 0) for m in llm.get_metrics() if "preempt" in m.name))
+
+
+def essay_ids(model, n, start=0) -> list[int]:
+    """``n`` token ids of the bundled essays from token ``start`` on, with ``model``'s tokenizer."""
+    from transformers import AutoTokenizer
+
+    from vllm_sparse.assets import data
+
+    ids = AutoTokenizer.from_pretrained(str(model)).encode(data.essays_text(), add_special_tokens=False)
+    return ids[start:start + n]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from llm_utils import generate_once, greedy, make_llm
+from llm_utils import essay_ids, generate_once, greedy, make_llm, preemptions
 from vllm_sparse import stats
 
 pytestmark = pytest.mark.vllm
@@ -156,23 +156,13 @@ def test_third_party_policy_with_its_own_selector_runs_in_vllm(tiny_llama_dir, s
 @pytest.mark.slow
 def test_preemption_and_chunked_prefill_give_the_same_greedy_outputs(tiny_llama_dir):
     """A KV cache too small for the batch forces preemption (recompute); prompts prefill in 256-token chunks."""
-    from transformers import AutoTokenizer
-
-    from vllm_sparse.assets import data
-
-    ids = AutoTokenizer.from_pretrained(str(tiny_llama_dir)).encode(data.essays_text(), add_special_tokens=False)
-    prompts = [{"prompt_token_ids": ids[i * 5000 : i * 5000 + n]} for i, n in enumerate((100, 300, 600))] * 4
+    prompts = [{"prompt_token_ids": essay_ids(tiny_llama_dir, n, start=i * 5000)} for i, n in enumerate((100, 300, 600))] * 4
     # 12 requests of 100..600 tokens, 96 new tokens each
     settings = {"alpha": 1.0, "k": 1.0, "dense_below": 0}
     common = dict(dtype="float32", max_num_batched_tokens=256, enable_chunked_prefill=True, max_model_len=1024)
     free = generate_once(tiny_llama_dir, prompts, sparse=settings, max_tokens=96, **common)
     # 40 blocks of 32 = 1.3k tokens of cache: the admitted requests outgrow it while decoding, and vLLM preempts
-    tight, preempted = generate_once(tiny_llama_dir, prompts, sparse=settings, max_tokens=96, with_llm=_preemptions,
+    tight, preempted = generate_once(tiny_llama_dir, prompts, sparse=settings, max_tokens=96, with_llm=preemptions,
                                      num_gpu_blocks_override=40, disable_log_stats=False, **common)
     assert preempted > 0
     assert [o.token_ids for o in tight] == [o.token_ids for o in free]
-
-
-def _preemptions(llm) -> int:
-    """Total preemptions the engine counted (from vLLM's own stats)."""
-    return int(sum(getattr(m, "value", 0) for m in llm.get_metrics() if "preempt" in m.name))

@@ -16,8 +16,7 @@ from vllm_sparse.policies.eviction import EvictionRule
 
 E = pytest.importorskip("vllm_sparse.eviction")
 
-from llm_utils import generate_once, greedy, make_llm  # noqa: E402
-from vllm_sparse.assets import data  # noqa: E402
+from llm_utils import essay_ids, generate_once, greedy, make_llm, preemptions  # noqa: E402
 
 RULE = EvictionRule(block_size=16, sink_tokens=4, k=8.0, alpha=0.5, min_keep=64)
 
@@ -91,21 +90,13 @@ def test_compacted_table_by_hand():
     assert table[1, :2].tolist() == [100, 101] and lens[1] == 6
 
 
-def _prompt_ids(tok, n, start=0):
-    ids = tok.encode(data.essays_text(), add_special_tokens=False)
-    return ids[start:start + n]
-
-
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.parametrize("evict", ["streaming", "knorm", "h2o", "tova", "snapkv"])
 def test_prompt_longer_than_the_pool_completes(tiny_llama_dir, evict):
     """4,000 tokens, chunked prefill (512), in a pool of 80 blocks × 32 = 2,560 tokens: evicting
     frees the middle as it goes. Dense attention with the same pool refuses to start."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
-    prompt = {"prompt_token_ids": _prompt_ids(tok, 4000)}
+    prompt = {"prompt_token_ids": essay_ids(tiny_llama_dir, 4000)}
     common = dict(max_num_batched_tokens=512, num_gpu_blocks_override=80, enable_prefix_caching=False)
     peak = {}
 
@@ -147,10 +138,7 @@ def test_eviction_is_refused_with_prefix_caching(tiny_llama_dir):
 @pytest.mark.slow
 def test_kept_budget_covering_the_context_equals_no_eviction(tiny_llama_dir):
     """Eviction keeping more than the context frees nothing: greedy outputs equal the non-evicting run."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
-    prompts = [{"prompt_token_ids": _prompt_ids(tok, n, start=i * 3000)} for i, n in enumerate((300, 1200, 2500))]
+    prompts = [{"prompt_token_ids": essay_ids(tiny_llama_dir, n, start=i * 3000)} for i, n in enumerate((300, 1200, 2500))]
     common = dict(dtype="float32", max_num_batched_tokens=512, enable_prefix_caching=False, max_model_len=4096)
     plain = generate_once(tiny_llama_dir, prompts, sparse={}, max_tokens=24, **common)
     kept = generate_once(tiny_llama_dir, prompts, sparse={"evict": "streaming", "evict_args": {"keep": 4096}},
@@ -203,10 +191,7 @@ def test_attention_over_compacted_tables_equals_masked_dense_float32():
 def test_freed_blocks_poisoned_with_nan_are_never_read(tiny_llama_dir, evict):
     """Every block the manager frees is filled with NaN in every layer's cache the moment it is
     freed (and cleaned when vLLM hands it out again): outputs stay finite and equal an unpoisoned run."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
-    prompts = [{"prompt_token_ids": _prompt_ids(tok, n, start=i * 7000)} for i, n in enumerate((3000, 1500))]
+    prompts = [{"prompt_token_ids": essay_ids(tiny_llama_dir, n, start=i * 7000)} for i, n in enumerate((3000, 1500))]
     common = dict(dtype="float32", max_num_batched_tokens=512, enable_prefix_caching=False, max_model_len=4096,
                   num_gpu_blocks_override=120)
     sparse = {"evict": evict, "evict_args": {"keep": 512}} if evict != "streaming" else {"evict": evict}
@@ -256,10 +241,7 @@ def test_four_long_requests_share_a_pool_that_holds_one_dense(tiny_llama_dir):
     """Four concurrent 3,000-token requests in a 160-block pool (5,120 tokens): dense attention
     holds one request at a time (vLLM admits a prompt only when all of it fits); with eviction
     three run together (no more preemptions than dense, vLLM's own counter)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
-    prompts = [{"prompt_token_ids": _prompt_ids(tok, 3000, start=i * 3000)} for i in range(4)]
+    prompts = [{"prompt_token_ids": essay_ids(tiny_llama_dir, 3000, start=i * 3000)} for i in range(4)]
     common = dict(max_num_batched_tokens=512, enable_prefix_caching=False, max_model_len=4096,
                   num_gpu_blocks_override=160, disable_log_stats=False)
     result = {}
@@ -276,7 +258,7 @@ def test_four_long_requests_share_a_pool_that_holds_one_dense(tiny_llama_dir):
 
             sched.schedule = tracked
             outs = greedy(llm, prompts, max_tokens=8)
-            preempted = int(sum(getattr(m, "value", 0) for m in llm.get_metrics() if "preempt" in m.name))
+            preempted = preemptions(llm)
             result[name] = dict(peak=peak[0], preemptions=preempted)
             assert all(len(o.token_ids) == 8 for o in outs)
             del llm, sched, schedule, tracked  # no engine may outlive its block (the next one reuses the groups)

@@ -5,7 +5,9 @@
 //
 // Cache memory (kernels/layout.py): head slot r = block * num_kv_heads + head holds
 // `slot_size` elements; its page summaries start at `summary_offset`: one row
-// [key min (head_size) | key max (head_size)] per page of the block.
+// [key min (head_size) | key max (head_size)] per page of the block. Keys are stored [head_size,
+// block_size] (vLLM's vec/vec16 layout) or, with `amx`, in vLLM's AMX packing: groups of 16 tokens,
+// each [head_size / 2, 16, 2] (layout.py::amx_pack).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -71,10 +73,23 @@ void summaries_impl(const at::Tensor& key, const at::Tensor& slots, at::Tensor& 
 // |q| x key range). Keys stored [d, BS]: dim e of the page is one contiguous row of BS keys. The r
 // rows are converted once into `rows` (r * BS floats, stays in L1); each query of the group then
 // accumulates its BS scores in registers (BS is a compile-time constant).
+// AMX packing: dim e of token t at (t / 16) * 16 * d + (e / 2) * 32 + (t % 16) * 2 + e % 2.
+template <typename T>
+inline void amx_row_f32(const T* kt, int64_t e, int64_t d, int64_t bs, float* dst) {
+  for (int64_t grp = 0; grp < bs / 16; ++grp) {
+    const T* src = kt + grp * 16 * d + (e / 2) * 32 + e % 2;
+    for (int64_t t = 0; t < 16; ++t) dst[grp * 16 + t] = f32(src[2 * t]);
+  }
+}
+
 template <typename T, int BS>
 float page_score(const T* kt, const float* qsel, const int64_t* dims, int64_t g, int64_t r, int64_t valid,
-                 float* rows) {
-  for (int64_t i = 0; i < r; ++i) to_f32(kt + dims[i] * BS, rows + i * BS, BS);
+                 float* rows, int64_t amx_d) {
+  if (amx_d > 0) {
+    for (int64_t i = 0; i < r; ++i) amx_row_f32(kt, dims[i], amx_d, BS, rows + i * BS);
+  } else {
+    for (int64_t i = 0; i < r; ++i) to_f32(kt + dims[i] * BS, rows + i * BS, BS);
+  }
   const float neg = -std::numeric_limits<float>::infinity();
   float best = neg;
   for (int64_t j = 0; j < g; ++j) {
@@ -94,14 +109,15 @@ float page_score(const T* kt, const float* qsel, const int64_t* dims, int64_t g,
   return best;
 }
 
+// amx_d: head_size when the keys are AMX-packed, else 0 ([head_size, block_size] rows)
 template <typename T>
 float rescore(const T* kt, const float* qsel, const int64_t* dims, int64_t g, int64_t r, int64_t bs, int64_t valid,
-              float* rows) {
+              float* rows, int64_t amx_d) {
   switch (bs) {
-    case 16: return page_score<T, 16>(kt, qsel, dims, g, r, valid, rows);
-    case 32: return page_score<T, 32>(kt, qsel, dims, g, r, valid, rows);
-    case 64: return page_score<T, 64>(kt, qsel, dims, g, r, valid, rows);
-    case 128: return page_score<T, 128>(kt, qsel, dims, g, r, valid, rows);
+    case 16: return page_score<T, 16>(kt, qsel, dims, g, r, valid, rows, amx_d);
+    case 32: return page_score<T, 32>(kt, qsel, dims, g, r, valid, rows, amx_d);
+    case 64: return page_score<T, 64>(kt, qsel, dims, g, r, valid, rows, amx_d);
+    case 128: return page_score<T, 128>(kt, qsel, dims, g, r, valid, rows, amx_d);
     default: TORCH_CHECK(false, "page rescoring supports block sizes 16/32/64/128, got ", bs);
   }
   return 0.f;
@@ -114,7 +130,7 @@ template <typename T>
 void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary_offset, const at::Tensor& block_table,
                 const at::Tensor& seq_lens, const at::Tensor& count, const at::Tensor& candidates,
                 const at::Tensor& forced_lo, const at::Tensor& forced_hi, int64_t block_size, int64_t rescore_dims,
-                at::Tensor& table) {
+                bool amx, at::Tensor& table) {
   const int64_t b = query.size(0), nh = query.size(1), d = query.size(2);
   const int64_t h = table.size(0) / b, g = nh / h, width = table.size(1);
   const int64_t p_max = block_table.size(1);
@@ -222,7 +238,12 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
         for (int64_t i = 0; i < c; ++i) {
           if (score[idx[i]] == inf) continue;
           const T* kt = base + (bt[req * bts + idx[i]] * h + head) * rs;
-          if (row_len <= kLine) {  // a row within one line (bf16 pages of 16/32): one load, no inner loop
+          if (amx) {  // dim pair e / 2 of 16 tokens: one 32-element run per token group
+            for (int64_t e = 0; e < r_dims; ++e)
+              for (int64_t grp = 0; grp < bs / 16; ++grp)
+                for (int64_t o = 0; o < 32; o += kLine)
+                  touched += reinterpret_cast<const uint8_t*>(kt + grp * 16 * d + (dims[e] / 2) * 32 + o)[0];
+          } else if (row_len <= kLine) {  // a row within one line (bf16 pages of 16/32): one load, no inner loop
             for (int64_t e = 0; e < r_dims; ++e) touched += reinterpret_cast<const uint8_t*>(kt + dims[e] * row_len)[0];
           } else {
             for (int64_t e = 0; e < r_dims; ++e)
@@ -236,7 +257,7 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
           if (score[p] == inf) continue;  // forced pages stay first
           const int64_t valid = std::min(bs, sl[req] - p * bs);
           score[p] = rescore(base + (bt[req * bts + p] * h + head) * rs, qsel.data(), dims.data(), g, r_dims, bs,
-                             valid, krows.data());
+                             valid, krows.data(), amx ? d : 0);
         }
         std::nth_element(idx.begin(), idx.begin() + (k > 0 ? k - 1 : 0), idx.begin() + c, better);
       } else {
@@ -268,16 +289,18 @@ void update_page_summaries(const at::Tensor& key, const at::Tensor& slots, at::T
 void quest_select(const at::Tensor& query, const at::Tensor& rows, int64_t summary_offset,
                   const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& count,
                   const at::Tensor& candidates, const at::Tensor& forced_lo, const at::Tensor& forced_hi,
-                  int64_t block_size, int64_t rescore_dims, at::Tensor table) {
+                  int64_t block_size, int64_t rescore_dims, bool amx, at::Tensor table) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [B, num_heads, D] with unit last stride");
   TORCH_CHECK(query.scalar_type() == rows.scalar_type(), "query and cache dtypes differ");
   TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.stride(1) == 1, "block_table: int64 rows");
   TORCH_CHECK(table.scalar_type() == at::kInt && table.is_contiguous(), "table must be contiguous int32");
   for (const auto* t : {&seq_lens, &count, &candidates, &forced_lo, &forced_hi})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "per-request counts must be contiguous int64");
+  TORCH_CHECK(!amx || (query.scalar_type() == at::kBFloat16 && block_size % 16 == 0 && query.size(2) % 32 == 0),
+              "AMX packing: bfloat16, block_size % 16 == 0, head_size % 32 == 0");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "quest_select", [&] {
     quest_impl<scalar_t>(query, rows, summary_offset, block_table, seq_lens, count, candidates, forced_lo, forced_hi,
-                         block_size, rescore_dims, table);
+                         block_size, rescore_dims, amx, table);
   });
 }
 

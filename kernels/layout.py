@@ -9,6 +9,12 @@ It is vLLM's own per-layer cache view ``[num_blocks, num_kv_heads, block_size + 
   ``key_transposed=True``, ``[head_size, block_size]`` (keys transposed — the layout of vLLM's
   own CPU attention kernels, ``cpu_attn_reshape_and_cache`` with ISA ``vec``/``vec16``);
 * ``[block_size * head_size, 2 * block_size * head_size)`` — the values, ``[block_size, head_size]``;
+* or, with ``amx=True`` (bf16, ``block_size % 32 == 0``), keys and values packed the way vLLM's
+  AMX CPU kernel (ISA ``amx``) reads them (:func:`amx_pack`, :func:`amx_unpack`): keys in groups
+  of 16 tokens, each ``[head_size / 2, 16, 2]`` (dim pairs outermost), values in groups of 16
+  dims, each ``[block_size / 2, 16, 2]`` (token pairs innermost). No strided ``[block_size,
+  head_size]`` view exists, so ``key_cache``/``value_cache`` are ``None`` and only the fused CPU
+  path (vLLM's op + ``kernels/cpu_select.cpp``) reads such a cache;
 * the last ``pages_per_block * 2 * head_size`` elements — the per-page **selection metadata**:
   for every page of ``page_size`` tokens the element-wise key min and max (Quest's page
   summary), one row ``[key min | key max]`` per page.
@@ -46,7 +52,7 @@ from functools import cached_property
 
 import torch
 
-__all__ = ["PagedKVCache", "summary_states", "score_states"]
+__all__ = ["PagedKVCache", "summary_states", "score_states", "amx_pack", "amx_unpack"]
 
 
 def summary_states(block_size: int, page_size: int) -> int:
@@ -60,6 +66,37 @@ def score_states(block_size: int, head_size: int, dtype: torch.dtype) -> int:
     token of a head slot — H2O's accumulated attention (``PagedKVCache.token_scores``)."""
     row_bytes = 2 * head_size * torch.tensor([], dtype=dtype).element_size()
     return -(-(4 * block_size) // row_bytes)
+
+
+def amx_pack(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head slots' K and V in vLLM's AMX layout (the torch oracle of ``cpu_attn_reshape_and_cache``, ISA ``amx``).
+
+    Args:
+        keys, values: ``[..., block_size, head_size]`` (a block's tokens of one KV head).
+    Returns:
+        ``[..., block_size * head_size]`` each: key ``(t, e)`` at ``(t // 16) * 16 * head_size +
+        (e // 2) * 32 + (t % 16) * 2 + e % 2``; value ``(t, e)`` at ``(e // 16) * 16 * block_size +
+        (t // 2) * 32 + (e % 16) * 2 + t % 2``.
+    """
+    *lead, bs, d = keys.shape
+    if bs % 16 or d % 16:
+        raise ValueError(f"the AMX layout needs block_size and head_size multiples of 16; got {bs}, {d}")
+    n = len(lead)
+    k = keys.unflatten(-1, (d // 2, 2)).unflatten(-3, (bs // 16, 16))  # [..., G, 16, D/2, 2]
+    k = k.permute(*range(n), n, n + 2, n + 1, n + 3)  # [..., G, D/2, 16, 2]
+    v = values.unflatten(-1, (d // 16, 16)).unflatten(-3, (bs // 2, 2))  # [..., BS/2, 2, D/16, 16]
+    v = v.permute(*range(n), n + 2, n, n + 3, n + 1)  # [..., D/16, BS/2, 16, 2]
+    return k.reshape(*lead, bs * d), v.reshape(*lead, bs * d)
+
+
+def amx_unpack(keys: torch.Tensor, values: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`amx_pack`: ``[..., block_size * head_size]`` -> ``[..., block_size, head_size]`` copies."""
+    *lead, size = keys.shape
+    bs, n = block_size, len(lead)
+    d = size // bs
+    k = keys.unflatten(-1, (bs // 16, d // 2, 16, 2)).permute(*range(n), n, n + 2, n + 1, n + 3)
+    v = values.unflatten(-1, (d // 16, bs // 2, 16, 2)).permute(*range(n), n + 1, n + 3, n, n + 2)
+    return k.reshape(*lead, bs, d), v.reshape(*lead, bs, d)
 
 
 def _check_page_size(block_size: int, page_size: int) -> None:
@@ -81,15 +118,17 @@ class PagedKVCache:
         key_max:     ``[num_blocks, pages_per_block, num_kv_heads, head_size]``
         page_size:   tokens summarised by one ``key_min``/``key_max`` row.
         key_transposed: keys stored ``[head_size, block_size]`` per head slot (vLLM's CPU layout).
-    All four tensors share one dtype and device; their strides are arbitrary.
+        amx: K/V packed for vLLM's AMX kernel (:func:`amx_pack`); ``key_cache``/``value_cache`` are then None.
+    All tensors share one dtype and device; their strides are arbitrary.
     """
 
-    key_cache: torch.Tensor
-    value_cache: torch.Tensor
+    key_cache: torch.Tensor | None
+    value_cache: torch.Tensor | None
     key_min: torch.Tensor
     key_max: torch.Tensor
     page_size: int
     key_transposed: bool = False
+    amx: bool = False
     #: ``[num_blocks, num_kv_heads, slot_size]`` the raw head slots (a view; None for views built by hand)
     slots: torch.Tensor | None = field(default=None, compare=False, repr=False)
     #: ``[num_blocks, num_kv_heads, block_size]`` float32 per-token scores in the head slots' extra
@@ -97,51 +136,60 @@ class PagedKVCache:
     token_scores: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        nb, bs, h, d = self.key_cache.shape
+        nb, ppb, h, d = self.key_min.shape
+        assert self.key_max.shape == (nb, ppb, h, d), self.key_max.shape
+        bs = ppb * self.page_size
+        if self.amx:
+            assert self.key_cache is None and self.value_cache is None and self.slots is not None
+            return
+        assert self.key_cache.shape == (nb, bs, h, d), (self.key_cache.shape, self.key_min.shape)
         assert self.value_cache.shape == (nb, bs, h, d), self.value_cache.shape
         _check_page_size(bs, self.page_size)
-        ppb = bs // self.page_size
-        assert self.key_min.shape == (nb, ppb, h, d), self.key_min.shape
-        assert self.key_max.shape == (nb, ppb, h, d), self.key_max.shape
 
     # -- shape helpers -------------------------------------------------------------
     @property
     def num_blocks(self) -> int:
-        return self.key_cache.shape[0]
+        return self.key_min.shape[0]
 
     @property
     def block_size(self) -> int:
-        return self.key_cache.shape[1]
+        return self.key_min.shape[1] * self.page_size
 
     @property
     def num_kv_heads(self) -> int:
-        return self.key_cache.shape[2]
+        return self.key_min.shape[2]
 
     @property
     def head_size(self) -> int:
-        return self.key_cache.shape[3]
+        return self.key_min.shape[3]
 
     @property
     def pages_per_block(self) -> int:
-        return self.block_size // self.page_size
+        return self.key_min.shape[1]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.key_cache.dtype
+        return self.key_min.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.key_cache.device
+        return self.key_min.device
+
+    def _token_views(self, what: str) -> None:
+        if self.amx:
+            raise ValueError(f"{what} reads keys/values as [block_size, head_size] rows, which the AMX-packed "
+                             "cache (amx=True) does not have; only the fused CPU path reads it")
 
     # -- construction ----------------------------------------------------------------
     @classmethod
     def from_raw(cls, raw: torch.Tensor, num_kv_heads: int, page_size: int,
-                 key_transposed: bool = False, score_rows: int = 0) -> "PagedKVCache":
+                 key_transposed: bool = False, score_rows: int = 0, amx: bool = False) -> "PagedKVCache":
         """Views over a ``[num_blocks, num_kv_heads, block_size + block_size // page_size (+ score_rows), 2 * head_size]`` cache.
 
         ``raw`` may be any strided tensor (e.g. vLLM's per-layer view, possibly with other
         layers between its blocks) as long as each head slot is contiguous. ``score_rows`` extra
         rows at the end of each head slot hold float32 per-token scores (:func:`score_states`).
+        ``amx``: K/V packed for vLLM's AMX kernel (bf16, ``block_size % 32 == 0``; no K/V views).
         """
         if raw.dim() != 4 or raw.shape[3] % 2:
             raise ValueError(f"cache must be [num_blocks, num_kv_heads, states, 2*head_size]; got {tuple(raw.shape)}")
@@ -160,11 +208,17 @@ class PagedKVCache:
         if raw.stride(3) != 1 or raw.stride(2) != c or (slots > 1 and raw.stride(1) != size):
             raise ValueError(f"cache head slots must be contiguous (KVCacheLayout.LBHNC); strides {raw.stride()}")
         slot = raw.flatten(2)  # [NB, H, size]
-        if key_transposed:  # element (t, e) of a block's keys at e * bs + t
+        if amx and (raw.dtype != torch.bfloat16 or bs % 32 or d % 32 or key_transposed):
+            raise ValueError(f"the AMX layout needs a bfloat16 cache, block_size and head_size multiples of 32 "
+                             f"and no key_transposed; got {raw.dtype}, block_size={bs}, head_size={d}")
+        if amx:
+            keys = values = None
+        elif key_transposed:  # element (t, e) of a block's keys at e * bs + t
             keys = slot[..., : bs * d].unflatten(-1, (d, bs)).permute(0, 3, 1, 2)
         else:
             keys = slot[..., : bs * d].unflatten(-1, (bs, d)).transpose(1, 2)
-        values = slot[..., bs * d : 2 * bs * d].unflatten(-1, (bs, d)).transpose(1, 2)
+        if not amx:
+            values = slot[..., bs * d : 2 * bs * d].unflatten(-1, (bs, d)).transpose(1, 2)
         meta = slot[..., 2 * bs * d : states * c].unflatten(-1, (ppb, c)).transpose(1, 2)  # [NB, ppb, H, 2D]
         scores = slot[..., states * c :].view(torch.float32)[..., :bs] if score_rows else None
         return cls(
@@ -174,6 +228,7 @@ class PagedKVCache:
             key_max=meta[..., d:],
             page_size=page_size,
             key_transposed=key_transposed,
+            amx=amx,
             slots=slot,
             token_scores=scores,
         )
@@ -195,11 +250,12 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         fill: float = float("nan"),
         key_transposed: bool = False,
+        amx: bool = False,
     ) -> "PagedKVCache":
         """Allocate a cache (NaN-poisoned by default so reads of unwritten rows show up)."""
         shape = cls.raw_shape(num_blocks, block_size, num_kv_heads, head_size, page_size)
         raw = torch.full(shape, fill, dtype=dtype, device=device)
-        return cls.from_raw(raw, num_kv_heads, page_size, key_transposed)
+        return cls.from_raw(raw, num_kv_heads, page_size, key_transposed, amx=amx)
 
     @cached_property
     def slot_rows(self) -> torch.Tensor | None:
@@ -244,6 +300,7 @@ class PagedKVCache:
             ``(k, v)``, each ``[B, num_tokens, num_kv_heads, head_size]`` (copies).
             Positions past a request's own length hold whatever the block holds: mask them.
         """
+        self._token_views("gather")
         nblk = -(-num_tokens // self.block_size)
         ids = block_table[:, :nblk].long().clamp_min(0)
         b = ids.shape[0]
@@ -272,6 +329,7 @@ class PagedKVCache:
             ``(k, v)``, each ``[B, S, C * page_size, head_size]`` in the cache dtype (views
             into one gathered copy on the fast path).
         """
+        self._token_views("gather_pages")
         b, s, c = pages.shape
         ppb, ps, d = self.pages_per_block, self.page_size, self.head_size
         pg = pages.clamp_min(0)

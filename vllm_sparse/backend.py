@@ -54,7 +54,7 @@ from vllm_sparse.kernels import ops
 from vllm_sparse.kernels.selection import index_capacity, quest_attended
 from vllm_sparse.kernels.selectors import get_selector
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.sparse")  # a child of vLLM's logger: shares its handler and format
 
 
 def _score_rows(config: SparseConfig, head_size: int, dtype: torch.dtype, block_size: int) -> int:
@@ -173,6 +173,15 @@ class SparseAttentionMetadata:
     evict_merge: "MergePlan | None" = None
 
 
+def _cpu_isa(config: SparseConfig, block_size: int, dtype: torch.dtype, head_size: int) -> str:
+    """vLLM's CPU attention ISA for this plugin's caches (builder and layers must agree): AMX's packed
+    layout where the stock backend would use it too and only the fused decode reads the cache
+    (no torch-reference selection, no eviction: those read ``[block_size, head_size]`` rows)."""
+    fused_only = (get_selector(config.selection).cpu_fused and config.granularity == "kv_head"
+                  and config.evict is None)
+    return cpu_attention.cpu_isa(block_size, dtype, head_size, amx_ok=fused_only)
+
+
 class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
     # Decode-step index buffers are not yet fixed-capacity on this path: no CUDA graphs.
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
@@ -186,7 +195,10 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
         self.num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
         self.dtype = kv_cache_spec.dtype
         self.cpu = device.type == "cpu"
-        self.isa = cpu_attention.cpu_isa(kv_cache_spec.block_size) if self.cpu else None
+        self.isa = _cpu_isa(self.config, kv_cache_spec.block_size, self.dtype, kv_cache_spec.head_size) if self.cpu else None
+        if self.cpu:
+            logger.info_once("vllm-sparse: vLLM's CPU attention kernels with ISA %s (%s K/V layout)", self.isa,
+                             "AMX-packed" if self.isa == "amx" else "key-transposed")
         #: the fused CPU decode serves kv_head-granular quest; the rest run the torch reference
         #: blocks each request frees (``evict``); the builder compacts block tables to the live ones
         self.evict_rule = self.config.eviction_rule(kv_cache_spec.block_size)
@@ -328,8 +340,9 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         key = kv_cache.data_ptr()
         if self._views is None or self._views[0] != key:
             rows = _score_rows(self.config, self.head_size, kv_cache.dtype, self.config.page_size)  # block = page
-            cache = PagedKVCache.from_raw(kv_cache, self.num_kv_heads, self.config.page_size, key_transposed=self.cpu,
-                                          score_rows=rows)
+            amx = self.cpu and _cpu_isa(self.config, self.config.page_size, kv_cache.dtype, self.head_size) == "amx"
+            cache = PagedKVCache.from_raw(kv_cache, self.num_kv_heads, self.config.page_size,
+                                          key_transposed=self.cpu and not amx, score_rows=rows, amx=amx)
             if self.cpu:
                 huge_pages(kv_cache)  # sparse reads hop between blocks: spare them the TLB misses
             self._views = (key, cache)
@@ -340,7 +353,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             return  # this layer reads another layer's cache
         cache = self._cache(kv_cache)
         if self.cpu:
-            cpu_attention.write_kv(key, value, slot_mapping, cache, cpu_attention.cpu_isa(cache.block_size))
+            cpu_attention.write_kv(key, value, slot_mapping, cache, cpu_attention.cache_isa(cache))
         else:
             ops.write_kv(key, value, slot_mapping, cache)
         if cache.token_scores is not None:  # H2O: new tokens start with no accumulated attention
@@ -387,7 +400,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         from vllm_sparse.eviction import merge_into_region
 
         if self.cpu:
-            isa = cpu_attention.cpu_isa(cache.block_size)
+            isa = cpu_attention.cache_isa(cache)
             write = lambda k, v, slots, c: cpu_attention.write_kv(k, v, slots, c, isa)  # noqa: E731
         else:
             write = ops.write_kv

@@ -1,8 +1,11 @@
 """The fused CPU path: vLLM's own paged-attention op over compacted block tables.
 
-On the CPU platform the backend stores keys the way vLLM's CPU kernels do (``key_transposed``
-layout of :mod:`vllm_sparse.kernels.layout`, written by ``cpu_attn_reshape_and_cache`` with the
-``vec``/``vec16`` ISA) and runs every attention through ``cpu_attention_with_kv_cache``:
+On the CPU platform the backend stores K/V the way vLLM's CPU kernels do (written by
+``cpu_attn_reshape_and_cache``): the ``key_transposed`` layout of
+:mod:`vllm_sparse.kernels.layout` for the ``vec``/``vec16`` ISA, or, where vLLM's stock backend
+would run its AMX kernel (bf16 on a CPU with AMX, blocks of 32k tokens) and only this fused path
+reads the cache, the AMX packing (``PagedKVCache.amx``, :func:`cpu_isa`). Every attention runs
+through ``cpu_attention_with_kv_cache``:
 
 * **prefill** (and decode steps where every request attends its whole context): the op over
   the requests' own block tables — the stock backend's kernel, at its speed;
@@ -38,22 +41,43 @@ from vllm import envs
 from vllm_sparse.kernels import PagedKVCache, cpu_ext
 from vllm_sparse.kernels.selection import forced_page_range, page_counts, quest_attended
 
-__all__ = ["cpu_isa", "DecodePlan", "plan_decode", "scheduler_metadata", "write_kv", "attention", "select_pages",
+__all__ = ["cpu_isa", "cache_isa", "DecodePlan", "plan_decode", "scheduler_metadata", "write_kv", "attention", "select_pages",
            "select_pages_reference", "sparse_decode"]
 
 
-def cpu_isa(block_size: int) -> str:
-    """The vLLM CPU attention ISA whose key layout is :mod:`~vllm_sparse.kernels.layout`'s ``key_transposed``.
+def cpu_isa(block_size: int, dtype: torch.dtype | None = None, head_size: int = 0, amx_ok: bool = False) -> str:
+    """The vLLM CPU attention ISA (and so the K/V layout) of a cache.
 
-    ``vec`` (blocks of 32k tokens) and ``vec16`` both store a block's keys as ``[head_size,
-    block_size]``; the AMX kernel packs keys differently, so it is not used.
+    ``amx`` where vLLM's stock backend picks it too (bf16, ``block_size % 32 == 0``, a CPU with AMX
+    tiles) and the caller allows it (``amx_ok``: the cache is read by the fused path alone — the
+    torch paths need ``[block_size, head_size]`` key rows, which AMX's packing lacks). Otherwise
+    ``vec`` (blocks of 32k tokens) or ``vec16``, which both store a block's keys as ``[head_size,
+    block_size]`` (``key_transposed``).
     """
+    if (amx_ok and dtype == torch.bfloat16 and block_size % 32 == 0 and head_size % 32 == 0
+            and torch.cpu._is_amx_tile_supported()):
+        return _amx_ready()
     return "vec" if block_size % 32 == 0 else "vec16"
+
+
+def _amx_ready() -> str:
+    torch.cpu._init_amx()  # this process's permission to use AMX tiles (else SIGILL); idempotent
+    return "amx"
+
+
+def cache_isa(cache: PagedKVCache) -> str:
+    """The ISA that reads and writes ``cache``'s layout."""
+    if cache.amx:
+        return _amx_ready()
+    assert cache.key_transposed, "the fused CPU path needs the key_transposed or the AMX layout"
+    return cpu_isa(cache.block_size)
 
 
 def scheduler_metadata(seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_heads: int, num_kv_heads: int,
                        head_size: int, dtype: torch.dtype, isa: str) -> torch.Tensor:
     """vLLM's CPU attention work split for one batch (built once per step)."""
+    if isa == "amx":
+        _amx_ready()
     return vllm_ops.cpu_attn_get_scheduler_metadata(
         num_reqs=seq_lens.shape[0], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
         seq_lens=seq_lens, dtype=dtype, query_start_loc=query_start_loc, causal=True, sliding_window_size=-1,
@@ -149,7 +173,8 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
     Args:
         key, value: ``[num_tokens, num_kv_heads, head_size]``; slot_mapping: ``[num_tokens]`` (``< 0`` skipped).
     """
-    assert cache.key_transposed, "the fused CPU path needs the key_transposed layout"
+    if isa != cache_isa(cache):
+        raise ValueError(f"ISA {isa!r} does not write this cache's layout ({cache_isa(cache)!r})")
     key_cache, value_cache = cache.kernel_blocks
     vllm_ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, isa)
     n = min(key.shape[0], slot_mapping.shape[0])
@@ -193,7 +218,7 @@ def select_pages(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan) -> 
     table = torch.empty(b * cache.num_kv_heads, plan.width, dtype=torch.int32)
     cpu_ext.load().quest_select(query, cache.slot_rows, _summary_offset(cache), plan.block_table, plan.seq,
                                 plan.count, plan.candidates, plan.forced_lo, plan.forced_hi, cache.block_size,
-                                plan.rescore_dims, table)
+                                plan.rescore_dims, cache.amx, table)
     return table
 
 

@@ -70,3 +70,30 @@ def test_bad_shapes_are_refused():
         PagedKVCache.from_raw(torch.zeros(2, 3, 17, 128), 2, 16)
     with pytest.raises(ValueError, match="states per head slot"):
         PagedKVCache.from_raw(torch.zeros(2, 2, 16, 128), 2, 16)
+
+
+def test_amx_packing_is_a_permutation_with_vllm_offsets():
+    """amx_pack puts key (t, e) and value (t, e) where vLLM's AMX kernel reads them; amx_unpack inverts it."""
+    from vllm_sparse.kernels.layout import amx_pack, amx_unpack
+
+    bs, d = 32, 64
+    k, v = torch.randn(2, 3, bs, d), torch.randn(2, 3, bs, d)  # [blocks, heads, tokens, dims]
+    pk, pv = amx_pack(k, v)
+    for t, e in [(0, 0), (5, 1), (17, 2), (31, 63), (16, 33)]:
+        assert pk[1, 2, (t // 16) * 16 * d + (e // 2) * 32 + (t % 16) * 2 + e % 2] == k[1, 2, t, e]
+        assert pv[1, 2, (e // 16) * 16 * bs + (t // 2) * 32 + (e % 16) * 2 + t % 2] == v[1, 2, t, e]
+    uk, uv = amx_unpack(pk, pv, bs)
+    assert torch.equal(uk, k) and torch.equal(uv, v)
+
+
+def test_amx_cache_has_no_token_views():
+    """The AMX-packed cache keeps its summaries and one-head blocks but refuses [block_size, head_size] reads."""
+    c = PagedKVCache.allocate(4, 32, 3, 64, 32, torch.bfloat16, amx=True)
+    assert c.key_cache is None and (c.num_blocks, c.block_size, c.num_kv_heads, c.head_size) == (4, 32, 3, 64)
+    assert c.head_blocks[0].shape == (12, 1, 32, 64) and c.key_min.shape == (4, 1, 3, 64)
+    with pytest.raises(ValueError, match="AMX-packed"):
+        c.gather(torch.zeros(1, 1, dtype=torch.int32), 8)
+    with pytest.raises(ValueError, match="AMX layout needs a bfloat16"):
+        PagedKVCache.allocate(4, 32, 3, 64, 32, torch.float32, amx=True)
+    with pytest.raises(ValueError, match="AMX layout needs"):
+        PagedKVCache.allocate(4, 16, 3, 64, 16, torch.bfloat16, amx=True)

@@ -12,6 +12,8 @@ C = pytest.importorskip("vllm_sparse.cpu_attention")
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 SINK, WINDOW = 4, 16
+AMX = torch.cpu._is_amx_tile_supported()
+needs_amx = pytest.mark.skipif(not AMX, reason="vLLM's AMX kernel needs a CPU with AMX tiles (Intel Sapphire Rapids+)")
 
 
 def make_cache(lens, num_kv_heads, head_size, block_size, dtype, key_scale=None):
@@ -172,6 +174,10 @@ def test_write_keeps_page_summaries_exact():
 
 def test_isa_matches_the_layout():
     assert C.cpu_isa(16) == "vec16" and C.cpu_isa(32) == "vec" and C.cpu_isa(128) == "vec"
+    # AMX only where the caller allows it (fused path alone), bf16, blocks of 32k, head_size of 32k
+    assert C.cpu_isa(32, torch.bfloat16, 64, amx_ok=True) == ("amx" if AMX else "vec")
+    assert C.cpu_isa(32, torch.bfloat16, 64) == "vec" and C.cpu_isa(16, torch.bfloat16, 64, amx_ok=True) == "vec16"
+    assert C.cpu_isa(32, torch.float32, 64, amx_ok=True) == "vec"
     assert math.isclose(1 / 16, (PagedKVCache.raw_shape(1, 16, 3, 64, 16)[2] - 16) / 16)
 
 
@@ -287,3 +293,90 @@ def test_window_of_one_token_keeps_the_partial_page_last():
     C.sparse_decode(q, cache, p, 0.125, out)
     ref = R.sparse_decode(q, cache, bt, seq, attended, 0.125, SINK, 1, "quest")
     assert rel_err(out, ref) < RTOL[torch.float32]
+
+
+def amx_copy(cache):
+    """The same K/V and page summaries, packed in vLLM's AMX layout by the torch oracle (amx_pack)."""
+    from vllm_sparse.kernels.layout import amx_pack
+
+    bs, d, h = cache.block_size, cache.head_size, cache.num_kv_heads
+    raw = cache.slots.clone()  # [NB, H, slot size]
+    raw[..., : bs * d], raw[..., bs * d: 2 * bs * d] = amx_pack(cache.key_cache.permute(0, 2, 1, 3),
+                                                             cache.value_cache.permute(0, 2, 1, 3))
+    return PagedKVCache.from_raw(raw.view(cache.num_blocks, h, -1, 2 * d), h, cache.page_size, amx=True)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_cpp_selection_reads_the_amx_packing(group, head_size):
+    """The C++ page ranking + rescoring picks the same pages from an AMX-packed cache as from the
+    [head_size, block_size] one (rescored dims read through the packing); runs on any CPU."""
+    lens, hkv, bs = [1500, 700, 70], 2, 32
+    cache, bt, _, _ = make_cache(lens, hkv, head_size, bs, torch.bfloat16,
+                                 key_scale=torch.rand(head_size) * 4 + 0.05)
+    packed = amx_copy(cache)
+    seq, attended = torch.tensor(lens), torch.tensor([256, 160, 70])
+    q = torch.randn(len(lens), hkv * group, head_size).bfloat16()
+    for r in (8, 13, head_size):
+        p = C.plan_decode(seq, attended, bt, block_size=bs, sink_tokens=SINK, local_window=WINDOW,
+                          num_heads=hkv * group, num_kv_heads=hkv, head_size=head_size, dtype=torch.bfloat16,
+                          isa="vec", candidate_factor=4.0, rescore_dims=r)
+        assert torch.equal(C.select_pages(q, packed, p), C.select_pages(q, cache, p)), r
+
+
+@needs_amx
+def test_amx_write_matches_the_packing_oracle():
+    """vLLM's reshape_and_cache (ISA amx) writes what amx_pack says; the page summaries stay exact."""
+    lens, hkv, d, bs = [100, 64], 3, 64, 32
+    cache, bt, keys, values = make_cache(lens, hkv, d, bs, torch.bfloat16)
+    packed = PagedKVCache.allocate(cache.num_blocks, bs, hkv, d, bs, torch.bfloat16, fill=0.0, amx=True)
+    for b, n in enumerate(lens):
+        pos = torch.arange(n)
+        slots = bt[b, pos // bs].long() * bs + pos % bs
+        C.write_kv(keys[b][:60], values[b][:60], slots[:60], packed, "amx")
+        C.write_kv(keys[b][60:], values[b][60:], slots[60:], packed, "amx")
+    want = amx_copy(cache)
+    for b, n in enumerate(lens):
+        blocks = bt[b, : -(-n // bs)].long()
+        full = blocks[: n // bs]  # whole blocks: every byte written
+        assert torch.equal(packed.slots[full], want.slots[full])
+        assert torch.equal(packed.key_min[blocks], cache.key_min[blocks])
+        assert torch.equal(packed.key_max[blocks], cache.key_max[blocks])
+
+
+@needs_amx
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_amx_fused_decode_and_prefill_equal_reference(group):
+    """Sparse decode (exact_pages + rescored dims) and chunked prefill through vLLM's AMX kernel
+    against float64 attention over the same pages / the torch reference over the vec cache."""
+    lens, hkv, d, bs = [1500, 333, 64], 2, 64, 32
+    cache, bt, keys, values = make_cache(lens, hkv, d, bs, torch.bfloat16)
+    packed = amx_copy(cache)
+    seq = torch.tensor(lens)
+    q = torch.randn(len(lens), hkv * group, d).bfloat16()
+    p = C.plan_decode(seq, torch.tensor([256, 333, 40]), bt, block_size=bs, sink_tokens=SINK, local_window=WINDOW,
+                      num_heads=hkv * group, num_kv_heads=hkv, head_size=d, dtype=torch.bfloat16, isa="amx",
+                      candidate_factor=4.0, rescore_dims=12)
+    out = torch.full_like(q, float("nan"))
+    C.sparse_decode(q, packed, p, 0.125, out)
+    table = C.select_pages(q, packed, p)
+    ref = naive_pages_attention(q, keys, values, table, p.seq_lens, hkv, BlockPositions(bt, lens, bs), 0.125)
+    assert rel_err(out, ref) < RTOL[torch.bfloat16]
+    q_lens = [40, 333, 1]
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    qp = torch.randn(int(qsl[-1]), hkv * group, d).bfloat16()
+    md = C.scheduler_metadata(seq.int(), qsl, hkv * group, hkv, d, torch.bfloat16, "amx")
+    outp = torch.empty_like(qp)
+    C.attention(qp, packed, bt, seq.int(), qsl, md, 0.125, outp)
+    assert rel_err(outp, R.paged_attention(qp, cache, bt, seq, qsl, 0.125)) < RTOL[torch.bfloat16]
+
+
+def test_backend_uses_amx_only_where_the_fused_path_alone_reads_the_cache():
+    from vllm_sparse.backend import _cpu_isa
+    from vllm_sparse.config import SparseConfig
+
+    default = "amx" if AMX else "vec"
+    assert _cpu_isa(SparseConfig(), 32, torch.bfloat16, 64) == default
+    assert _cpu_isa(SparseConfig(), 32, torch.float32, 64) == "vec"
+    for torch_path in (dict(selection="token"), dict(granularity="query_head"), dict(evict="streaming")):
+        assert _cpu_isa(SparseConfig(**torch_path), 32, torch.bfloat16, 64) == "vec", torch_path

@@ -35,6 +35,25 @@ def test_budget_covering_context_is_token_identical_to_stock(smollm2_dir, essay_
     assert [o.token_ids for o in ours] == [o.token_ids for o in stock]
 
 
+@pytest.mark.skipif(not __import__("torch").cpu._is_amx_tile_supported(),
+                    reason="bf16 equality needs stock and the plugin on the same kernel: vLLM's AMX one (Intel AMX CPUs)")
+def test_bf16_on_amx_full_budget_is_token_identical_to_stock(smollm2_dir, essay_prompts, monkeypatch):
+    """On an AMX CPU in bf16, stock runs vLLM's AMX kernel and so does the plugin (AMX-packed K/V,
+    ``cpu_attention.cpu_isa``): the forced sparse path over compacted one-head tables sums in the
+    same order as stock, so even bf16's exact logit ties resolve alike.
+
+    Each engine in its own process, as ``vllm serve`` and ``LLM`` run it by default. With both
+    engines in the test process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, this suite's fast mode)
+    the 4000-token prompt's first token differed (in either order; stock vs stock in-process:
+    equal) — a prefill summation-order difference whose cause is not yet found; in separate
+    processes all 5 x 32 tokens are equal (Intel Xeon with AMX, 2 cores)."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    stock = generate_once(smollm2_dir, essay_prompts, backend="stock", dtype="bfloat16", max_tokens=32)
+    ours = generate_once(smollm2_dir, essay_prompts, dtype="bfloat16", max_tokens=32,
+                         sparse={"alpha": 1.0, "k": 1.0, "dense_below": 0, "force_sparse": True, "selection": "quest"})
+    assert [o.token_ids for o in ours] == [o.token_ids for o in stock]
+
+
 def test_needles_at_the_default_budget(smollm2_dir, record_property):
     from transformers import AutoTokenizer
 

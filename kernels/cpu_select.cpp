@@ -81,6 +81,19 @@ inline void amx_row_f32(const T* kt, int64_t e, int64_t d, int64_t bs, float* ds
     for (int64_t t = 0; t < 16; ++t) dst[grp * 16 + t] = f32(src[2 * t]);
   }
 }
+// bf16 (the only dtype AMX packs): each token's dim pair is one 32-bit word, so dim e is its low
+// (even e) or high (odd e) half moved into a float's top bits — one shift or mask, vectorized.
+template <>
+inline void amx_row_f32<c10::BFloat16>(const c10::BFloat16* kt, int64_t e, int64_t d, int64_t bs, float* dst) {
+  const uint32_t mask = 0xFFFF0000u;
+  const int shift = e % 2 ? 0 : 16;
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t grp = 0; grp < bs / 16; ++grp) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(kt + grp * 16 * d + (e / 2) * 32);
+#pragma omp simd
+    for (int64_t t = 0; t < 16; ++t) out[grp * 16 + t] = (w[t] << shift) & mask;
+  }
+}
 
 template <typename T, int BS>
 float page_score(const T* kt, const float* qsel, const int64_t* dims, int64_t g, int64_t r, int64_t valid,

@@ -18,6 +18,10 @@ heads, head 64, bf16, 16-token pages — batch 16 at 7,000 tokens), same process
 Prints a table (median ms, speed-up over dense) and writes ``cpu_paths_block{N}.json`` + PNG::
 
     python benchmarks/cpu_paths.py --out benchmarks/results --block-size 32
+
+``--layout amx`` (bf16, blocks of 32k, a CPU with AMX) stores K/V in vLLM's AMX packing and runs
+every vLLM op with ISA ``amx`` — what the backend does where stock runs AMX; the torch-reference
+rows, which need ``[block_size, head_size]`` key rows, are left out (``cpu_paths_block{N}_amx.json``).
 """
 
 from __future__ import annotations
@@ -47,13 +51,13 @@ def median_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def make_cache(batch, context, num_kv_heads, head_size, block_size, dtype, seed):
+def make_cache(batch, context, num_kv_heads, head_size, block_size, dtype, seed, amx=False):
     torch.manual_seed(seed)
     nblk = -(-context // block_size)
     cache = PagedKVCache.allocate(batch * nblk + 1, block_size, num_kv_heads, head_size, block_size, dtype,
-                                  key_transposed=True, fill=0.0)
+                                  key_transposed=not amx, fill=0.0, amx=amx)
     block_table = torch.randperm(batch * nblk).view(batch, nblk).int()
-    isa = C.cpu_isa(block_size)
+    isa = C.cache_isa(cache)
     for b in range(batch):  # through the real write path, so the page summaries are real
         pos = torch.arange(context)
         slots = block_table[b, pos // block_size].long() * block_size + pos % block_size
@@ -96,12 +100,12 @@ def run(args, k: float) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     cfg = SparseConfig(k=k, selection="quest", page_size=args.block_size)
     b, n, h, g, d, bs = args.batch, args.context, args.num_kv_heads, args.group, args.head_size, args.block_size
-    cache, bt = make_cache(b, n, h, d, bs, dtype, args.seed)
+    cache, bt = make_cache(b, n, h, d, bs, dtype, args.seed, amx=args.layout == "amx")
     seq = torch.full((b,), n)
     attended = cfg.attended(seq)
     q = torch.randn(b, h * g, d).to(dtype)
     scale = d ** -0.5
-    isa = C.cpu_isa(bs)
+    isa = C.cache_isa(cache)
     out = torch.empty_like(q)
     qsl = torch.arange(b + 1, dtype=torch.int32)
     dense_md = C.scheduler_metadata(seq.int(), qsl, h * g, h, d, dtype, isa)
@@ -113,12 +117,11 @@ def run(args, k: float) -> list[dict]:
     def ref(selection):
         return lambda: R.sparse_decode(q, cache, bt, seq, attended, scale, selection=selection, **sel)
 
-    cases = {
-        "dense (vLLM op)": lambda: C.attention(q, cache, bt, seq.int(), qsl, dense_md, scale, out),
-        "reference token": ref("token"),
-        "reference quest": ref("quest"),
-    }
-    if not args.no_compile:
+    cases = {"dense (vLLM op)": lambda: C.attention(q, cache, bt, seq.int(), qsl, dense_md, scale, out)}
+    if not cache.amx:
+        cases["reference token"] = ref("token")
+        cases["reference quest"] = ref("quest")
+    if not args.no_compile and not cache.amx:
         compiled = torch.compile(R.sparse_decode, dynamic=False)
         cases["torch.compile quest"] = lambda: compiled(q, cache, bt, seq, attended, scale, selection="quest", **sel)
     cases["fused quest: selection only"] = lambda: C.select_pages(q, cache, plan)
@@ -157,8 +160,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    ap.add_argument("--layout", choices=["vec", "amx"], default="vec",
+                    help="K/V layout and vLLM ISA: vec (key-transposed) or amx (vLLM's AMX packing)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
+    if args.layout == "amx" and C.cpu_isa(args.block_size, getattr(torch, args.dtype), args.head_size,
+                                          amx_ok=True) != "amx":
+        ap.error("--layout amx needs --dtype bfloat16, --block-size and --head-size multiples of 32, and AMX tiles")
     from decode_throughput import cpu_model  # same folder
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
@@ -168,7 +176,7 @@ def main() -> None:
         print(f"{r['path']:<30}{r['k']:>5g}{r['ms']:>10.2f}{r['speedup_vs_dense']:>9.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(vars(args), out=str(args.out), machine=cpu_model(), threads=torch.get_num_threads())
-    stem = f"cpu_paths_block{args.block_size}"
+    stem = f"cpu_paths_block{args.block_size}" + ("_amx" if args.layout == "amx" else "")
     (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     import matplotlib
 

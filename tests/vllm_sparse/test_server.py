@@ -32,8 +32,11 @@ def test_completion_and_chat(client):
     out = client.completions.create(model="smollm2", prompt=essay + "\n\nIn one sentence, the essay says",
                                     max_tokens=16, temperature=0)
     assert out.usage.prompt_tokens > 500 and out.usage.completion_tokens == 16 and out.choices[0].text.strip()
+    # "What is the capital of France?" gets "L'Étoile, la Marseillaise," from stock vLLM itself in bf16
+    # on an AMX CPU (and from the plugin, which runs the same kernel there); this wording gets
+    # "The capital of France is Paris." from stock and plugin in bf16 (AMX and vec) and float32
     chat = client.chat.completions.create(model="smollm2", max_tokens=12, temperature=0,
-                                          messages=[{"role": "user", "content": "What is the capital of France?"}])
+                                          messages=[{"role": "user", "content": "Name the capital of France."}])
     assert "paris" in chat.choices[0].message.content.lower()
 
 

@@ -1,6 +1,7 @@
 """Real SmolLM2-135M-Instruct through real vLLM (CPU build) with the sparse backend."""
 
 import pytest
+import torch
 
 from llm_utils import generate_once
 from vllm_sparse.assets import data
@@ -8,6 +9,8 @@ from vllm_sparse.assets import data
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 LENGTHS = (100, 300, 600, 2200, 4000)
+# budget(n) = n through the sparse path (page scoring, compacted tables, the fused op), not the dense shortcut
+FULL_BUDGET_SPARSE_PATH = {"alpha": 1.0, "k": 1.0, "dense_below": 0, "force_sparse": True, "selection": "quest"}
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +34,11 @@ def test_budget_covering_context_is_token_identical_to_stock(smollm2_dir, essay_
     """
     stock = generate_once(smollm2_dir, essay_prompts, backend="stock", dtype="float32")
     ours = generate_once(smollm2_dir, essay_prompts, dtype="float32",
-                         sparse={"alpha": 1.0, "k": 1.0, "dense_below": 0, "force_sparse": True, "selection": "quest"})
+                         sparse=FULL_BUDGET_SPARSE_PATH)
     assert [o.token_ids for o in ours] == [o.token_ids for o in stock]
 
 
-@pytest.mark.skipif(not __import__("torch").cpu._is_amx_tile_supported(),
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(),
                     reason="bf16 equality needs stock and the plugin on the same kernel: vLLM's AMX one (Intel AMX CPUs)")
 def test_bf16_on_amx_full_budget_is_token_identical_to_stock(smollm2_dir, essay_prompts, monkeypatch):
     """On an AMX CPU in bf16, stock runs vLLM's AMX kernel and so does the plugin (AMX-packed K/V,
@@ -50,7 +53,7 @@ def test_bf16_on_amx_full_budget_is_token_identical_to_stock(smollm2_dir, essay_
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     stock = generate_once(smollm2_dir, essay_prompts, backend="stock", dtype="bfloat16", max_tokens=32)
     ours = generate_once(smollm2_dir, essay_prompts, dtype="bfloat16", max_tokens=32,
-                         sparse={"alpha": 1.0, "k": 1.0, "dense_below": 0, "force_sparse": True, "selection": "quest"})
+                         sparse=FULL_BUDGET_SPARSE_PATH)
     assert [o.token_ids for o in ours] == [o.token_ids for o in stock]
 
 

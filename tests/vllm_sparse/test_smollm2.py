@@ -48,8 +48,11 @@ def test_bf16_on_amx_full_budget_is_token_identical_to_stock(smollm2_dir, essay_
     Each engine in its own process, as ``vllm serve`` and ``LLM`` run it by default. With both
     engines in the test process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, this suite's fast mode)
     the 4000-token prompt's first token differed (in either order; stock vs stock in-process:
-    equal) — a prefill summation-order difference whose cause is not yet found; in separate
-    processes all 5 x 32 tokens are equal (Intel Xeon with AMX, 2 cores)."""
+    equal; the plugin with the dense decode shortcut, which passes the whole batch to one op
+    call as stock does: equal). With forced sparse decode the plugin runs a mixed batch's
+    prefills in their own op call, and (most likely) vLLM's work split over threads (one OpenMP thread
+    in-process here) depends on the batch it is given: a bf16 summation-order difference, not
+    a different result. In separate processes all 5 x 32 tokens are equal (Intel Xeon, AMX)."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     stock = generate_once(smollm2_dir, essay_prompts, backend="stock", dtype="bfloat16", max_tokens=32)
     ours = generate_once(smollm2_dir, essay_prompts, dtype="bfloat16", max_tokens=32,

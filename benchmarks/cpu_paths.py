@@ -57,12 +57,11 @@ def make_cache(batch, context, num_kv_heads, head_size, block_size, dtype, seed,
     cache = PagedKVCache.allocate(batch * nblk + 1, block_size, num_kv_heads, head_size, block_size, dtype,
                                   key_transposed=not amx, fill=0.0, amx=amx)
     block_table = torch.randperm(batch * nblk).view(batch, nblk).int()
-    isa = C.cache_isa(cache)
     for b in range(batch):  # through the real write path, so the page summaries are real
         pos = torch.arange(context)
         slots = block_table[b, pos // block_size].long() * block_size + pos % block_size
         k = torch.randn(context, num_kv_heads, head_size).to(dtype)
-        C.write_kv(k, torch.randn_like(k), slots, cache, isa)
+        C.write_kv(k, torch.randn_like(k), slots, cache)
     return cache, block_table
 
 

@@ -73,11 +73,17 @@ void summaries_impl(const at::Tensor& key, const at::Tensor& slots, at::Tensor& 
 // |q| x key range). Keys stored [d, BS]: dim e of the page is one contiguous row of BS keys. The r
 // rows are converted once into `rows` (r * BS floats, stays in L1); each query of the group then
 // accumulates its BS scores in registers (BS is a compile-time constant).
-// AMX packing: dim e of token t at (t / 16) * 16 * d + (e / 2) * 32 + (t % 16) * 2 + e % 2.
+// AMX packing: dim e of token t at (t / 16) * 16 * d + (e / 2) * 32 + (t % 16) * 2 + e % 2, i.e. the
+// dim pair e / 2 of token group `grp` (16 tokens) is one run of 32 elements starting here.
+template <typename T>
+inline const T* amx_pair_run(const T* kt, int64_t e, int64_t d, int64_t grp) {
+  return kt + grp * 16 * d + (e / 2) * 32;
+}
+// (the AMX path is bf16-only, checked in quest_select; this generic version keeps the other dtypes compiling)
 template <typename T>
 inline void amx_row_f32(const T* kt, int64_t e, int64_t d, int64_t bs, float* dst) {
   for (int64_t grp = 0; grp < bs / 16; ++grp) {
-    const T* src = kt + grp * 16 * d + (e / 2) * 32 + e % 2;
+    const T* src = amx_pair_run(kt, e, d, grp) + e % 2;
     for (int64_t t = 0; t < 16; ++t) dst[grp * 16 + t] = f32(src[2 * t]);
   }
 }
@@ -89,7 +95,7 @@ inline void amx_row_f32<c10::BFloat16>(const c10::BFloat16* kt, int64_t e, int64
   const int shift = e % 2 ? 0 : 16;
   uint32_t* out = reinterpret_cast<uint32_t*>(dst);
   for (int64_t grp = 0; grp < bs / 16; ++grp) {
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(kt + grp * 16 * d + (e / 2) * 32);
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(amx_pair_run(kt, e, d, grp));
 #pragma omp simd
     for (int64_t t = 0; t < 16; ++t) out[grp * 16 + t] = (w[t] << shift) & mask;
   }
@@ -255,7 +261,7 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
             for (int64_t e = 0; e < r_dims; ++e)
               for (int64_t grp = 0; grp < bs / 16; ++grp)
                 for (int64_t o = 0; o < 32; o += kLine)
-                  touched += reinterpret_cast<const uint8_t*>(kt + grp * 16 * d + (dims[e] / 2) * 32 + o)[0];
+                  touched += reinterpret_cast<const uint8_t*>(amx_pair_run(kt, dims[e], d, grp) + o)[0];
           } else if (row_len <= kLine) {  // a row within one line (bf16 pages of 16/32): one load, no inner loop
             for (int64_t e = 0; e < r_dims; ++e) touched += reinterpret_cast<const uint8_t*>(kt + dims[e] * row_len)[0];
           } else {

@@ -353,7 +353,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             return  # this layer reads another layer's cache
         cache = self._cache(kv_cache)
         if self.cpu:
-            cpu_attention.write_kv(key, value, slot_mapping, cache, cpu_attention.cache_isa(cache))
+            cpu_attention.write_kv(key, value, slot_mapping, cache)
         else:
             ops.write_kv(key, value, slot_mapping, cache)
         if cache.token_scores is not None:  # H2O: new tokens start with no accumulated attention
@@ -399,11 +399,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         """Scored eviction: keep the best of the blocks leaving the window in the kept region (after this layer's attention)."""
         from vllm_sparse.eviction import merge_into_region
 
-        if self.cpu:
-            isa = cpu_attention.cache_isa(cache)
-            write = lambda k, v, slots, c: cpu_attention.write_kv(k, v, slots, c, isa)  # noqa: E731
-        else:
-            write = ops.write_kv
+        write = cpu_attention.write_kv if self.cpu else ops.write_kv
         merge_into_region(cache, plan, self.config.eviction_rule(cache.block_size), self._evict_policy, write)
 
     def _forward_cuda(self, query: torch.Tensor, cache: PagedKVCache, md: SparseAttentionMetadata,

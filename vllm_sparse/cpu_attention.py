@@ -166,17 +166,15 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
     )
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, cache: PagedKVCache,
-             isa: str) -> None:
-    """Append K/V with vLLM's CPU ``reshape_and_cache`` and fold the keys into the page summaries.
+def write_kv(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, cache: PagedKVCache) -> None:
+    """Append K/V with vLLM's CPU ``reshape_and_cache`` (the ISA of the cache's layout, :func:`cache_isa`)
+    and fold the keys into the page summaries. Same signature as :func:`vllm_sparse.kernels.ops.write_kv`.
 
     Args:
         key, value: ``[num_tokens, num_kv_heads, head_size]``; slot_mapping: ``[num_tokens]`` (``< 0`` skipped).
     """
-    if isa != cache_isa(cache):
-        raise ValueError(f"ISA {isa!r} does not write this cache's layout ({cache_isa(cache)!r})")
     key_cache, value_cache = cache.kernel_blocks
-    vllm_ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, isa)
+    vllm_ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, cache_isa(cache))
     n = min(key.shape[0], slot_mapping.shape[0])
     cpu_ext.load().update_page_summaries(key[:n], slot_mapping[:n].long().contiguous(), cache.slot_rows,
                                          _summary_offset(cache), cache.block_size, cache.page_size)

@@ -33,18 +33,17 @@ def make_cache(lens, num_kv_heads, head_size, block_size, dtype, key_scale=None)
     for b, m in enumerate(nblk):
         bt[b, :m] = perm[used: used + m]
         used += m
-    isa = C.cpu_isa(block_size)
     keys, values = [], []
     for b, n in enumerate(lens):
         pos = torch.arange(nblk[b] * block_size)
         slots = bt[b, pos // block_size].long() * block_size + pos % block_size
         zeros = torch.zeros(len(pos), num_kv_heads, head_size, dtype=dtype)
-        C.write_kv(zeros, zeros, slots, cache, isa)
+        C.write_kv(zeros, zeros, slots, cache)
         k, v = (torch.randn(n, num_kv_heads, head_size) for _ in range(2))
         k, v = (k if key_scale is None else k * key_scale).to(dtype), v.to(dtype)
         half = n // 2  # two writes: the second continues a half-filled page
         for lo, hi in ((0, half), (half, n)):
-            C.write_kv(k[lo:hi], v[lo:hi], slots[lo:hi], cache, isa)
+            C.write_kv(k[lo:hi], v[lo:hi], slots[lo:hi], cache)
         keys.append(k)
         values.append(v)
     return cache, bt, keys, values
@@ -333,8 +332,8 @@ def test_amx_write_matches_the_packing_oracle():
     for b, n in enumerate(lens):
         pos = torch.arange(n)
         slots = bt[b, pos // bs].long() * bs + pos % bs
-        C.write_kv(keys[b][:60], values[b][:60], slots[:60], packed, "amx")
-        C.write_kv(keys[b][60:], values[b][60:], slots[60:], packed, "amx")
+        C.write_kv(keys[b][:60], values[b][:60], slots[:60], packed)
+        C.write_kv(keys[b][60:], values[b][60:], slots[60:], packed)
     want = amx_copy(cache)
     for b, n in enumerate(lens):
         blocks = bt[b, : -(-n // bs)].long()

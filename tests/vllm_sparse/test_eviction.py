@@ -290,9 +290,7 @@ def test_merge_keeps_each_heads_lowest_norm_tokens_in_the_region():
         seq, lo, hi = torch.tensor([n]), rule.free_end(n - 1), rule.free_end(n)
     plan = E.plan_merges(rule, bt, seq, ql)
     assert plan.rows == [(0, lo, hi)]
-    isa = C.cpu_isa(bs)
-    E.merge_into_region(cache, plan, rule, get_policy_class("knorm")(),
-                        lambda k, v, sl, c: C.write_kv(k, v, sl, c, isa))
+    E.merge_into_region(cache, plan, rule, get_policy_class("knorm")(), C.write_kv)
     s = rule.sink_blocks
     cand = torch.cat([torch.arange(s * bs, (s + 2) * bs), torch.arange(lo * bs, hi * bs)])
     region = bt[0, s:s + 2].long()
@@ -325,12 +323,11 @@ def test_h2o_state_accumulates_exact_attention_and_moves_with_its_tokens():
     nb = 12
     raw = torch.zeros(nb, hkv, bs + 1 + rows, 2 * d)
     cache = PagedKVCache.from_raw(raw, hkv, bs, key_transposed=True, score_rows=rows)
-    isa = C.cpu_isa(bs)
     table = torch.randperm(nb)[: -(-n // bs)].int()[None]
     pos = torch.arange(n)
     slots = table[0, pos // bs].long() * bs + pos % bs
     k, v = torch.randn(n, hkv, d), torch.randn(n, hkv, d)
-    C.write_kv(k, v, slots, cache, isa)
+    C.write_kv(k, v, slots, cache)
     E.reset_scores(cache, slots)
     assert cache.token_scores[table[0].long()].abs().sum() == 0
     q = torch.randn(m, hkv * g, d)  # a prefill chunk: the last m positions
@@ -352,7 +349,7 @@ def test_h2o_state_accumulates_exact_attention_and_moves_with_its_tokens():
     rule = EvictionRule(block_size=bs, sink_tokens=4, k=36.0, alpha=0.0, min_keep=36, max_keep=36, region_blocks=2)
     plan = E.MergePlan(rows=[(0, 3, 5)], block_table=table)
     before = got.clone()
-    E.merge_into_region(cache, plan, rule, get_policy_class("h2o")(), lambda kk, vv, sl, c: C.write_kv(kk, vv, sl, c, isa))
+    E.merge_into_region(cache, plan, rule, get_policy_class("h2o")(), C.write_kv)
     region = table[0, 1:3].long()
     for h in range(hkv):
         cand = torch.arange(bs, 5 * bs)
@@ -387,7 +384,7 @@ def test_batched_decode_state_equals_the_per_request_reference(mode):
         k = torch.randn(n, hkv, d).bfloat16()
         before = torch.rand(-(-n // bs), hkv, bs)  # earlier steps' state (summed or replaced)
         for cache in caches:
-            C.write_kv(k, k, slots, cache, C.cpu_isa(bs))
+            C.write_kv(k, k, slots, cache)
             cache.token_scores[table[b, : -(-n // bs)].long()] = before
     q = torch.randn(sum(qlens), hkv * g, d).bfloat16()
     qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()])
@@ -413,7 +410,7 @@ def test_tova_state_is_the_latest_querys_group_averaged_attention():
     pos = torch.arange(n)
     slots = table[0, pos // bs].long() * bs + pos % bs
     k = torch.randn(n, hkv, d).bfloat16()
-    C.write_kv(k, k, slots, cache, C.cpu_isa(bs))
+    C.write_kv(k, k, slots, cache)
     E.reset_scores(cache, slots)
     for _ in range(2):  # replaced, not summed
         q = torch.randn(5, hkv * g, d).bfloat16()
@@ -444,7 +441,7 @@ def test_snapkv_state_is_the_chunks_pooled_window_votes_and_decode_leaves_it():
     pos = torch.arange(n)
     slots = table[0, pos // bs].long() * bs + pos % bs
     k = torch.randn(n, hkv, d)
-    C.write_kv(k, torch.randn(n, hkv, d), slots, cache, C.cpu_isa(bs))
+    C.write_kv(k, torch.randn(n, hkv, d), slots, cache)
     E.reset_scores(cache, slots, policy.new_token_state)
     assert torch.isinf(cache.token_scores[table[0, pos // bs].long(), :, pos % bs]).all()
     q = torch.randn(m, hkv * g, d)  # a prefill chunk: the last m positions

@@ -18,6 +18,11 @@ Example (CPU machine, SmolLM2-135M, about 12 minutes per round)::
 
     python benchmarks/decode_throughput.py --backends stock "sparse={}" --rounds 3
 
+The engines run eager (``enforce_eager``, this project's convention since the first runs);
+``--compiled`` runs them as ``vllm serve`` / ``LLM`` do by default on CPU instead: the model traced
+once by dynamo and compiled by inductor's C++ backend, attention (stock's and the plugin's) an
+opaque op inside it — a smaller non-attention share of the step for both.
+
 Backends are given as ``name=SETTINGS_JSON`` (``stock`` is vLLM's own backend); default:
 ``stock``, ``sparse`` (the default settings) and ``token`` (``selection=token``).
 
@@ -101,14 +106,14 @@ def thp_mode(mode: str | None = None) -> str:
 
 
 def run_case(model: str, settings: dict | None, context: int, batch: int, decode_tokens: int, seed: int,
-             huge_pages: bool = False, dtype: str = "bfloat16") -> dict:
+             huge_pages: bool = False, dtype: str = "bfloat16", compiled: bool = False) -> dict:
     """One (context, batch) on a fresh engine: median pure-decode step time and prefill time
     (``huge_pages``: with the system's transparent huge pages ``always`` while it runs)."""
     if huge_pages:
         before = thp_mode()
         try:
             thp_mode("always")
-            return run_case(model, settings, context, batch, decode_tokens, seed, dtype=dtype)
+            return run_case(model, settings, context, batch, decode_tokens, seed, dtype=dtype, compiled=compiled)
         finally:
             thp_mode(before)
     import statistics
@@ -120,7 +125,7 @@ def run_case(model: str, settings: dict | None, context: int, batch: int, decode
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
         raise SystemExit("run with VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine must run in-process to be timed)")
     # one scheduler step may take every prompt whole, so all requests start decoding together
-    kw = dict(model=model, enforce_eager=True, max_model_len=context + decode_tokens + 16, dtype=dtype,
+    kw = dict(model=model, enforce_eager=not compiled, max_model_len=context + decode_tokens + 16, dtype=dtype,
               enable_prefix_caching=False, seed=seed, max_num_batched_tokens=context * batch + 64)
     if settings is not None:
         kw.update(attention_backend="CUSTOM", additional_config={"vllm_sparse": settings})
@@ -187,6 +192,9 @@ def main() -> None:
     ap.add_argument("--dtype", default=model_dtype(), help="model dtype (default here: %(default)s; see cpu_tuning.py)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat every case this many times, backends interleaved; ratios are medians over rounds")
+    ap.add_argument("--compiled", action="store_true",
+                    help="vLLM's default compilation (on CPU: the model traced once by dynamo, inductor's C++ "
+                         "backend; attention stays an opaque op) instead of enforce_eager")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--name", default="decode_throughput", help="stem of the JSON/PNG written under --out")
     args = ap.parse_args()
@@ -209,7 +217,8 @@ def main() -> None:
                 for name, settings in list(backends.items())[:: -1 if k % 2 else 1]:
                     print(f"  {name}: {settings if settings is not None else 'vLLM stock backend'}", flush=True)
                     rnd[name][(n, b)] = run_case(args.model, settings, n, b, args.decode_tokens, args.seed,
-                                                 huge_pages=name == "stock-thp", dtype=args.dtype)
+                                                 huge_pages=name == "stock-thp", dtype=args.dtype,
+                                                 compiled=args.compiled)
         rounds.append(rnd)
     rows = combine(rounds, list(backends))
     results = {name: dict(settings=backends[name], rows=rows[name]) for name in backends}
@@ -228,7 +237,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(model=args.model, dtype=args.dtype, machine=cpu_model(), cpus=os.cpu_count(),
-                decode_tokens=args.decode_tokens, rounds=args.rounds,
+                decode_tokens=args.decode_tokens, rounds=args.rounds, compiled=args.compiled,
                 method="median engine-step time over pure full-batch decode steps, in-process engine, prefix caching "
                        "off, one engine per (backend, case), backends of a case back to back (order reversed in odd "
                        "rounds); over rounds: median step time and the median of each round's ratio to stock")

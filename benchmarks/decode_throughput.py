@@ -4,7 +4,9 @@ For every (context, batch) the script generates ``1 + D`` tokens from ``batch`` 
 prompts of ``context`` tokens (greedy, ``ignore_eos``, prefix caching off) with the engine
 in-process, and times every engine step. A *decode step* is a step whose scheduler output is
 exactly one token for each of the ``batch`` requests (no prefill chunk mixed in); the median of
-those step times is the decode step time, and ``batch / step`` the decode tokens/s. The other
+those step times is the decode step time, and ``batch / step`` the decode tokens/s; their mean is
+reported beside it (``mean ms``: with ``reselect_every`` most steps reuse their pages and every
+N-th selects, so the median is a reusing step and the mean the amortized cost). The other
 steps (those that carry prompt tokens) add up to the prefill time. It prints a table with the
 sparse/stock ratios and writes JSON + a PNG plot.
 
@@ -150,7 +152,7 @@ def run_case(model: str, settings: dict | None, context: int, batch: int, decode
     print(f"    context {context:6d} batch {batch:3d}: {len(timer.decode_steps)} decode steps, median "
           f"{1e3 * step:8.1f} ms ({wall:.0f} s in all)", flush=True)
     return dict(context=context, batch=batch, wall_s=wall, decode_steps_timed=len(timer.decode_steps),
-                step_ms=1e3 * step, prefill_s=timer.prefill_s)
+                step_ms=1e3 * step, step_mean_ms=1e3 * statistics.fmean(timer.decode_steps), prefill_s=timer.prefill_s)
 
 
 def combine(rounds: list[dict[str, dict]], names: list[str]) -> dict[str, list[dict]]:
@@ -167,12 +169,15 @@ def combine(rounds: list[dict[str, dict]], names: list[str]) -> dict[str, list[d
             row = dict(context=key[0], batch=key[1], step_ms=step, decode_tokens_per_s=1e3 * key[1] / step,
                        prefill_s=statistics.median(x["prefill_s"] for x in runs),
                        step_ms_rounds=[x["step_ms"] for x in runs], prefill_s_rounds=[x["prefill_s"] for x in runs],
+                       step_mean_ms=statistics.median(x["step_mean_ms"] for x in runs),
                        decode_steps_timed=sum(x["decode_steps_timed"] for x in runs))
             if "stock" in rounds[0]:
                 ratios = [r["stock"][key]["step_ms"] / r[name][key]["step_ms"] for r in rounds]
                 pratios = [r["stock"][key]["prefill_s"] / r[name][key]["prefill_s"] for r in rounds
                            if r[name][key]["prefill_s"]]
+                mean_ratios = [r["stock"][key]["step_mean_ms"] / r[name][key]["step_mean_ms"] for r in rounds]
                 row.update(speedup_vs_stock=statistics.median(ratios), speedup_rounds=ratios,
+                           speedup_mean_vs_stock=statistics.median(mean_ratios),
                            prefill_speed_vs_stock=statistics.median(pratios) if pratios else None)
             rows.append(row)
         out[name] = rows
@@ -224,7 +229,7 @@ def main() -> None:
     results = {name: dict(settings=backends[name], rows=rows[name]) for name in backends}
 
     header = (f"{'backend':<24}{'context':>8}{'batch':>6}{'step ms':>10}{'tok/s':>9}{'vs stock':>10}"
-              f"{'rounds':>20}{'prefill s':>11}{'vs stock':>10}")
+              f"{'rounds':>20}{'mean ms':>9}{'vs stock':>10}{'prefill s':>11}{'vs stock':>10}")
     print("\n" + header + "\n" + "-" * len(header))
     for name, res in results.items():
         for r in res["rows"]:
@@ -232,8 +237,9 @@ def main() -> None:
             spread = (f"{min(r['speedup_rounds']):.2f}-{max(r['speedup_rounds']):.2f}x"
                       if r.get("speedup_rounds") and len(r["speedup_rounds"]) > 1 else "")
             pratio = f"{r['prefill_speed_vs_stock']:.2f}x" if r.get("prefill_speed_vs_stock") else "-"
+            mratio = f"{r['speedup_mean_vs_stock']:.2f}x" if r.get("speedup_mean_vs_stock") else "-"
             print(f"{name:<24}{r['context']:>8}{r['batch']:>6}{r['step_ms']:>10.1f}{r['decode_tokens_per_s']:>9.1f}"
-                  f"{ratio:>10}{spread:>20}{r['prefill_s']:>11.1f}{pratio:>10}")
+                  f"{ratio:>10}{spread:>20}{r['step_mean_ms']:>9.1f}{mratio:>10}{r['prefill_s']:>11.1f}{pratio:>10}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(model=args.model, dtype=args.dtype, machine=cpu_model(), cpus=os.cpu_count(),

@@ -208,6 +208,10 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             check_engine_config(vllm_config)
         self.selector = get_selector(self.config.selection)
         self.cpu_fused_decode = self.cpu and self.selector.cpu_fused and self.config.granularity == "kv_head"
+        self._reuse: "cpu_attention.ReuseState | None" = None  # reselect_every: the last decode step's batch
+        if self.config.reselect_every > 1 and not self.cpu_fused_decode:
+            logger.warning_once("vllm-sparse: reselect_every=%d applies to the fused CPU path (exact_pages/quest, "
+                                "kv_head granularity) only; this engine selects every step", self.config.reselect_every)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SparseAttentionMetadata:
@@ -246,6 +250,10 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
                     isa=self.isa,
                     candidate_factor=self.selector.cpu_candidate_factor(cfg.candidate_factor),
                     rescore_dims=cfg.rescore_dims)
+                if cfg.reselect_every > 1:
+                    self._reuse = cpu_attention.plan_reuse(cpu_decode, self._reuse, cfg.reselect_every)
+            if cpu_decode is None:
+                self._reuse = None  # the layers' tables of this step are not the next step's
             stats.record_step(num_decodes, attended_total, int(context[:num_decodes].sum()))
         prefill_md = dense_md = None
         if self.cpu:  # dense part of the batch: everything when decode is dense, else the prefills
@@ -325,6 +333,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             tune_malloc()
         self._views: tuple[int, PagedKVCache] | None = None
         self._dense_layer: bool | None = None  # below dense_layers (known at the first forward)
+        self._table: tuple[int, torch.Tensor] | None = None  # (plan uid, pages attended) last step (reselect_every)
         # the eviction policy object (scorer of the merges, kind of per-token state); None without evict
         self._evict_policy = self.config.evict_policy
 
@@ -438,7 +447,8 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         if nd and not md.decode_is_dense:
             q = query[:ndt]
             if md.cpu_decode is not None:
-                cpu_attention.sparse_decode(q, cache, md.cpu_decode, self.scale, output[:ndt])
+                self._table = cpu_attention.sparse_decode(q, cache, md.cpu_decode, self.scale, output[:ndt],
+                                                          self._table)
             else:
                 output[:ndt] = ops.sparse_decode(
                     q, cache, md.block_table[:nd], md.seq_lens[:nd], md.decode_attended, self.scale,

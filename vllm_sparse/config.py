@@ -47,6 +47,10 @@ granularity    kv_head   ``kv_head``: one token set per KV head (GQA group share
 dense_below    1024      sequences shorter than this decode densely
 dense_layers   0         the first N attention layers decode densely (Quest keeps its
                          first two dense: early layers attend broadly)
+reselect_every 1         fused CPU path (``exact_pages``/``quest``): each request selects its
+                         pages once every N decode steps and attends the same pages in
+                         between (per layer and KV head; a new page or a larger budget
+                         selects at once). 1: select every step
 force_sparse   False     run the selection even when the budget covers the whole context
                          (tests: checks the sparse path against dense end to end)
 evict          None      free KV blocks while requests run: ``streaming`` keeps the sink
@@ -130,6 +134,7 @@ class SparseConfig:
     granularity: str = "kv_head"
     dense_below: int = 1024
     dense_layers: int = 0
+    reselect_every: int = 1
     force_sparse: bool = False
     evict: str | None = None
     evict_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -287,6 +292,9 @@ class SparseConfig:
         ps = self.page_size
         if not _is_int(ps) or ps < 16 or ps & (ps - 1):
             raise _err("page_size", ps, "a power of two >= 16 (one page per KV block: it sets vLLM's block size)")
+        if not _is_int(self.reselect_every) or self.reselect_every < 1:
+            raise _err("reselect_every", self.reselect_every,
+                       "an integer >= 1 (decode steps a request keeps its page selection; 1: select every step)")
         if not isinstance(self.force_sparse, bool):
             raise _err("force_sparse", self.force_sparse, "true or false")
         if self.evict is not None and self.evict not in evicting_policies():

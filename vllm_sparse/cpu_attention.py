@@ -32,6 +32,8 @@ with ``selection="quest"`` and ``page_size == block_size``.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +109,11 @@ class DecodePlan:
         rescore_dims: rescore with the ``q·k`` of only this many dims, those with the largest
             ``Σ|q|`` over the GQA group × key range (SparQ, range-weighted:
             ``kernels.selection.rescore_dims_mask``); ``0``: every dim, the exact ``max q·k``.
+        reuse: ``reselect_every > 1``: ``(src, sel, sub, prev_uid)`` — per request the row of the
+            previous step's table it keeps (``-1``: selects afresh), the requests that select,
+            their sub-plan, and the ``uid`` of the plan whose tables the rows come from
+            (:func:`plan_reuse`); ``None``: every request selects.
+        uid: this plan's number (unique in the process): which step a layer's kept table is from.
     """
 
     block_table: torch.Tensor
@@ -122,6 +129,55 @@ class DecodePlan:
     attended_tokens: int
     width: int
     rescore_dims: int = 0
+    reuse: tuple | None = None
+    uid: int = dataclasses.field(default_factory=lambda: next(_PLAN_IDS))
+
+
+_PLAN_IDS = itertools.count()
+
+
+@dataclass
+class ReuseState:
+    """What :func:`plan_reuse` remembers of a step's decode batch (per request, in batch order)."""
+
+    first_block: torch.Tensor  # [B] the request's first KV block (its identity while it runs)
+    key: torch.Tensor  # [B] a checksum of its block ids
+    num_pages: torch.Tensor
+    count: torch.Tensor
+    age: torch.Tensor  # [B] steps since the request last selected
+    width: int
+    uid: int  # the plan it describes
+
+
+def plan_reuse(plan: DecodePlan, prev: ReuseState | None, every: int) -> ReuseState:
+    """Reuse each request's page selection for up to ``every`` decode steps (``reselect_every``).
+
+    A request keeps the pages it attended in the previous step when it was in that step's batch
+    (same first block, same block ids), its page count and budget (``count``) have not changed —
+    a new page or a larger budget selects afresh — and it selected fewer than ``every`` steps
+    ago. Sets ``plan.reuse`` (``None`` when every request selects) and returns this step's state.
+    """
+    bt, num_pages, count = plan.block_table, plan.num_pages, plan.count
+    valid = torch.arange(bt.shape[1])[None, :] < num_pages[:, None]
+    key = (bt * valid * torch.arange(1, bt.shape[1] + 1)[None, :]).sum(1) + (bt * valid).sum(1) * 1_000_003
+    first = bt[:, 0]
+    src = torch.full_like(first, -1)
+    if prev is not None and prev.width == plan.width and every > 1:
+        match = first[:, None] == prev.first_block[None, :]
+        j = match.long().argmax(1)
+        ok = (match.any(1) & (prev.num_pages[j] == num_pages) & (prev.count[j] == count) & (prev.key[j] == key)
+              & (prev.age[j] + 1 < every))
+        src = torch.where(ok, j, src)
+        age = torch.where(ok, prev.age[j] + 1, 0)
+    else:
+        age = torch.zeros_like(first)
+    sel = (src < 0).nonzero().squeeze(1)
+    if sel.numel() < src.numel():
+        sub = dataclasses.replace(plan, block_table=bt[sel], seq=plan.seq[sel], num_pages=num_pages[sel],
+                                  count=count[sel], candidates=plan.candidates[sel], forced_lo=plan.forced_lo[sel],
+                                  forced_hi=plan.forced_hi[sel], reuse=None)
+        plan.reuse = (src, sel, sub, prev.uid)
+    return ReuseState(first, key, num_pages, count, age, plan.width, plan.uid)
 
 
 def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: torch.Tensor, *, block_size: int,
@@ -248,16 +304,36 @@ def select_pages_reference(query: torch.Tensor, cache: PagedKVCache, plan: Decod
     return (blocks * h + heads.view(1, h, 1)).view(b * h, -1).to(torch.int32)
 
 
+def select_or_reuse(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan,
+                    prev: tuple[int, torch.Tensor] | None) -> torch.Tensor:
+    """:func:`select_pages` for the requests that select this step; the rows of this layer's
+    table of the previous step (``prev``: its plan's ``uid`` and the table) for those that keep
+    theirs (``plan.reuse``). Everyone selects when ``prev`` is not the step ``plan.reuse`` refers to."""
+    if plan.reuse is None or prev is None or prev[0] != plan.reuse[3]:
+        return select_pages(query, cache, plan)
+    src, sel, sub, _ = plan.reuse
+    h = cache.num_kv_heads
+    table = prev[1].view(-1, h, plan.width)[src.clamp_min(0)]
+    if sel.numel():
+        table[sel] = select_pages(query[sel], cache, sub).view(-1, h, plan.width)
+    return table.view(-1, plan.width)
+
+
 def sparse_decode(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, scale: float,
-                  out: torch.Tensor) -> None:
+                  out: torch.Tensor, prev: tuple[int, torch.Tensor] | None = None) -> tuple[int, torch.Tensor]:
     """Page-selected sparse decode (``quest`` / ``exact_pages``) through vLLM's CPU op.
 
     Args:
         query: ``[B, num_heads, head_size]`` in the cache dtype; out: the same shape, written in place.
+        prev: this layer's ``(uid, table)`` of the previous step (``reselect_every``; see
+            :func:`select_or_reuse`).
+
+    Returns:
+        ``(plan.uid, the compacted table attended)``: the next step's ``prev``.
     """
     b, num_heads, d = query.shape
     h = cache.num_kv_heads
-    table = select_pages(query, cache, plan)
+    table = select_or_reuse(query, cache, plan, prev)
     key_cache, value_cache = cache.head_blocks
     g = num_heads // h
     vllm_ops.cpu_attention_with_kv_cache(
@@ -266,3 +342,4 @@ def sparse_decode(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, sc
         causal=True, alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0.0,
         scheduler_metadata=plan.metadata, s_aux=None,
     )
+    return plan.uid, table

@@ -49,6 +49,8 @@ def test_from_additional_config():
         ({"page_size": 0}, "page_size"),
         ({"page_size": 8}, "page_size"),  # pages are KV blocks: >= 16
         ({"dense_layers": -1}, "dense_layers"),
+        ({"reselect_every": 0}, "reselect_every"),
+        ({"reselect_every": 2.0}, "reselect_every"),
         ({"force_sparse": "yes"}, "force_sparse"),
         ({"selection": "pages"}, "selection"),
         ({"granularity": "layer"}, "granularity"),

@@ -379,3 +379,43 @@ def test_backend_uses_amx_only_where_the_fused_path_alone_reads_the_cache():
     assert _cpu_isa(SparseConfig(), 32, torch.float32, 64) == "vec"
     for torch_path in (dict(selection="token"), dict(granularity="query_head"), dict(evict="streaming")):
         assert _cpu_isa(SparseConfig(**torch_path), 32, torch.bfloat16, 64) == "vec", torch_path
+
+
+def test_reselect_every_keeps_each_requests_pages_until_it_must_select():
+    """``reselect_every``: a request attends the pages it chose until ``every`` steps have passed, it
+    gains a page or its budget grows; requests are matched across steps by their blocks, in any order."""
+    lens, hkv, g, d, bs = [1001, 514, 261], 2, 3, 64, 16  # written; the steps decode at lens - 2, - 1, lens
+    cache, bt, keys, values = make_cache(lens, hkv, d, bs, torch.float32)
+    attended = torch.tensor([200, 100, 64])
+
+    def step(seq, order, prev_state, prev_table, every=3):
+        p = plan(cache, bt[order], seq[order], attended[order], hkv * g)
+        state = C.plan_reuse(p, prev_state, every)
+        q = torch.randn(len(order), hkv * g, d)
+        out = torch.empty_like(q)
+        kept = C.sparse_decode(q, cache, p, 0.125, out, prev_table)
+        fresh = C.select_pages(q, cache, p)
+        ref = naive_pages_attention(q, [keys[i] for i in order], [values[i] for i in order], kept[1], p.seq_lens, hkv,
+                                    BlockPositions(bt[order], seq[order].tolist(), bs), 0.125)
+        assert rel_err(out, ref) < RTOL[torch.float32]  # it attends exactly the table it returns
+        return p, state, kept, fresh
+
+    seq = torch.tensor(lens) - 2
+    p0, s0, t0, f0 = step(seq, [0, 1, 2], None, None)
+    assert p0.reuse is None and torch.equal(t0[1], f0)  # first step: everyone selects
+    # next step, batch reordered; request 1 (512 -> 513 tokens) starts a new page: it selects again
+    seq1 = seq + 1
+    p1, s1, t1, f1 = step(seq1, [2, 0, 1], s0, t0)
+    src, sel, _, prev_uid = p1.reuse
+    assert src.tolist() == [2, 0, -1] and sel.tolist() == [2] and prev_uid == p0.uid
+    rows = lambda t, i: t.view(-1, hkv, t.shape[1])[i]  # noqa: E731
+    assert torch.equal(rows(t1[1], 0), rows(t0[1], 2)) and torch.equal(rows(t1[1], 1), rows(t0[1], 0))
+    assert torch.equal(rows(t1[1], 2), rows(f1, 2))  # the selecting request: its fresh choice
+    assert not torch.equal(t1[1], f1)  # the kept rows are not what these queries would pick
+    # a table of another step is never reused
+    p_stale, _, t_stale, f_stale = step(seq1, [2, 0, 1], s0, (t0[0] - 1, t0[1]))
+    assert torch.equal(t_stale[1], f_stale)
+    # third step with every=2: requests 2 and 0 selected 2 steps ago and reselect, request 1 keeps
+    p2, s2, t2, f2 = step(seq1 + 1, [2, 0, 1], s1, t1, every=2)
+    assert p2.reuse[0].tolist() == [-1, -1, 2] and s2.age.tolist() == [0, 0, 1]
+    assert torch.equal(rows(t2[1], 2), rows(t1[1], 2)) and torch.equal(rows(t2[1], 0), rows(f2, 0))

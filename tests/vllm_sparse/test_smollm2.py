@@ -36,6 +36,12 @@ def test_budget_covering_context_is_token_identical_to_stock(smollm2_dir, essay_
     ours = generate_once(smollm2_dir, essay_prompts, dtype="float32",
                          sparse=FULL_BUDGET_SPARSE_PATH)
     assert [o.token_ids for o in ours] == [o.token_ids for o in stock]
+    # reselect_every: requests keep last step's tables (matched by their blocks, in whatever order
+    # the batch comes) until they gain a page; a row given to the wrong request would read
+    # another request's blocks and change the text
+    kept = generate_once(smollm2_dir, essay_prompts, dtype="float32",
+                         sparse={**FULL_BUDGET_SPARSE_PATH, "reselect_every": 4})
+    assert [o.token_ids for o in kept] == [o.token_ids for o in stock]
 
 
 @pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(),

@@ -447,8 +447,9 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         if nd and not md.decode_is_dense:
             q = query[:ndt]
             if md.cpu_decode is not None:
-                self._table = cpu_attention.sparse_decode(q, cache, md.cpu_decode, self.scale, output[:ndt],
-                                                          self._table)
+                kept = cpu_attention.sparse_decode(q, cache, md.cpu_decode, self.scale, output[:ndt], self._table)
+                if cfg.reselect_every > 1:  # keep the table only where a later step may reuse it
+                    self._table = kept
             else:
                 output[:ndt] = ops.sparse_decode(
                     q, cache, md.block_table[:nd], md.seq_lens[:nd], md.decode_attended, self.scale,

@@ -246,7 +246,8 @@ def main() -> None:
                 decode_tokens=args.decode_tokens, rounds=args.rounds, compiled=args.compiled,
                 method="median engine-step time over pure full-batch decode steps, in-process engine, prefix caching "
                        "off, one engine per (backend, case), backends of a case back to back (order reversed in odd "
-                       "rounds); over rounds: median step time and the median of each round's ratio to stock")
+                       "rounds); over rounds: median step time and the median of each round's ratio to stock; step_mean_ms and "
+                       "speedup_mean_vs_stock: the same with each run's mean step")
     (args.out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
     try:
         import matplotlib

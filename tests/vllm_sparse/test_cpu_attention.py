@@ -324,6 +324,34 @@ def test_cpp_selection_reads_the_amx_packing(group, head_size):
 
 
 @needs_amx
+def test_amx_full_budget_sums_like_stock_only_without_kv_split(monkeypatch):
+    """Why bf16 equality with stock needs ``VLLM_CPU_ATTN_SPLIT_KV=0``: every page through the
+    compacted one-head tables gives stock's bits when vLLM's op sums each sequence in one piece,
+    and may differ by bf16 rounding when it splits long sequences across threads (its split
+    depends on the work it is given: ``B * H`` one-head sequences vs ``B`` requests of ``H`` heads)."""
+    from vllm import envs
+
+    lens, hkv, group, d, bs = [4000, 2100, 700], 3, 3, 64, 32
+    cache, bt, _, _ = make_cache(lens, hkv, d, bs, torch.bfloat16)
+    packed = amx_copy(cache)
+    seq = torch.tensor(lens)
+    q = torch.randn(len(lens), hkv * group, d).bfloat16()
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32)
+    outs = {}
+    for split in (False, True):
+        monkeypatch.setattr(envs, "VLLM_CPU_ATTN_SPLIT_KV", split)
+        p = C.plan_decode(seq, seq.clone(), bt, block_size=bs, sink_tokens=SINK, local_window=WINDOW,
+                          num_heads=hkv * group, num_kv_heads=hkv, head_size=d, dtype=torch.bfloat16, isa="amx")
+        sparse, dense = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
+        C.sparse_decode(q, packed, p, 0.125, sparse)
+        md = C.scheduler_metadata(seq.int(), qsl, hkv * group, hkv, d, torch.bfloat16, "amx")
+        C.attention(q, packed, bt, seq.int(), qsl, md, 0.125, dense)
+        outs[split] = (sparse, dense)
+    assert torch.equal(*outs[False])
+    assert rel_err(*outs[True]) < 1e-2  # split: the same attention up to bf16 rounding
+
+
+@needs_amx
 def test_amx_write_matches_the_packing_oracle():
     """vLLM's reshape_and_cache (ISA amx) writes what amx_pack says; the page summaries stay exact."""
     lens, hkv, d, bs = [100, 64], 3, 64, 32

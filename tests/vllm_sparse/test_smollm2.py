@@ -49,7 +49,15 @@ def test_budget_covering_context_is_token_identical_to_stock(smollm2_dir, essay_
 def test_bf16_on_amx_full_budget_is_token_identical_to_stock(smollm2_dir, essay_prompts, monkeypatch):
     """On an AMX CPU in bf16, stock runs vLLM's AMX kernel and so does the plugin (AMX-packed K/V,
     ``cpu_attention.cpu_isa``): the forced sparse path over compacted one-head tables sums in the
-    same order as stock, so even bf16's exact logit ties resolve alike.
+    same order as stock, so even bf16's exact logit ties resolve alike — provided vLLM's op sums
+    each sequence in one piece (``VLLM_CPU_ATTN_SPLIT_KV=0``, set here for both engines). With its
+    default KV split the op splits long sequences across threads by the work it is given (``B * H``
+    one-head sequences here, ``B`` requests of ``H`` heads in stock), so the two can differ by bf16
+    rounding (test_cpu_attention.py::test_amx_full_budget_sums_like_stock_only_without_kv_split:
+    up to 2.4e-4 absolute on one 3-request batch), enough to flip a greedy token at a near-tie.
+    The fourteenth session saw such a flip (prompt 2, token 6) and blamed the backend holding a
+    layer's table between steps; the fifteenth could not reproduce it with the table held
+    (3 passes, one under a CPU hog), and the split explains it.
 
     Each engine in its own process, as ``vllm serve`` and ``LLM`` run it by default. With both
     engines in the test process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, this suite's fast mode)
@@ -59,7 +67,11 @@ def test_bf16_on_amx_full_budget_is_token_identical_to_stock(smollm2_dir, essay_
     prefills in their own op call, and (most likely) vLLM's work split over threads (one OpenMP thread
     in-process here) depends on the batch it is given: a bf16 summation-order difference, not
     a different result. In separate processes all 5 x 32 tokens are equal (Intel Xeon, AMX)."""
+    from vllm import envs
+
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("VLLM_CPU_ATTN_SPLIT_KV", "0")  # a spawned engine reads the variable,
+    monkeypatch.setattr(envs, "VLLM_CPU_ATTN_SPLIT_KV", False, raising=False)  # a forked one may have it cached
     stock = generate_once(smollm2_dir, essay_prompts, backend="stock", dtype="bfloat16", max_tokens=32)
     ours = generate_once(smollm2_dir, essay_prompts, dtype="bfloat16", max_tokens=32,
                          sparse=FULL_BUDGET_SPARSE_PATH)

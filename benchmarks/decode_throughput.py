@@ -107,15 +107,33 @@ def thp_mode(mode: str | None = None) -> str:
     return THP.read_text().split("[")[1].split("]")[0]
 
 
+def prompt_ids(kind: str, tokenizer, context: int, batch: int, gen) -> list[list[int]]:
+    """``batch`` prompts of ``context`` tokens: random token ids, or windows of the essays' text
+    (``essays``: each request at another offset, so what it decodes next is ordinary prose)."""
+    import torch
+
+    if kind == "random":
+        return [torch.randint(100, tokenizer.vocab_size, (context,), generator=gen).tolist() for _ in range(batch)]
+    from vllm_sparse.assets.data import essays_text
+
+    ids = tokenizer.encode(essays_text(), add_special_tokens=False)
+    if len(ids) < context + batch:
+        raise SystemExit(f"--prompts essays: the essays hold {len(ids)} tokens, fewer than context {context}")
+    starts = torch.randint(0, len(ids) - context, (batch,), generator=gen).tolist()
+    return [list(ids[s: s + context]) for s in starts]
+
+
 def run_case(model: str, settings: dict | None, context: int, batch: int, decode_tokens: int, seed: int,
-             huge_pages: bool = False, dtype: str = "bfloat16", compiled: bool = False) -> dict:
+             huge_pages: bool = False, dtype: str = "bfloat16", compiled: bool = False,
+             prompt_kind: str = "random") -> dict:
     """One (context, batch) on a fresh engine: median pure-decode step time and prefill time
     (``huge_pages``: with the system's transparent huge pages ``always`` while it runs)."""
     if huge_pages:
         before = thp_mode()
         try:
             thp_mode("always")
-            return run_case(model, settings, context, batch, decode_tokens, seed, dtype=dtype, compiled=compiled)
+            return run_case(model, settings, context, batch, decode_tokens, seed, dtype=dtype, compiled=compiled,
+                            prompt_kind=prompt_kind)
         finally:
             thp_mode(before)
     import statistics
@@ -134,11 +152,10 @@ def run_case(model: str, settings: dict | None, context: int, batch: int, decode
     llm = LLM(**kw)
     try:
         timer = StepTimer(llm)
-        vocab = llm.get_tokenizer().vocab_size
         gen = torch.Generator().manual_seed(seed + 7919 * context + batch)  # same prompts for every backend
         sp = SamplingParams(max_tokens=1 + decode_tokens, temperature=0.0, ignore_eos=True)
-        prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, vocab, (context,), generator=gen).tolist())
-                   for _ in range(batch)]
+        prompts = [TokensPrompt(prompt_token_ids=ids)
+                   for ids in prompt_ids(prompt_kind, llm.get_tokenizer(), context, batch, gen)]
         timer.batch = batch
         t = time.perf_counter()
         llm.generate(prompts, sp, use_tqdm=False)
@@ -200,6 +217,9 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true",
                     help="vLLM's default compilation (on CPU: the model traced once by dynamo, inductor's C++ "
                          "backend; attention stays an opaque op) instead of enforce_eager")
+    ap.add_argument("--prompts", choices=["random", "essays"], default="random",
+                    help="random token ids (the tables so far), or windows of the essays' prose (what a kept "
+                         "selection sees in real use: reselect_similarity's share of reselected heads depends on it)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--name", default="decode_throughput", help="stem of the JSON/PNG written under --out")
     args = ap.parse_args()
@@ -223,7 +243,7 @@ def main() -> None:
                     print(f"  {name}: {settings if settings is not None else 'vLLM stock backend'}", flush=True)
                     rnd[name][(n, b)] = run_case(args.model, settings, n, b, args.decode_tokens, args.seed,
                                                  huge_pages=name == "stock-thp", dtype=args.dtype,
-                                                 compiled=args.compiled)
+                                                 compiled=args.compiled, prompt_kind=args.prompts)
         rounds.append(rnd)
     rows = combine(rounds, list(backends))
     results = {name: dict(settings=backends[name], rows=rows[name]) for name in backends}
@@ -243,7 +263,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(model=args.model, dtype=args.dtype, machine=cpu_model(), cpus=os.cpu_count(),
-                decode_tokens=args.decode_tokens, rounds=args.rounds, compiled=args.compiled,
+                decode_tokens=args.decode_tokens, rounds=args.rounds, compiled=args.compiled, prompts=args.prompts,
                 method="median engine-step time over pure full-batch decode steps, in-process engine, prefix caching "
                        "off, one engine per (backend, case), backends of a case back to back (order reversed in odd "
                        "rounds); over rounds: median step time and the median of each round's ratio to stock; step_mean_ms and "

@@ -5,9 +5,11 @@ dominates a CPU decode step (see ``benchmarks/cpu_paths.py``):
 
 * ``update_page_summaries(key, slots, rows, summary_offset, block_size, page_size)`` — the twin of
   :func:`.reference.update_page_summaries`;
-* ``quest_select(query, rows, summary_offset, block_table, num_pages, count, forced_lo, forced_hi,
-  table)`` — Quest's page ranking into a compacted one-head block table (its torch twin is
-  ``vllm_sparse.cpu_attention.select_pages_reference``).
+* ``quest_select(query, rows, summary_offset, block_table, seq_lens, count, candidates, forced_lo,
+  forced_hi, block_size, rescore_dims, amx, table, keep=None)`` — Quest's page ranking (and the
+  ``exact_pages`` rescoring of ``candidates`` pages over ``rescore_dims`` dims) into a compacted
+  one-head block table, skipping the rows ``keep`` marks (its torch twins are
+  ``vllm_sparse.cpu_attention.select_pages_reference`` and :func:`.reference.select_topk`).
 
 The build is cached under torch's extension directory (``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``), keyed by the source, the flags and this CPU's model, so it runs

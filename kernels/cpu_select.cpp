@@ -155,7 +155,7 @@ template <typename T>
 void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary_offset, const at::Tensor& block_table,
                 const at::Tensor& seq_lens, const at::Tensor& count, const at::Tensor& candidates,
                 const at::Tensor& forced_lo, const at::Tensor& forced_hi, int64_t block_size, int64_t rescore_dims,
-                bool amx, at::Tensor& table) {
+                bool amx, const uint8_t* keep, at::Tensor& table) {
   const int64_t b = query.size(0), nh = query.size(1), d = query.size(2);
   const int64_t h = table.size(0) / b, g = nh / h, width = table.size(1);
   const int64_t p_max = block_table.size(1);
@@ -179,6 +179,7 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
     std::vector<int64_t> idx(p_max), dims(d);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < b * h; ++r) {
+      if (keep != nullptr && keep[r]) continue;  // this row keeps the pages already in `table`
       const int64_t req = r / h, head = r % h, pages = (sl[req] + bs - 1) / bs;
       for (int64_t j = 0; j < g; ++j) {
         const T* qr = q + req * qs0 + (head * g + j) * qs1;
@@ -314,22 +315,33 @@ void update_page_summaries(const at::Tensor& key, const at::Tensor& slots, at::T
 void quest_select(const at::Tensor& query, const at::Tensor& rows, int64_t summary_offset,
                   const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& count,
                   const at::Tensor& candidates, const at::Tensor& forced_lo, const at::Tensor& forced_hi,
-                  int64_t block_size, int64_t rescore_dims, bool amx, at::Tensor table) {
+                  int64_t block_size, int64_t rescore_dims, bool amx, at::Tensor table,
+                  const c10::optional<at::Tensor>& keep) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [B, num_heads, D] with unit last stride");
   TORCH_CHECK(query.scalar_type() == rows.scalar_type(), "query and cache dtypes differ");
   TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.stride(1) == 1, "block_table: int64 rows");
   TORCH_CHECK(table.scalar_type() == at::kInt && table.is_contiguous(), "table must be contiguous int32");
   for (const auto* t : {&seq_lens, &count, &candidates, &forced_lo, &forced_hi})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "per-request counts must be contiguous int64");
+  const uint8_t* keep_rows = nullptr;
+  if (keep.has_value()) {
+    TORCH_CHECK(keep->scalar_type() == at::kBool && keep->is_contiguous() && keep->numel() == table.size(0),
+                "keep: contiguous bool, one per table row");
+    keep_rows = reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>());
+  }
   TORCH_CHECK(!amx || (query.scalar_type() == at::kBFloat16 && block_size % 16 == 0 && query.size(2) % 32 == 0),
               "AMX packing: bfloat16, block_size % 16 == 0, head_size % 32 == 0");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "quest_select", [&] {
     quest_impl<scalar_t>(query, rows, summary_offset, block_table, seq_lens, count, candidates, forced_lo, forced_hi,
-                         block_size, rescore_dims, amx, table);
+                         block_size, rescore_dims, amx, keep_rows, table);
   });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update_page_summaries", &update_page_summaries, "fold written keys into page min/max (in place)");
-  m.def("quest_select", &quest_select, "Quest page selection into a compacted one-head block table");
+  m.def("quest_select", &quest_select, "Quest page selection into a compacted one-head block table",
+        pybind11::arg("query"), pybind11::arg("rows"), pybind11::arg("summary_offset"), pybind11::arg("block_table"),
+        pybind11::arg("seq_lens"), pybind11::arg("count"), pybind11::arg("candidates"), pybind11::arg("forced_lo"),
+        pybind11::arg("forced_hi"), pybind11::arg("block_size"), pybind11::arg("rescore_dims"),
+        pybind11::arg("amx"), pybind11::arg("table"), pybind11::arg("keep") = pybind11::none());
 }

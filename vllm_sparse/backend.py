@@ -333,7 +333,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             tune_malloc()
         self._views: tuple[int, PagedKVCache] | None = None
         self._dense_layer: bool | None = None  # below dense_layers (known at the first forward)
-        self._table: tuple[int, torch.Tensor] | None = None  # (plan uid, pages attended) last step (reselect_every)
+        self._table: "cpu_attention.Kept | None" = None  # last step's (plan uid, pages, queries) (reselect_every)
         # the eviction policy object (scorer of the merges, kind of per-token state); None without evict
         self._evict_policy = self.config.evict_policy
 
@@ -447,7 +447,8 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         if nd and not md.decode_is_dense:
             q = query[:ndt]
             if md.cpu_decode is not None:
-                kept = cpu_attention.sparse_decode(q, cache, md.cpu_decode, self.scale, output[:ndt], self._table)
+                kept = cpu_attention.sparse_decode(q, cache, md.cpu_decode, self.scale, output[:ndt], self._table,
+                                                   cfg.reselect_similarity)
                 if cfg.reselect_every > 1:  # keep the table only where a later step may reuse it
                     self._table = kept
             else:

@@ -51,6 +51,10 @@ reselect_every 1         fused CPU path (``exact_pages``/``quest``): each reques
                          pages once every N decode steps and attends the same pages in
                          between (per layer and KV head; a new page or a larger budget
                          selects at once). 1: select every step
+reselect_similarity 0.0  with ``reselect_every > 1``: a (request, KV head) keeps its pages only
+                         while its query's cosine similarity to the query it selected them
+                         with is >= this (the query heads of its group concatenated); below,
+                         it selects at once. 0: keep them for the N steps regardless
 force_sparse   False     run the selection even when the budget covers the whole context
                          (tests: checks the sparse path against dense end to end)
 evict          None      free KV blocks while requests run: ``streaming`` keeps the sink
@@ -135,6 +139,7 @@ class SparseConfig:
     dense_below: int = 1024
     dense_layers: int = 0
     reselect_every: int = 1
+    reselect_similarity: float = 0.0
     force_sparse: bool = False
     evict: str | None = None
     evict_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -295,6 +300,12 @@ class SparseConfig:
         if not _is_int(self.reselect_every) or self.reselect_every < 1:
             raise _err("reselect_every", self.reselect_every,
                        "an integer >= 1 (decode steps a request keeps its page selection; 1: select every step)")
+        if not _is_real(self.reselect_similarity) or not 0.0 <= self.reselect_similarity <= 1.0:
+            raise _err("reselect_similarity", self.reselect_similarity,
+                       "a number in [0, 1] (cosine similarity a kept selection's query needs; 0: off)")
+        if self.reselect_similarity > 0 and self.reselect_every == 1:
+            raise _err("reselect_similarity", self.reselect_similarity,
+                       "0 unless reselect_every > 1 (with 1 every step selects anyway)")
         if not isinstance(self.force_sparse, bool):
             raise _err("force_sparse", self.force_sparse, "true or false")
         if self.evict is not None and self.evict not in evicting_policies():

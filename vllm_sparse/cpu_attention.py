@@ -109,10 +109,11 @@ class DecodePlan:
         rescore_dims: rescore with the ``q·k`` of only this many dims, those with the largest
             ``Σ|q|`` over the GQA group × key range (SparQ, range-weighted:
             ``kernels.selection.rescore_dims_mask``); ``0``: every dim, the exact ``max q·k``.
-        reuse: ``reselect_every > 1``: ``(src, sel, sub, prev_uid)`` — per request the row of the
-            previous step's table it keeps (``-1``: selects afresh), the requests that select,
-            their sub-plan, and the ``uid`` of the plan whose tables the rows come from
-            (:func:`plan_reuse`); ``None``: every request selects.
+        reuse: ``reselect_every > 1``: ``(src, rows, keep, prev_uid)`` — per request the request
+            of the previous step whose table rows it keeps (``-1``: selects afresh), per table row
+            ``[B * num_kv_heads]`` the previous table's row and whether it is kept, and the ``uid``
+            of the plan whose tables the rows come from (:func:`plan_reuse`); ``None``: every
+            request selects.
         uid: this plan's number (unique in the process): which step a layer's kept table is from.
     """
 
@@ -171,12 +172,10 @@ def plan_reuse(plan: DecodePlan, prev: ReuseState | None, every: int) -> ReuseSt
         age = torch.where(ok, prev.age[j] + 1, 0)
     else:
         age = torch.zeros_like(first)
-    sel = (src < 0).nonzero().squeeze(1)
-    if sel.numel() < src.numel():
-        sub = dataclasses.replace(plan, block_table=bt[sel], seq=plan.seq[sel], num_pages=num_pages[sel],
-                                  count=count[sel], candidates=plan.candidates[sel], forced_lo=plan.forced_lo[sel],
-                                  forced_hi=plan.forced_hi[sel], reuse=None)
-        plan.reuse = (src, sel, sub, prev.uid)
+    if bool((src >= 0).any()):
+        h = plan.seq_lens.shape[0] // src.shape[0]
+        rows = (src.clamp_min(0)[:, None] * h + torch.arange(h)[None, :]).reshape(-1)
+        plan.reuse = (src, rows, (src >= 0).repeat_interleave(h), prev.uid)
     return ReuseState(first, key, num_pages, count, age, plan.width, plan.uid)
 
 
@@ -256,7 +255,8 @@ def attention(query: torch.Tensor, cache: PagedKVCache, block_table: torch.Tenso
     )
 
 
-def select_pages(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan) -> torch.Tensor:
+def select_pages(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, table: torch.Tensor | None = None,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
     """Compacted one-head block table of the chosen pages: ``[B * num_kv_heads, width]`` int32.
 
     Row ``b * num_kv_heads + h`` lists, ascending, the one-head blocks (``block * num_kv_heads +
@@ -267,12 +267,15 @@ def select_pages(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan) -> 
 
     Args:
         query: ``[B, num_heads, head_size]`` in the cache dtype.
+        table: write into this ``[B * num_kv_heads, width]`` int32 table (default: a new one);
+        keep: ``[B * num_kv_heads]`` bool — rows left as they are in ``table`` (not selected).
     """
     b = query.shape[0]
-    table = torch.empty(b * cache.num_kv_heads, plan.width, dtype=torch.int32)
+    if table is None:
+        table = torch.empty(b * cache.num_kv_heads, plan.width, dtype=torch.int32)
     cpu_ext.load().quest_select(query, cache.slot_rows, _summary_offset(cache), plan.block_table, plan.seq,
                                 plan.count, plan.candidates, plan.forced_lo, plan.forced_hi, cache.block_size,
-                                plan.rescore_dims, cache.amx, table)
+                                plan.rescore_dims, cache.amx, table, keep)
     return table
 
 
@@ -304,36 +307,51 @@ def select_pages_reference(query: torch.Tensor, cache: PagedKVCache, plan: Decod
     return (blocks * h + heads.view(1, h, 1)).view(b * h, -1).to(torch.int32)
 
 
-def select_or_reuse(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan,
-                    prev: tuple[int, torch.Tensor] | None) -> torch.Tensor:
-    """:func:`select_pages` for the requests that select this step; the rows of this layer's
-    table of the previous step (``prev``: its plan's ``uid`` and the table) for those that keep
-    theirs (``plan.reuse``). Everyone selects when ``prev`` is not the step ``plan.reuse`` refers to."""
-    if plan.reuse is None or prev is None or prev[0] != plan.reuse[3]:
-        return select_pages(query, cache, plan)
-    src, sel, sub, _ = plan.reuse
+Kept = tuple  # (plan uid, [B * H, width] int32 table, [B * H, G * D] float32 unit queries or None)
+
+
+def select_or_reuse(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, prev: Kept | None,
+                    min_similarity: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`select_pages` for the rows (request, KV head) that select this step; the rows of this
+    layer's table of the previous step (``prev``) for those that keep theirs (``plan.reuse``).
+    Everyone selects when ``prev`` is not the step ``plan.reuse`` refers to.
+
+    ``min_similarity > 0`` (``reselect_similarity``): a row keeps its pages only while the cosine
+    similarity of its query (the KV head's group of query heads, concatenated) to the query it
+    selected them with is at least ``min_similarity``; returns those reference queries with the table.
+    """
+    b = query.shape[0]
     h = cache.num_kv_heads
-    table = prev[1].view(-1, h, plan.width)[src.clamp_min(0)]
-    if sel.numel():
-        table[sel] = select_pages(query[sel], cache, sub).view(-1, h, plan.width)
-    return table.view(-1, plan.width)
+    qn = None
+    if min_similarity > 0:
+        qn = torch.nn.functional.normalize(query.reshape(b * h, -1).float(), dim=1)
+    if plan.reuse is None or prev is None or prev[0] != plan.reuse[3]:
+        return select_pages(query, cache, plan), qn
+    _, rows, keep, _ = plan.reuse
+    table = prev[1][rows]
+    if qn is not None and prev[2] is not None:
+        ref = prev[2][rows]
+        keep = keep & ((qn * ref).sum(1) >= min_similarity)
+        qn = torch.where(keep[:, None], ref, qn)
+    return select_pages(query, cache, plan, table, keep), qn
 
 
 def sparse_decode(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, scale: float,
-                  out: torch.Tensor, prev: tuple[int, torch.Tensor] | None = None) -> tuple[int, torch.Tensor]:
+                  out: torch.Tensor, prev: Kept | None = None, min_similarity: float = 0.0) -> Kept:
     """Page-selected sparse decode (``quest`` / ``exact_pages``) through vLLM's CPU op.
 
     Args:
         query: ``[B, num_heads, head_size]`` in the cache dtype; out: the same shape, written in place.
-        prev: this layer's ``(uid, table)`` of the previous step (``reselect_every``; see
-            :func:`select_or_reuse`).
+        prev, min_similarity: this layer's :func:`sparse_decode` result of the previous step and the
+            ``reselect_similarity`` gate (``reselect_every``; see :func:`select_or_reuse`).
 
     Returns:
-        ``(plan.uid, the compacted table attended)``: the next step's ``prev``.
+        ``(plan.uid, the compacted table attended, the rows' reference queries or None)``: the next
+        step's ``prev``.
     """
     b, num_heads, d = query.shape
     h = cache.num_kv_heads
-    table = select_or_reuse(query, cache, plan, prev)
+    table, qref = select_or_reuse(query, cache, plan, prev, min_similarity)
     key_cache, value_cache = cache.head_blocks
     g = num_heads // h
     vllm_ops.cpu_attention_with_kv_cache(
@@ -342,4 +360,4 @@ def sparse_decode(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, sc
         causal=True, alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0.0,
         scheduler_metadata=plan.metadata, s_aux=None,
     )
-    return plan.uid, table
+    return plan.uid, table, qref

@@ -416,12 +416,12 @@ def test_reselect_every_keeps_each_requests_pages_until_it_must_select():
     cache, bt, keys, values = make_cache(lens, hkv, d, bs, torch.float32)
     attended = torch.tensor([200, 100, 64])
 
-    def step(seq, order, prev_state, prev_table, every=3):
+    def step(seq, order, prev_state, prev_table, every=3, q=None, similarity=0.0):
         p = plan(cache, bt[order], seq[order], attended[order], hkv * g)
         state = C.plan_reuse(p, prev_state, every)
-        q = torch.randn(len(order), hkv * g, d)
+        q = torch.randn(len(order), hkv * g, d) if q is None else q
         out = torch.empty_like(q)
-        kept = C.sparse_decode(q, cache, p, 0.125, out, prev_table)
+        kept = C.sparse_decode(q, cache, p, 0.125, out, prev_table, similarity)
         fresh = C.select_pages(q, cache, p)
         ref = naive_pages_attention(q, [keys[i] for i in order], [values[i] for i in order], kept[1], p.seq_lens, hkv,
                                     BlockPositions(bt[order], seq[order].tolist(), bs), 0.125)
@@ -434,16 +434,67 @@ def test_reselect_every_keeps_each_requests_pages_until_it_must_select():
     # next step, batch reordered; request 1 (512 -> 513 tokens) starts a new page: it selects again
     seq1 = seq + 1
     p1, s1, t1, f1 = step(seq1, [2, 0, 1], s0, t0)
-    src, sel, _, prev_uid = p1.reuse
-    assert src.tolist() == [2, 0, -1] and sel.tolist() == [2] and prev_uid == p0.uid
+    src, rows_from, keep, prev_uid = p1.reuse
+    assert src.tolist() == [2, 0, -1] and prev_uid == p0.uid
+    assert rows_from.tolist() == [4, 5, 0, 1, 0, 1] and keep.tolist() == [True] * 4 + [False] * 2
     rows = lambda t, i: t.view(-1, hkv, t.shape[1])[i]  # noqa: E731
     assert torch.equal(rows(t1[1], 0), rows(t0[1], 2)) and torch.equal(rows(t1[1], 1), rows(t0[1], 0))
     assert torch.equal(rows(t1[1], 2), rows(f1, 2))  # the selecting request: its fresh choice
     assert not torch.equal(t1[1], f1)  # the kept rows are not what these queries would pick
     # a table of another step is never reused
-    p_stale, _, t_stale, f_stale = step(seq1, [2, 0, 1], s0, (t0[0] - 1, t0[1]))
+    p_stale, _, t_stale, f_stale = step(seq1, [2, 0, 1], s0, (t0[0] - 1, t0[1], None))
     assert torch.equal(t_stale[1], f_stale)
     # third step with every=2: requests 2 and 0 selected 2 steps ago and reselect, request 1 keeps
     p2, s2, t2, f2 = step(seq1 + 1, [2, 0, 1], s1, t1, every=2)
     assert p2.reuse[0].tolist() == [-1, -1, 2] and s2.age.tolist() == [0, 0, 1]
     assert torch.equal(rows(t2[1], 2), rows(t1[1], 2)) and torch.equal(rows(t2[1], 0), rows(f2, 0))
+
+
+def test_reselect_similarity_reselects_the_heads_whose_query_moved():
+    """``reselect_similarity``: within ``reselect_every`` a (request, KV head) keeps its pages only
+    while its query stays close (cosine) to the query it selected them with; the reference query
+    is the selecting one, not the last kept one, so a slow drift also ends the reuse."""
+    lens, hkv, g, d, bs = [1001, 700], 2, 3, 64, 16
+    cache, bt, keys, values = make_cache(lens, hkv, d, bs, torch.float32)
+    attended, seq = torch.tensor([200, 100]), torch.tensor(lens) - 2  # no new page in the next steps
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    q0 = torch.randn(2, hkv * g, d)
+    flat0 = q0.view(2 * hkv, g * d)
+    u = torch.randn(g * d)  # a direction to turn row 0 towards, orthogonal to it
+    u = unit(u - (u @ unit(flat0[0])) * unit(flat0[0]))
+
+    def turned(deg):  # row 0's query turned by `deg` degrees away from q0's, same norm
+        t = torch.tensor(deg * torch.pi / 180)
+        return (torch.cos(t) * unit(flat0[0]) + torch.sin(t) * u) * flat0[0].norm()
+
+    def step(seq_, q, state, prev, similarity=0.9):
+        p = plan(cache, bt, seq_, attended, hkv * g)
+        new_state = C.plan_reuse(p, state, 4)
+        out = torch.empty_like(q)
+        kept = C.sparse_decode(q, cache, p, 0.125, out, prev, similarity)
+        return p, new_state, kept, out, C.select_pages(q, cache, p)
+
+    p0, s0, k0, _, f0 = step(seq, q0, None, None)
+    assert torch.equal(k0[1], f0) and torch.allclose(k0[2], unit(flat0))
+    # step 1: row 0 turns 20 degrees (cos 0.94: kept); rows 1 and 2 turn to unrelated queries
+    q1 = q0 + 0.01 * torch.randn_like(q0)
+    flat1 = q1.view(2 * hkv, g * d)
+    flat1[0] = turned(20)
+    flat1[1], flat1[2] = torch.randn(g * d), torch.randn(g * d)
+    p1, s1, k1, out1, f1 = step(seq + 1, q1, s0, k0)
+    moved = [False, True, True, False]
+    for r in range(4):
+        assert torch.equal(k1[1][r], f1[r] if moved[r] else k0[1][r]), r
+        assert torch.allclose(k1[2][r], unit(flat1[r]) if moved[r] else k0[2][r]), r
+    assert any(not torch.equal(k0[1][r], f1[r]) for r in (1, 2))  # the moved heads really choose anew
+    ref = naive_pages_attention(q1, keys, values, k1[1], p1.seq_lens, hkv, BlockPositions(bt, (seq + 1).tolist(), bs),
+                                0.125)
+    assert rel_err(out1, ref) < RTOL[torch.float32]
+    # without the gate every row keeps its pages
+    k1_all = C.sparse_decode(q1, cache, p1, 0.125, torch.empty_like(q1), k0, 0.0)
+    assert torch.equal(k1_all[1], k0[1]) and k1_all[2] is None
+    # step 2: row 0 turns on to 40 degrees: 20 from step 1's query, 40 from the one it selected with
+    q2 = q1.clone()
+    q2.view(2 * hkv, g * d)[0] = turned(40)
+    _, _, k2, _, f2 = step(seq + 2, q2, s1, k1)
+    assert torch.equal(k2[1][0], f2[0]) and torch.equal(k2[1][3], k0[1][3])

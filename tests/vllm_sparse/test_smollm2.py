@@ -42,6 +42,10 @@ def test_budget_covering_context_is_token_identical_to_stock(smollm2_dir, essay_
     kept = generate_once(smollm2_dir, essay_prompts, dtype="float32",
                          sparse={**FULL_BUDGET_SPARSE_PATH, "reselect_every": 4})
     assert [o.token_ids for o in kept] == [o.token_ids for o in stock]
+    # with the similarity gate some heads of a request keep their rows and others select
+    gated = generate_once(smollm2_dir, essay_prompts, dtype="float32",
+                          sparse={**FULL_BUDGET_SPARSE_PATH, "reselect_every": 4, "reselect_similarity": 0.8})
+    assert [o.token_ids for o in gated] == [o.token_ids for o in stock]
 
 
 @pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(),

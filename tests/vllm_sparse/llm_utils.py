@@ -40,23 +40,26 @@ def make_llm(model, backend="CUSTOM", sparse=None, **kwargs):
         gc.collect()
 
 
-def generate_once(model, prompts, backend="CUSTOM", sparse=None, max_tokens=16, with_llm=None, **kwargs):
+def generate_once(model, prompts, backend="CUSTOM", sparse=None, max_tokens=16, with_llm=None, logprobs=None,
+                  **kwargs):
     """Build an LLM, greedy-generate, tear it down before returning (no handle outlives the call).
 
     ``with_llm(llm)``, if given, runs after generation and its result is returned as well.
     """
     with make_llm(model, backend=backend, sparse=sparse, **kwargs) as llm:
-        outs = greedy(llm, prompts, max_tokens)
+        outs = greedy(llm, prompts, max_tokens, logprobs)
         extra = with_llm(llm) if with_llm else None
         del llm
     gc.collect()
     return (outs, extra) if with_llm else outs
 
 
-def greedy(llm, prompts, max_tokens=16):
+def greedy(llm, prompts, max_tokens=16, logprobs=None):
+    """Greedy outputs (``logprobs``: that many top log-probabilities per generated token)."""
     from vllm import SamplingParams
 
-    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs)
+    outs = llm.generate(prompts, sp, use_tqdm=False)
     return [o.outputs[0] for o in outs]
 
 

@@ -6,10 +6,9 @@ dominates a CPU decode step (see ``benchmarks/cpu_paths.py``):
 * ``update_page_summaries(key, slots, rows, summary_offset, block_size, page_size)`` — the twin of
   :func:`.reference.update_page_summaries`;
 * ``quest_select(query, rows, summary_offset, block_table, seq_lens, count, candidates, forced_lo,
-  forced_hi, block_size, rescore_dims, amx, table, keep=None, rescored=None)`` — Quest's page
-  ranking (and the ``exact_pages`` rescoring of up to ``candidates`` pages over ``rescore_dims``
-  dims, stopping where the pages' bound over those dims falls below the k-th best score; the count
-  per row into ``rescored``) into a compacted one-head block table, skipping the rows ``keep`` marks (its torch twins are
+  forced_hi, block_size, rescore_dims, amx, table, keep=None)`` — Quest's page ranking (and the
+  ``exact_pages`` rescoring of ``candidates`` pages over ``rescore_dims`` dims) into a compacted
+  one-head block table, skipping the rows ``keep`` marks (its torch twins are
   ``vllm_sparse.cpu_attention.select_pages_reference`` and :func:`.reference.select_topk`).
 
 The build is cached under torch's extension directory (``TORCH_EXTENSIONS_DIR``, default

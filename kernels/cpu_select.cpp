@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <functional>
 #include <limits>
 #include <vector>
 
@@ -156,7 +155,7 @@ template <typename T>
 void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary_offset, const at::Tensor& block_table,
                 const at::Tensor& seq_lens, const at::Tensor& count, const at::Tensor& candidates,
                 const at::Tensor& forced_lo, const at::Tensor& forced_hi, int64_t block_size, int64_t rescore_dims,
-                bool amx, const uint8_t* keep, int64_t* stats, at::Tensor& table) {
+                bool amx, const uint8_t* keep, at::Tensor& table) {
   const int64_t b = query.size(0), nh = query.size(1), d = query.size(2);
   const int64_t h = table.size(0) / b, g = nh / h, width = table.size(1);
   const int64_t p_max = block_table.size(1);
@@ -177,13 +176,10 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
     std::vector<float> score(p_max), qpos(g * d), qneg(g * d), qsel(g * r_dims), weight(d), meta(2 * d);
     std::vector<float> klo(d), khi(d);  // per dim: the least min and the largest max over the scored pages
     std::vector<float> krows(r_dims * bs);  // the rescored dims of one page's keys, as float32
-    std::vector<int64_t> idx(p_max), dims(d), order(p_max);
-    std::vector<float> ubound(p_max), topk;
-    topk.reserve(p_max);
+    std::vector<int64_t> idx(p_max), dims(d);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < b * h; ++r) {
       if (keep != nullptr && keep[r]) continue;  // this row keeps the pages already in `table`
-      if (stats != nullptr) stats[r] = 0;
       const int64_t req = r / h, head = r % h, pages = (sl[req] + bs - 1) / bs;
       for (int64_t j = 0; j < g; ++j) {
         const T* qr = q + req * qs0 + (head * g + j) * qs1;
@@ -258,90 +254,37 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
         }
         for (int64_t j = 0; j < g; ++j)
           for (int64_t i = 0; i < r_dims; ++i) qsel[j * r_dims + i] = qpos[j * d + dims[i]] + qneg[j * d + dims[i]];
-        // Branch and bound over the candidates. A page's rescored score (max over its tokens and the
-        // group of q·k over the rescored dims) is at most its Quest bound over those dims alone,
-        // sum_i max(q_i min_i, q_i max_i) (the summaries are the exact min/max of the stored keys),
-        // so rescoring in descending order of that bound can stop once the bound falls below the
-        // k-th best score found: the pages left could not enter the top k. Same pages as rescoring
-        // every candidate (the tests compare with the torch oracle, which rescores all); the bound
-        // is widened by 1e-5 of its absolute terms, far above float32 summation error.
-        int64_t forced = 0, m = 0;
+        // The candidates sit in random blocks. Load one element of each cache line of every
+        // candidate's rescored rows first: independent loads, so the core overlaps their misses
+        // (16 x 7k, six layers' caches, same process: 2.45 vs 3.33 ms per layer with software
+        // prefetches two pages ahead, which stalled on each miss); scoring then hits the cache.
+        const int64_t row_len = bs;                                   // elements of one dim's row
+        constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));  // elements per cache line
+        unsigned touched = 0;  // unsigned: wraps, never overflows
+        for (int64_t i = 0; i < c; ++i) {
+          if (score[idx[i]] == inf) continue;
+          const T* kt = base + (bt[req * bts + idx[i]] * h + head) * rs;
+          if (amx) {  // dim pair e / 2 of 16 tokens: one 32-element run per token group
+            for (int64_t e = 0; e < r_dims; ++e)
+              for (int64_t grp = 0; grp < bs / 16; ++grp)
+                for (int64_t o = 0; o < 32; o += kLine)
+                  touched += reinterpret_cast<const uint8_t*>(amx_pair_run(kt, dims[e], d, grp) + o)[0];
+          } else if (row_len <= kLine) {  // a row within one line (bf16 pages of 16/32): one load, no inner loop
+            for (int64_t e = 0; e < r_dims; ++e) touched += reinterpret_cast<const uint8_t*>(kt + dims[e] * row_len)[0];
+          } else {
+            for (int64_t e = 0; e < r_dims; ++e)
+              for (int64_t o = 0; o < row_len; o += kLine)
+                touched += reinterpret_cast<const uint8_t*>(kt + dims[e] * row_len + o)[0];
+          }
+        }
+        asm volatile("" : : "r"(touched));  // the loads are what counts: keep them
         for (int64_t i = 0; i < c; ++i) {
           const int64_t p = idx[i];
-          if (score[p] == inf) {
-            ++forced;
-            continue;
-          }
-          const T* srow = base + (bt[req * bts + p] * h + head) * rs + summary_offset;
-          float best = -inf;
-          for (int64_t j = 0; j < g; ++j) {
-            float acc = 0.f, mag = 0.f;
-            const float* qj = qsel.data() + j * r_dims;
-            for (int64_t e = 0; e < r_dims; ++e) {
-              const float lo_k = f32(srow[dims[e]]), hi_k = f32(srow[d + dims[e]]);
-              const float a = qj[e] * lo_k, bnd = qj[e] * hi_k;
-              acc += a > bnd ? a : bnd;
-              mag += std::abs(a) > std::abs(bnd) ? std::abs(a) : std::abs(bnd);
-            }
-            acc += 1e-5f * mag;
-            best = acc > best ? acc : best;
-          }
-          ubound[p] = best;
-          order[m++] = p;
+          if (score[p] == inf) continue;  // forced pages stay first
+          const int64_t valid = std::min(bs, sl[req] - p * bs);
+          score[p] = rescore(base + (bt[req * bts + p] * h + head) * rs, qsel.data(), dims.data(), g, r_dims, bs,
+                             valid, krows.data(), amx ? d : 0);
         }
-        std::sort(order.begin(), order.begin() + m,
-                  [&](int64_t x, int64_t y) { return ubound[x] > ubound[y] || (ubound[x] == ubound[y] && x < y); });
-        const int64_t slots_left = k - forced;  // top-k places the non-forced pages compete for
-        topk.clear();                           // min-heap of the best `slots_left` rescored scores
-        int64_t done = 0;
-        constexpr int64_t kBatch = 16;  // candidates whose lines are loaded together (see below)
-        while (done < m) {
-          if (slots_left <= 0 ||
-              (static_cast<int64_t>(topk.size()) == slots_left && ubound[order[done]] < topk.front()))
-            break;
-          const int64_t end = std::min(m, done + kBatch);
-          // The candidates sit in random blocks. Load one element of each cache line of a batch of
-          // candidates' rescored rows first: independent loads, so the core overlaps their misses
-          // (16 x 7k, six layers' caches, same process: 2.45 vs 3.33 ms per layer with software
-          // prefetches two pages ahead, which stalled on each miss); scoring then hits the cache.
-          const int64_t row_len = bs;                                      // elements of one dim's row
-          constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));  // elements per cache line
-          unsigned touched = 0;                                            // unsigned: wraps, never overflows
-          for (int64_t i = done; i < end; ++i) {
-            const T* kt = base + (bt[req * bts + order[i]] * h + head) * rs;
-            if (amx) {  // dim pair e / 2 of 16 tokens: one 32-element run per token group
-              for (int64_t e = 0; e < r_dims; ++e)
-                for (int64_t grp = 0; grp < bs / 16; ++grp)
-                  for (int64_t o = 0; o < 32; o += kLine)
-                    touched += reinterpret_cast<const uint8_t*>(amx_pair_run(kt, dims[e], d, grp) + o)[0];
-            } else if (row_len <= kLine) {  // a row within one line (bf16 pages of 16/32): one load
-              for (int64_t e = 0; e < r_dims; ++e)
-                touched += reinterpret_cast<const uint8_t*>(kt + dims[e] * row_len)[0];
-            } else {
-              for (int64_t e = 0; e < r_dims; ++e)
-                for (int64_t o = 0; o < row_len; o += kLine)
-                  touched += reinterpret_cast<const uint8_t*>(kt + dims[e] * row_len + o)[0];
-            }
-          }
-          asm volatile("" : : "r"(touched));  // the loads are what counts: keep them
-          for (; done < end; ++done) {
-            const int64_t p = order[done];
-            if (static_cast<int64_t>(topk.size()) == slots_left && ubound[p] < topk.front()) break;
-            const int64_t valid = std::min(bs, sl[req] - p * bs);
-            score[p] = rescore(base + (bt[req * bts + p] * h + head) * rs, qsel.data(), dims.data(), g, r_dims, bs,
-                               valid, krows.data(), amx ? d : 0);
-            if (static_cast<int64_t>(topk.size()) < slots_left) {
-              topk.push_back(score[p]);
-              std::push_heap(topk.begin(), topk.end(), std::greater<float>());
-            } else if (score[p] > topk.front()) {
-              std::pop_heap(topk.begin(), topk.end(), std::greater<float>());
-              topk.back() = score[p];
-              std::push_heap(topk.begin(), topk.end(), std::greater<float>());
-            }
-          }
-        }
-        if (stats != nullptr) stats[r] = done;
-        for (int64_t i = done; i < m; ++i) score[order[i]] = -inf;  // bounded out: below the k-th best
         std::nth_element(idx.begin(), idx.begin() + (k > 0 ? k - 1 : 0), idx.begin() + c, better);
       } else {
         std::nth_element(idx.begin(), idx.begin() + (k > 0 ? k - 1 : 0), idx.begin() + pages, better);
@@ -373,7 +316,7 @@ void quest_select(const at::Tensor& query, const at::Tensor& rows, int64_t summa
                   const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& count,
                   const at::Tensor& candidates, const at::Tensor& forced_lo, const at::Tensor& forced_hi,
                   int64_t block_size, int64_t rescore_dims, bool amx, at::Tensor table,
-                  const c10::optional<at::Tensor>& keep, const c10::optional<at::Tensor>& rescored) {
+                  const c10::optional<at::Tensor>& keep) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [B, num_heads, D] with unit last stride");
   TORCH_CHECK(query.scalar_type() == rows.scalar_type(), "query and cache dtypes differ");
   TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.stride(1) == 1, "block_table: int64 rows");
@@ -386,18 +329,11 @@ void quest_select(const at::Tensor& query, const at::Tensor& rows, int64_t summa
                 "keep: contiguous bool, one per table row");
     keep_rows = reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>());
   }
-  int64_t* stats = nullptr;
-  if (rescored.has_value()) {
-    TORCH_CHECK(rescored->scalar_type() == at::kLong && rescored->is_contiguous() &&
-                    rescored->numel() == table.size(0),
-                "rescored: contiguous int64, one per table row");
-    stats = rescored->data_ptr<int64_t>();
-  }
   TORCH_CHECK(!amx || (query.scalar_type() == at::kBFloat16 && block_size % 16 == 0 && query.size(2) % 32 == 0),
               "AMX packing: bfloat16, block_size % 16 == 0, head_size % 32 == 0");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "quest_select", [&] {
     quest_impl<scalar_t>(query, rows, summary_offset, block_table, seq_lens, count, candidates, forced_lo, forced_hi,
-                         block_size, rescore_dims, amx, keep_rows, stats, table);
+                         block_size, rescore_dims, amx, keep_rows, table);
   });
 }
 
@@ -407,5 +343,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("query"), pybind11::arg("rows"), pybind11::arg("summary_offset"), pybind11::arg("block_table"),
         pybind11::arg("seq_lens"), pybind11::arg("count"), pybind11::arg("candidates"), pybind11::arg("forced_lo"),
         pybind11::arg("forced_hi"), pybind11::arg("block_size"), pybind11::arg("rescore_dims"),
-        pybind11::arg("amx"), pybind11::arg("table"), pybind11::arg("keep") = pybind11::none(), pybind11::arg("rescored") = pybind11::none());
+        pybind11::arg("amx"), pybind11::arg("table"), pybind11::arg("keep") = pybind11::none());
 }

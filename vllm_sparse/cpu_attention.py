@@ -256,7 +256,7 @@ def attention(query: torch.Tensor, cache: PagedKVCache, block_table: torch.Tenso
 
 
 def select_pages(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, table: torch.Tensor | None = None,
-                 keep: torch.Tensor | None = None, rescored: torch.Tensor | None = None) -> torch.Tensor:
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
     """Compacted one-head block table of the chosen pages: ``[B * num_kv_heads, width]`` int32.
 
     Row ``b * num_kv_heads + h`` lists, ascending, the one-head blocks (``block * num_kv_heads +
@@ -269,15 +269,13 @@ def select_pages(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, tab
         query: ``[B, num_heads, head_size]`` in the cache dtype.
         table: write into this ``[B * num_kv_heads, width]`` int32 table (default: a new one);
         keep: ``[B * num_kv_heads]`` bool — rows left as they are in ``table`` (not selected).
-        rescored: ``[B * num_kv_heads]`` int64, filled with how many candidate pages each selected
-            row rescored (``exact_pages``: the kernel stops at the bound, see ``cpu_select.cpp``).
     """
     b = query.shape[0]
     if table is None:
         table = torch.empty(b * cache.num_kv_heads, plan.width, dtype=torch.int32)
     cpu_ext.load().quest_select(query, cache.slot_rows, _summary_offset(cache), plan.block_table, plan.seq,
                                 plan.count, plan.candidates, plan.forced_lo, plan.forced_hi, cache.block_size,
-                                plan.rescore_dims, cache.amx, table, keep, rescored)
+                                plan.rescore_dims, cache.amx, table, keep)
     return table
 
 

@@ -498,39 +498,3 @@ def test_reselect_similarity_reselects_the_heads_whose_query_moved():
     q2.view(2 * hkv, g * d)[0] = turned(40)
     _, _, k2, _, f2 = step(seq + 2, q2, s1, k1)
     assert torch.equal(k2[1][0], f2[0]) and torch.equal(k2[1][3], k0[1][3])
-
-
-@pytest.mark.parametrize("dtype,amx", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
-def test_rescoring_stops_at_the_bound_and_picks_the_same_pages(dtype, amx):
-    """The C++ rescoring visits candidates by their Quest bound over the rescored dims and stops
-    once that bound falls below the k-th best score found: on keys whose pages differ in how
-    strongly they align with the query (as real keys do), it rescores well under every candidate
-    and still picks exactly the pages of the torch oracle, which rescores them all (with ``amx``:
-    read through vLLM's AMX packing, which the oracle cannot read, so it reads the plain copy)."""
-    lens, hkv, group, d, bs = [3000, 1800], 2, 3, 64, 32
-    mu = torch.randn(d)
-    cache, bt, _, _ = make_cache(lens, hkv, d, bs, dtype, key_scale=torch.rand(d) + 0.5)
-    # overwrite the keys: each page leans on `mu` by its own weight, plus noise
-    for b, n in enumerate(lens):
-        pos = torch.arange(n)
-        slots = bt[b, pos // bs].long() * bs + pos % bs
-        weight = torch.rand(-(-n // bs), hkv).pow(3).repeat_interleave(bs, 0)[:n]
-        k = (weight[..., None] * 4 * mu + 0.3 * torch.randn(n, hkv, d)).to(dtype)
-        C.write_kv(k, torch.randn(n, hkv, d).to(dtype), slots, cache)
-    seq, attended = torch.tensor(lens), torch.tensor([320, 200])
-    q = (mu + 0.5 * torch.randn(len(lens), hkv * group, d)).to(dtype)
-    kw = dict(candidate_factor=6.0)
-    p = C.plan_decode(seq, attended, bt, block_size=bs, sink_tokens=SINK, local_window=WINDOW,
-                      num_heads=hkv * group, num_kv_heads=hkv, head_size=d, dtype=dtype, isa="vec",
-                      rescore_dims=12, **kw)
-    rescored = torch.full((len(lens) * hkv,), -1, dtype=torch.long)
-    table = C.select_pages(q, amx_copy(cache) if amx else cache, p, rescored=rescored)
-    ref = R.select_topk(q, cache, bt, seq, attended, 0.125, SINK, WINDOW, "exact_pages", rescore_dims=12, **kw)
-    for b in range(len(lens)):
-        for h in range(hkv):
-            pages = ref[b, h][ref[b, h] >= 0].div(bs, rounding_mode="floor").unique()
-            want = bt[b, pages].long() * hkv + h
-            assert torch.equal(table[b * hkv + h, : int(p.count[b])].long(), want), (b, h)
-    cand = p.candidates.repeat_interleave(hkv)
-    assert bool((rescored >= p.count.repeat_interleave(hkv) - 4).all())  # at least the winners (minus forced pages)
-    assert int(rescored.sum()) < 0.6 * int(cand.sum()), (rescored, cand)

@@ -210,8 +210,11 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
         self.cpu_fused_decode = self.cpu and self.selector.cpu_fused and self.config.granularity == "kv_head"
         self._reuse: "cpu_attention.ReuseState | None" = None  # reselect_every: the last decode step's batch
         if self.config.reselect_every > 1 and not self.cpu_fused_decode:
-            logger.warning_once("vllm-sparse: reselect_every=%d applies to the fused CPU path (exact_pages/quest, "
-                                "kv_head granularity) only; this engine selects every step", self.config.reselect_every)
+            # the default (4) is the fused CPU path's; a value the user chose gets a warning
+            default = self.config.reselect_every == SparseConfig.__dataclass_fields__["reselect_every"].default
+            (logger.info_once if default else logger.warning_once)(
+                "vllm-sparse: reselect_every=%d applies to the fused CPU path (exact_pages/quest, kv_head "
+                "granularity) only; this engine selects every step", self.config.reselect_every)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SparseAttentionMetadata:

@@ -47,14 +47,17 @@ granularity    kv_head   ``kv_head``: one token set per KV head (GQA group share
 dense_below    1024      sequences shorter than this decode densely
 dense_layers   0         the first N attention layers decode densely (Quest keeps its
                          first two dense: early layers attend broadly)
-reselect_every 1         fused CPU path (``exact_pages``/``quest``): each request selects its
-                         pages once every N decode steps and attends the same pages in
+reselect_every 4         fused CPU path (``exact_pages``/``quest``): each request selects its
+                         pages at most every N decode steps and may attend the same pages in
                          between (per layer and KV head; a new page or a larger budget
-                         selects at once). 1: select every step
-reselect_similarity 0.0  with ``reselect_every > 1``: a (request, KV head) keeps its pages only
+                         selects at once; see reselect_similarity). 1: select every step.
+                         Other paths (GPU, ``token``/``page``, ``query_head``) select every step
+reselect_similarity 0.8  with ``reselect_every > 1``: a (request, KV head) keeps its pages only
                          while its query's cosine similarity to the query it selected them
                          with is >= this (the query heads of its group concatenated); below,
-                         it selects at once. 0: keep them for the N steps regardless
+                         it selects at once. 0: keep them for the N steps regardless. Default
+                         (null): 0.8, or 0 when reselect_every is 1; set explicitly it needs
+                         reselect_every > 1
 force_sparse   False     run the selection even when the budget covers the whole context
                          (tests: checks the sparse path against dense end to end)
 evict          None      free KV blocks while requests run: ``streaming`` keeps the sink
@@ -104,6 +107,8 @@ __all__ = ["SparseConfig", "CONFIG_KEY"]
 
 #: the key under vLLM's ``additional_config`` that holds these settings
 CONFIG_KEY = "vllm_sparse"
+# reselect_similarity when reselect_every > 1 and it is not set (docs/RESULTS.md, sixteenth session)
+DEFAULT_RESELECT_SIMILARITY = 0.8
 
 
 
@@ -138,14 +143,16 @@ class SparseConfig:
     granularity: str = "kv_head"
     dense_below: int = 1024
     dense_layers: int = 0
-    reselect_every: int = 1
-    reselect_similarity: float = 0.0
+    reselect_every: int = 4
+    reselect_similarity: float | None = None  # 0.8 with reselect_every > 1, else 0
     force_sparse: bool = False
     evict: str | None = None
     evict_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._validate()
+        if self.reselect_similarity is None:
+            object.__setattr__(self, "reselect_similarity", DEFAULT_RESELECT_SIMILARITY if self.reselect_every > 1 else 0.0)
         # the policy object is derived state: built once, never mutated
         object.__setattr__(self, "policy_args", dict(self.policy_args))
         object.__setattr__(self, "evict_args", dict(self.evict_args))
@@ -300,10 +307,12 @@ class SparseConfig:
         if not _is_int(self.reselect_every) or self.reselect_every < 1:
             raise _err("reselect_every", self.reselect_every,
                        "an integer >= 1 (decode steps a request keeps its page selection; 1: select every step)")
-        if not _is_real(self.reselect_similarity) or not 0.0 <= self.reselect_similarity <= 1.0:
+        if self.reselect_similarity is None:
+            pass  # the default: resolved in __post_init__
+        elif not _is_real(self.reselect_similarity) or not 0.0 <= self.reselect_similarity <= 1.0:
             raise _err("reselect_similarity", self.reselect_similarity,
-                       "a number in [0, 1] (cosine similarity a kept selection's query needs; 0: off)")
-        if self.reselect_similarity > 0 and self.reselect_every == 1:
+                       "a number in [0, 1] (cosine similarity a kept selection's query needs; 0: off) or null (default)")
+        elif self.reselect_similarity > 0 and self.reselect_every == 1:
             raise _err("reselect_similarity", self.reselect_similarity,
                        "0 unless reselect_every > 1 (with 1 every step selects anyway)")
         if not isinstance(self.force_sparse, bool):

@@ -17,6 +17,17 @@ def test_defaults_are_valid_and_consistent():
     assert cfg.budget_policy.k == cfg.k and cfg.budget_policy.alpha == cfg.alpha
 
 
+def test_reselect_similarity_follows_reselect_every_unless_set():
+    """The default reuse gate (reselect_every 4, similarity 0.8) switches off with reselect_every 1;
+    set explicitly, the similarity is kept, and the resolved settings round-trip."""
+    assert (SparseConfig().reselect_every, SparseConfig().reselect_similarity) == (4, 0.8)
+    assert SparseConfig(reselect_every=1).reselect_similarity == 0.0
+    assert SparseConfig(reselect_every=2, reselect_similarity=0.0).reselect_similarity == 0.0
+    assert SparseConfig(reselect_every=8, reselect_similarity=0.9).reselect_similarity == 0.9
+    for cfg in (SparseConfig(), SparseConfig(reselect_every=1)):
+        assert SparseConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_from_additional_config():
     cfg = SparseConfig.from_additional_config({"vllm_sparse": {"alpha": 0.7, "k": 2, "policy": "fixed_k",
                                                                "policy_args": {"budget_tokens": 300}}})
@@ -53,7 +64,7 @@ def test_from_additional_config():
         ({"reselect_every": 2.0}, "reselect_every"),
         ({"reselect_every": 2, "reselect_similarity": 1.5}, "reselect_similarity"),
         ({"reselect_every": 2, "reselect_similarity": "high"}, "reselect_similarity"),
-        ({"reselect_similarity": 0.9}, "reselect_similarity"),
+        ({"reselect_every": 1, "reselect_similarity": 0.9}, "reselect_similarity"),
         ({"force_sparse": "yes"}, "force_sparse"),
         ({"selection": "pages"}, "selection"),
         ({"granularity": "layer"}, "granularity"),

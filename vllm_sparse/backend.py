@@ -46,7 +46,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from vllm_sparse import cpu_attention, stats
-from vllm_sparse.config import SparseConfig
+from vllm_sparse.config import DEFAULT_RESELECT_EVERY, SparseConfig
 from vllm_sparse.cpu_tuning import huge_pages, tune_malloc
 from vllm_sparse.kernels import PagedKVCache, summary_states
 from vllm_sparse.kernels.layout import score_states
@@ -210,9 +210,8 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
         self.cpu_fused_decode = self.cpu and self.selector.cpu_fused and self.config.granularity == "kv_head"
         self._reuse: "cpu_attention.ReuseState | None" = None  # reselect_every: the last decode step's batch
         if self.config.reselect_every > 1 and not self.cpu_fused_decode:
-            # the default (4) is the fused CPU path's; a value the user chose gets a warning
-            default = self.config.reselect_every == SparseConfig.__dataclass_fields__["reselect_every"].default
-            (logger.info_once if default else logger.warning_once)(
+            # the default is the fused CPU path's; a value the user chose gets a warning
+            (logger.info_once if self.config.reselect_every == DEFAULT_RESELECT_EVERY else logger.warning_once)(
                 "vllm-sparse: reselect_every=%d applies to the fused CPU path (exact_pages/quest, kv_head "
                 "granularity) only; this engine selects every step", self.config.reselect_every)
 

@@ -107,7 +107,9 @@ __all__ = ["SparseConfig", "CONFIG_KEY"]
 
 #: the key under vLLM's ``additional_config`` that holds these settings
 CONFIG_KEY = "vllm_sparse"
-# reselect_similarity when reselect_every > 1 and it is not set (docs/RESULTS.md, sixteenth session)
+# the fused CPU path's reuse gate (docs/RESULTS.md, sixteenth session); the similarity applies when
+# reselect_every > 1 and reselect_similarity is not set
+DEFAULT_RESELECT_EVERY = 4
 DEFAULT_RESELECT_SIMILARITY = 0.8
 
 
@@ -143,7 +145,7 @@ class SparseConfig:
     granularity: str = "kv_head"
     dense_below: int = 1024
     dense_layers: int = 0
-    reselect_every: int = 4
+    reselect_every: int = DEFAULT_RESELECT_EVERY
     reselect_similarity: float | None = None  # 0.8 with reselect_every > 1, else 0
     force_sparse: bool = False
     evict: str | None = None

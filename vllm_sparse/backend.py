@@ -254,6 +254,7 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
                     rescore_dims=cfg.rescore_dims)
                 if cfg.reselect_every > 1:
                     self._reuse = cpu_attention.plan_reuse(cpu_decode, self._reuse, cfg.reselect_every)
+                attended_total = cpu_decode.attended_tokens  # what the op reads (kept selections may hold a page more)
             if cpu_decode is None:
                 self._reuse = None  # the layers' tables of this step are not the next step's
             stats.record_step(num_decodes, attended_total, int(context[:num_decodes].sum()))

@@ -49,7 +49,8 @@ dense_layers   0         the first N attention layers decode densely (Quest keep
                          first two dense: early layers attend broadly)
 reselect_every 4         fused CPU path (``exact_pages``/``quest``): each request selects its
                          pages at most every N decode steps and may attend the same pages in
-                         between (per layer and KV head; a new page or a larger budget
+                         between (per layer and KV head; a request's new page is attended
+                         on top of the kept ones; a second new page or a larger budget
                          selects at once; see reselect_similarity). 1: select every step.
                          Other paths (GPU, ``token``/``page``, ``query_head``) select every step
 reselect_similarity 0.8  with ``reselect_every > 1``: a (request, KV head) keeps its pages only

@@ -109,11 +109,14 @@ class DecodePlan:
         rescore_dims: rescore with the ``q·k`` of only this many dims, those with the largest
             ``Σ|q|`` over the GQA group × key range (SparQ, range-weighted:
             ``kernels.selection.rescore_dims_mask``); ``0``: every dim, the exact ``max q·k``.
-        reuse: ``reselect_every > 1``: ``(src, rows, keep, prev_uid)`` — per request the request
-            of the previous step whose table rows it keeps (``-1``: selects afresh), per table row
-            ``[B * num_kv_heads]`` the previous table's row and whether it is kept, and the ``uid``
-            of the plan whose tables the rows come from (:func:`plan_reuse`); ``None``: every
-            request selects.
+        reuse: ``reselect_every > 1``: ``(src, rows, keep, prev_uid, grown)`` — per request the
+            request of the previous step whose table rows it keeps (``-1``: selects afresh), per
+            table row ``[B * num_kv_heads]`` the previous table's row, whether it is kept and
+            whether it gains this step's new page (``None``: none does), and the ``uid`` of the
+            plan whose tables the rows come from (:func:`plan_reuse`); ``None``: every request
+            selects.
+        extra: ``[B]`` int64 pages each head attends beyond the budget's (``0`` or ``1``: a kept
+            selection that gained the request's new page, :func:`plan_reuse`); ``count`` includes them.
         uid: this plan's number (unique in the process): which step a layer's kept table is from.
     """
 
@@ -132,6 +135,11 @@ class DecodePlan:
     rescore_dims: int = 0
     reuse: tuple | None = None
     uid: int = dataclasses.field(default_factory=lambda: next(_PLAN_IDS))
+    extra: torch.Tensor | None = None
+    # what re-planning the lengths needs (:func:`_add_pages`)
+    block_size: int = 0
+    candidate_factor: float = 1.0
+    op_args: tuple = ()  # scheduler_metadata's (num_heads per sequence, head_size, dtype, isa)
 
 
 _PLAN_IDS = itertools.count()
@@ -141,12 +149,11 @@ _PLAN_IDS = itertools.count()
 class ReuseState:
     """What :func:`plan_reuse` remembers of a step's decode batch (per request, in batch order)."""
 
-    first_block: torch.Tensor  # [B] the request's first KV block (its identity while it runs)
-    key: torch.Tensor  # [B] a checksum of its block ids
+    block_table: torch.Tensor  # [B, P] the requests' block ids (a request is its first block while it runs)
     num_pages: torch.Tensor
-    count: torch.Tensor
+    count: torch.Tensor  # [B] the budget's pages (without `extra`)
+    extra: torch.Tensor  # [B] pages its heads attend beyond them (a kept selection grown by a new page)
     age: torch.Tensor  # [B] steps since the request last selected
-    width: int
     uid: int  # the plan it describes
 
 
@@ -154,29 +161,51 @@ def plan_reuse(plan: DecodePlan, prev: ReuseState | None, every: int) -> ReuseSt
     """Reuse each request's page selection for up to ``every`` decode steps (``reselect_every``).
 
     A request keeps the pages it attended in the previous step when it was in that step's batch
-    (same first block, same block ids), its page count and budget (``count``) have not changed —
-    a new page or a larger budget selects afresh — and it selected fewer than ``every`` steps
-    ago. Sets ``plan.reuse`` (``None`` when every request selects) and returns this step's state.
+    (same blocks), its budget's page count (``count``) has not changed and it selected fewer than
+    ``every`` steps ago. When it has started a new page since, its heads keep their pages and
+    attend the new one too — one page beyond the budget (``plan.extra``) until the request
+    selects again; a second new page, or a larger budget, selects afresh. Sets ``plan.reuse``
+    (``None`` when every request selects), extends ``plan`` by the grown pages, and returns this
+    step's state.
     """
     bt, num_pages, count = plan.block_table, plan.num_pages, plan.count
-    valid = torch.arange(bt.shape[1])[None, :] < num_pages[:, None]
-    key = (bt * valid * torch.arange(1, bt.shape[1] + 1)[None, :]).sum(1) + (bt * valid).sum(1) * 1_000_003
     first = bt[:, 0]
     src = torch.full_like(first, -1)
-    if prev is not None and prev.width == plan.width and every > 1:
-        match = first[:, None] == prev.first_block[None, :]
+    age, extra, grow = torch.zeros_like(first), torch.zeros_like(first), torch.zeros_like(first, dtype=torch.bool)
+    if prev is not None and every > 1:
+        match = first[:, None] == prev.block_table[None, :, 0]
         j = match.long().argmax(1)
-        ok = (match.any(1) & (prev.num_pages[j] == num_pages) & (prev.count[j] == count) & (prev.key[j] == key)
-              & (prev.age[j] + 1 < every))
-        src = torch.where(ok, j, src)
-        age = torch.where(ok, prev.age[j] + 1, 0)
-    else:
-        age = torch.zeros_like(first)
+        pn = prev.num_pages[j]
+        w = min(bt.shape[1], prev.block_table.shape[1])
+        col = torch.arange(w)[None, :]
+        same = ((bt[:, :w] == prev.block_table[j, :w]) | (col >= pn[:, None])).all(1) & (pn <= w)
+        ok = match.any(1) & same & (prev.count[j] == count) & (prev.age[j] + 1 < every)
+        stay = ok & (pn == num_pages)
+        grow = ok & (pn + 1 == num_pages) & (prev.extra[j] == 0)
+        src = torch.where(stay | grow, j, src)
+        age = torch.where(src >= 0, prev.age[j] + 1, 0)
+        extra = torch.where(stay, prev.extra[j], grow.long())
+    if bool(extra.any()):
+        _add_pages(plan, extra)
     if bool((src >= 0).any()):
         h = plan.seq_lens.shape[0] // src.shape[0]
         rows = (src.clamp_min(0)[:, None] * h + torch.arange(h)[None, :]).reshape(-1)
-        plan.reuse = (src, rows, (src >= 0).repeat_interleave(h), prev.uid)
-    return ReuseState(first, key, num_pages, count, age, plan.width, plan.uid)
+        grown = grow.repeat_interleave(h) if bool(grow.any()) else None
+        plan.reuse = (src, rows, (src >= 0).repeat_interleave(h), prev.uid, grown)
+    return ReuseState(bt, num_pages, count, extra, age, plan.uid)
+
+
+def _add_pages(plan: DecodePlan, extra: torch.Tensor) -> None:
+    """Let each head of request ``b`` attend ``extra[b]`` more pages: the counts, the op's lengths
+    and work split, and the table width follow."""
+    h = plan.seq_lens.shape[0] // extra.shape[0]
+    plan.extra = extra
+    plan.count = plan.count + extra
+    plan.candidates = torch.ceil(plan.count.double() * plan.candidate_factor).long().minimum(plan.num_pages)
+    plan.seq_lens = (plan.seq_lens + (extra * plan.block_size).to(torch.int32).repeat_interleave(h)).contiguous()
+    plan.metadata = scheduler_metadata(plan.seq_lens, plan.query_start_loc, plan.op_args[0], 1, *plan.op_args[1:])
+    plan.attended_tokens = int(plan.seq_lens.sum()) // h
+    plan.width = int(plan.count.max())
 
 
 def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: torch.Tensor, *, block_size: int,
@@ -218,6 +247,9 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
         attended_tokens=int(lens.sum()) // num_kv_heads,
         width=int(count.max()),
         rescore_dims=rescore_dims,
+        block_size=bs,
+        candidate_factor=candidate_factor,
+        op_args=(num_heads // num_kv_heads, head_size, dtype, isa),
     )
 
 
@@ -327,8 +359,17 @@ def select_or_reuse(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, 
         qn = torch.nn.functional.normalize(query.reshape(b * h, -1).float(), dim=1)
     if plan.reuse is None or prev is None or prev[0] != plan.reuse[3]:
         return select_pages(query, cache, plan), qn
-    _, rows, keep, _ = plan.reuse
+    _, rows, keep, _, grown = plan.reuse
     table = prev[1][rows]
+    if table.shape[1] < plan.width:  # entries past a row's count repeat its last one
+        table = torch.cat([table, table[:, -1:].expand(-1, plan.width - table.shape[1])], 1)
+    table = table[:, : plan.width].contiguous()
+    if grown is not None:  # these rows attend their request's new (last) page too, from column count - 1 on
+        count = plan.count.repeat_interleave(h)
+        last = plan.block_table.gather(1, (plan.num_pages - 1)[:, None]).squeeze(1).repeat_interleave(h)
+        new = (last * h + torch.arange(h).repeat(b)).to(torch.int32)
+        at = grown[:, None] & (torch.arange(plan.width)[None, :] >= count[:, None] - 1)
+        table = torch.where(at, new[:, None], table)
     if qn is not None and prev[2] is not None:
         ref = prev[2][rows]
         keep = keep & ((qn * ref).sum(1) >= min_similarity)

@@ -411,13 +411,14 @@ def test_backend_uses_amx_only_where_the_fused_path_alone_reads_the_cache():
 
 def test_reselect_every_keeps_each_requests_pages_until_it_must_select():
     """``reselect_every``: a request attends the pages it chose until ``every`` steps have passed, it
-    gains a page or its budget grows; requests are matched across steps by their blocks, in any order."""
-    lens, hkv, g, d, bs = [1001, 514, 261], 2, 3, 64, 16  # written; the steps decode at lens - 2, - 1, lens
+    gains a second new page or its budget grows; a first new page is attended on top of the kept
+    ones; requests are matched across steps by their blocks, in any order."""
+    lens, hkv, g, d, bs = [1001, 530, 261], 2, 3, 64, 16
     cache, bt, keys, values = make_cache(lens, hkv, d, bs, torch.float32)
     attended = torch.tensor([200, 100, 64])
 
-    def step(seq, order, prev_state, prev_table, every=3, q=None, similarity=0.0):
-        p = plan(cache, bt[order], seq[order], attended[order], hkv * g)
+    def step(seq, order, prev_state, prev_table, every=3, q=None, similarity=0.0, budget=attended):
+        p = plan(cache, bt[order], seq[order], budget[order], hkv * g)
         state = C.plan_reuse(p, prev_state, every)
         q = torch.randn(len(order), hkv * g, d) if q is None else q
         out = torch.empty_like(q)
@@ -428,26 +429,45 @@ def test_reselect_every_keeps_each_requests_pages_until_it_must_select():
         assert rel_err(out, ref) < RTOL[torch.float32]  # it attends exactly the table it returns
         return p, state, kept, fresh
 
-    seq = torch.tensor(lens) - 2
+    seq = torch.tensor([999, 512, 259])
     p0, s0, t0, f0 = step(seq, [0, 1, 2], None, None)
     assert p0.reuse is None and torch.equal(t0[1], f0)  # first step: everyone selects
-    # next step, batch reordered; request 1 (512 -> 513 tokens) starts a new page: it selects again
+    # next step, batch reordered; request 1 (512 -> 513 tokens) starts a new page: its heads keep
+    # their pages and attend the new one as well, one page beyond the budget
     seq1 = seq + 1
     p1, s1, t1, f1 = step(seq1, [2, 0, 1], s0, t0)
-    src, rows_from, keep, prev_uid = p1.reuse
-    assert src.tolist() == [2, 0, -1] and prev_uid == p0.uid
-    assert rows_from.tolist() == [4, 5, 0, 1, 0, 1] and keep.tolist() == [True] * 4 + [False] * 2
+    src, rows_from, keep, prev_uid, grown = p1.reuse
+    assert src.tolist() == [2, 0, 1] and prev_uid == p0.uid
+    assert rows_from.tolist() == [4, 5, 0, 1, 2, 3] and keep.all()
+    assert grown.tolist() == [False] * 4 + [True] * 2 and p1.extra.tolist() == [0, 0, 1]
+    n0 = int(p0.count[1])
+    assert int(p1.count[2]) == n0 + 1 and p1.width == max(p0.width, n0 + 1)
+    assert int(p1.seq_lens[4]) == int(p0.seq_lens[2]) + 1 and p1.attended_tokens == int(p1.seq_lens.sum()) // hkv
     rows = lambda t, i: t.view(-1, hkv, t.shape[1])[i]  # noqa: E731
-    assert torch.equal(rows(t1[1], 0), rows(t0[1], 2)) and torch.equal(rows(t1[1], 1), rows(t0[1], 0))
-    assert torch.equal(rows(t1[1], 2), rows(f1, 2))  # the selecting request: its fresh choice
+    assert torch.equal(rows(t1[1], 0)[:, : p0.width], rows(t0[1], 2)) and torch.equal(rows(t1[1], 1)[:, : p0.width],
+                                                                                      rows(t0[1], 0))
+    new_page = bt[1, 32].item() * hkv + torch.arange(hkv)
+    assert torch.equal(rows(t1[1], 2)[:, :n0], rows(t0[1], 1)[:, :n0])
+    assert (rows(t1[1], 2)[:, n0:] == new_page[:, None]).all()
     assert not torch.equal(t1[1], f1)  # the kept rows are not what these queries would pick
     # a table of another step is never reused
     p_stale, _, t_stale, f_stale = step(seq1, [2, 0, 1], s0, (t0[0] - 1, t0[1], None))
     assert torch.equal(t_stale[1], f_stale)
-    # third step with every=2: requests 2 and 0 selected 2 steps ago and reselect, request 1 keeps
-    p2, s2, t2, f2 = step(seq1 + 1, [2, 0, 1], s1, t1, every=2)
-    assert p2.reuse[0].tolist() == [-1, -1, 2] and s2.age.tolist() == [0, 0, 1]
-    assert torch.equal(rows(t2[1], 2), rows(t1[1], 2)) and torch.equal(rows(t2[1], 0), rows(f2, 0))
+    # third step: with every=3 everyone keeps, request 1 its grown selection (no page added again)
+    p2, s2, t2, f2 = step(seq1 + 1, [2, 0, 1], s1, t1)
+    assert p2.reuse[0].tolist() == [0, 1, 2] and s2.age.tolist() == [2, 2, 2] and p2.extra.tolist() == [0, 0, 1]
+    assert p2.reuse[4] is None and torch.equal(t2[1], t1[1][:, : p2.width])
+    # with every=2 instead everyone selects again, request 1 back at its budget's count
+    p2b, s2b, t2b, f2b = step(seq1 + 1, [2, 0, 1], s1, t1, every=2)
+    assert p2b.reuse is None and p2b.extra is None and torch.equal(t2b[1], f2b)
+    assert s2b.age.tolist() == [0, 0, 0] and s2b.extra.tolist() == [0, 0, 0] and int(p2b.count[2]) == n0
+    # instead: request 1 gains a second new page (513 -> 529 tokens) and request 2's budget grows:
+    # both select afresh, the grown request back at its budget's count
+    grow_budget = attended + torch.tensor([0, 0, 64])
+    p3, s3, t3, f3 = step(torch.tensor([1000, 529, 260]), [2, 0, 1], s1, t1, budget=grow_budget)
+    assert p3.reuse[0].tolist() == [-1, 1, -1] and p3.extra is None and s3.extra.tolist() == [0, 0, 0]
+    assert torch.equal(rows(t3[1], 2), rows(f3, 2)) and torch.equal(rows(t3[1], 0), rows(f3, 0))
+    assert torch.equal(rows(t3[1], 1)[:, : p0.width], rows(t0[1], 0))
 
 
 def test_reselect_similarity_reselects_the_heads_whose_query_moved():

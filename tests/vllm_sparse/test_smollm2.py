@@ -37,7 +37,8 @@ def test_budget_covering_context_is_token_identical_to_stock(smollm2_dir, essay_
                          sparse=FULL_BUDGET_SPARSE_PATH)
     assert [o.token_ids for o in ours] == [o.token_ids for o in stock]
     # reselect_every: requests keep last step's tables (matched by their blocks, in whatever order
-    # the batch comes) until they gain a page; a row given to the wrong request would read
+    # the batch comes) until they must select (at this budget a new page grows the budget, so they
+    # select then); a row given to the wrong request would read
     # another request's blocks and change the text
     kept = generate_once(smollm2_dir, essay_prompts, dtype="float32",
                          sparse={**FULL_BUDGET_SPARSE_PATH, "reselect_every": 4})

@@ -47,7 +47,7 @@ granularity    kv_head   ``kv_head``: one token set per KV head (GQA group share
 dense_below    1024      sequences shorter than this decode densely
 dense_layers   0         the first N attention layers decode densely (Quest keeps its
                          first two dense: early layers attend broadly)
-reselect_every 4         fused CPU path (``exact_pages``/``quest``): each request selects its
+reselect_every 16        fused CPU path (``exact_pages``/``quest``): each request selects its
                          pages at most every N decode steps and may attend the same pages in
                          between (per layer and KV head; a request's new page is attended
                          on top of the kept ones; a second new page or a larger budget
@@ -108,9 +108,9 @@ __all__ = ["SparseConfig", "CONFIG_KEY"]
 
 #: the key under vLLM's ``additional_config`` that holds these settings
 CONFIG_KEY = "vllm_sparse"
-# the fused CPU path's reuse gate (docs/RESULTS.md, sixteenth session); the similarity applies when
-# reselect_every > 1 and reselect_similarity is not set
-DEFAULT_RESELECT_EVERY = 4
+# the fused CPU path's reuse gate (docs/RESULTS.md, sixteenth and seventeenth sessions); the
+# similarity applies when reselect_every > 1 and reselect_similarity is not set
+DEFAULT_RESELECT_EVERY = 16
 DEFAULT_RESELECT_SIMILARITY = 0.8
 
 

@@ -111,8 +111,9 @@ class DecodePlan:
             ``kernels.selection.rescore_dims_mask``); ``0``: every dim, the exact ``max q·k``.
         reuse: ``reselect_every > 1``: ``(src, rows, keep, prev_uid, grown)`` — per request the
             request of the previous step whose table rows it keeps (``-1``: selects afresh), per
-            table row ``[B * num_kv_heads]`` the previous table's row, whether it is kept and
-            whether it gains this step's new page (``None``: none does), and the ``uid`` of the
+            table row ``[B * num_kv_heads]`` the previous table's row and whether it is kept, where
+            the rows that gain this step's new page take it (``(mask [B * num_kv_heads, width],
+            one-head block [B * num_kv_heads, 1])``, ``None``: no row does), and the ``uid`` of the
             plan whose tables the rows come from (:func:`plan_reuse`); ``None``: every request
             selects.
         extra: ``[B]`` int64 pages each head attends beyond the budget's (``0`` or ``1``: a kept
@@ -190,7 +191,13 @@ def plan_reuse(plan: DecodePlan, prev: ReuseState | None, every: int) -> ReuseSt
     if bool((src >= 0).any()):
         h = plan.seq_lens.shape[0] // src.shape[0]
         rows = (src.clamp_min(0)[:, None] * h + torch.arange(h)[None, :]).reshape(-1)
-        grown = grow.repeat_interleave(h) if bool(grow.any()) else None
+        grown = None
+        if bool(grow.any()):  # once per step: where the grown rows' new page goes (columns count - 1 on)
+            last = bt.gather(1, (num_pages - 1)[:, None]).squeeze(1).repeat_interleave(h)
+            new = (last * h + torch.arange(h).repeat(src.shape[0])).to(torch.int32)
+            at = grow.repeat_interleave(h)[:, None] & (
+                torch.arange(plan.width)[None, :] >= plan.count.repeat_interleave(h)[:, None] - 1)
+            grown = (at, new[:, None])
         plan.reuse = (src, rows, (src >= 0).repeat_interleave(h), prev.uid, grown)
     return ReuseState(bt, num_pages, count, extra, age, plan.uid)
 
@@ -364,12 +371,8 @@ def select_or_reuse(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, 
     if table.shape[1] < plan.width:  # entries past a row's count repeat its last one
         table = torch.cat([table, table[:, -1:].expand(-1, plan.width - table.shape[1])], 1)
     table = table[:, : plan.width].contiguous()
-    if grown is not None:  # these rows attend their request's new (last) page too, from column count - 1 on
-        count = plan.count.repeat_interleave(h)
-        last = plan.block_table.gather(1, (plan.num_pages - 1)[:, None]).squeeze(1).repeat_interleave(h)
-        new = (last * h + torch.arange(h).repeat(b)).to(torch.int32)
-        at = grown[:, None] & (torch.arange(plan.width)[None, :] >= count[:, None] - 1)
-        table = torch.where(at, new[:, None], table)
+    if grown is not None:  # these rows attend their request's new (last) page too
+        table = torch.where(grown[0], grown[1], table)
     if qn is not None and prev[2] is not None:
         ref = prev[2][rows]
         keep = keep & ((qn * ref).sum(1) >= min_similarity)

@@ -208,11 +208,16 @@ def _add_pages(plan: DecodePlan, extra: torch.Tensor) -> None:
     h = plan.seq_lens.shape[0] // extra.shape[0]
     plan.extra = extra
     plan.count = plan.count + extra
-    plan.candidates = torch.ceil(plan.count.double() * plan.candidate_factor).long().minimum(plan.num_pages)
+    plan.candidates = _candidates(plan.count, plan.candidate_factor, plan.num_pages)
     plan.seq_lens = (plan.seq_lens + (extra * plan.block_size).to(torch.int32).repeat_interleave(h)).contiguous()
     plan.metadata = scheduler_metadata(plan.seq_lens, plan.query_start_loc, plan.op_args[0], 1, *plan.op_args[1:])
     plan.attended_tokens = int(plan.seq_lens.sum()) // h
     plan.width = int(plan.count.max())
+
+
+def _candidates(count: torch.Tensor, candidate_factor: float, num_pages: torch.Tensor) -> torch.Tensor:
+    """Pages ranked by the bound and rescored per request: ``ceil(candidate_factor × count)``, at most all."""
+    return torch.ceil(count.double() * candidate_factor).long().minimum(num_pages)
 
 
 def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: torch.Tensor, *, block_size: int,
@@ -245,7 +250,7 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
         seq=seq,
         num_pages=num_pages,
         count=count,
-        candidates=torch.ceil(count.double() * candidate_factor).long().minimum(num_pages),
+        candidates=_candidates(count, candidate_factor, num_pages),
         forced_lo=forced_lo,
         forced_hi=forced_hi,
         seq_lens=lens,

@@ -155,7 +155,7 @@ template <typename T>
 void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary_offset, const at::Tensor& block_table,
                 const at::Tensor& seq_lens, const at::Tensor& count, const at::Tensor& candidates,
                 const at::Tensor& forced_lo, const at::Tensor& forced_hi, int64_t block_size, int64_t rescore_dims,
-                bool amx, const uint8_t* keep, at::Tensor& table) {
+                bool amx, const uint8_t* keep, const uint8_t* prior, const int64_t* prior_cand, at::Tensor& table) {
   const int64_t b = query.size(0), nh = query.size(1), d = query.size(2);
   const int64_t h = table.size(0) / b, g = nh / h, width = table.size(1);
   const int64_t p_max = block_table.size(1);
@@ -190,9 +190,10 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
         }
       }
       const int64_t k = std::min(cnt[req], pages);
-      const int64_t c = std::min(std::max(cand[req], k), pages);
+      const bool refresh = prior != nullptr && prior[r];  // `table` row r holds pages selected before
+      int64_t c = std::min(std::max(refresh ? prior_cand[req] : cand[req], k), pages);
       // the key range weighs the rescored dims: only tracked when stage 2 runs on fewer than every dim
-      const bool track = c > k && r_dims < d;
+      const bool track = (c > k || refresh) && r_dims < d;
       std::fill(klo.begin(), klo.end(), inf);
       std::fill(khi.begin(), khi.end(), -inf);
       constexpr int64_t kAhead = 16;  // rows sit in random blocks: keep several loads in flight
@@ -233,10 +234,19 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
       }
       for (int64_t p = 0; p < pages; ++p) idx[p] = p;
       auto better = [&](int64_t x, int64_t y) { return score[x] > score[y] || (score[x] == score[y] && x < y); };
-      if (c > k) {
+      if (c > k || refresh) {
         // stage 2: rescore the best `c` pages by max q·k over the `r_dims` dims of largest group
         // |q| x key range (all dims: exact), reading only those rows of the pages' keys
         std::nth_element(idx.begin(), idx.begin() + (c - 1), idx.begin() + pages, better);
+        if (refresh) {  // the pages in its table row (chosen before) join the candidates
+          std::vector<int32_t> had(out + r * width, out + (r + 1) * width);
+          std::sort(had.begin(), had.end());
+          int64_t m = c;
+          for (int64_t i = c; i < pages; ++i)
+            if (std::binary_search(had.begin(), had.end(), static_cast<int32_t>(bt[req * bts + idx[i]] * h + head)))
+              std::swap(idx[i], idx[m++]);
+          c = m;
+        }
         // weight of dim e: sum_j |q_je| x (the key range of dim e over the pages stage 1 scored),
         // how far dim e can move q.k between this context's keys (selection.rescore_dims_mask)
         const bool ranged = khi[0] >= klo[0];  // some page was scored (not only sinks/window)
@@ -316,7 +326,8 @@ void quest_select(const at::Tensor& query, const at::Tensor& rows, int64_t summa
                   const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& count,
                   const at::Tensor& candidates, const at::Tensor& forced_lo, const at::Tensor& forced_hi,
                   int64_t block_size, int64_t rescore_dims, bool amx, at::Tensor table,
-                  const c10::optional<at::Tensor>& keep) {
+                  const c10::optional<at::Tensor>& keep, const c10::optional<at::Tensor>& prior,
+                  const c10::optional<at::Tensor>& prior_candidates) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [B, num_heads, D] with unit last stride");
   TORCH_CHECK(query.scalar_type() == rows.scalar_type(), "query and cache dtypes differ");
   TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.stride(1) == 1, "block_table: int64 rows");
@@ -329,11 +340,22 @@ void quest_select(const at::Tensor& query, const at::Tensor& rows, int64_t summa
                 "keep: contiguous bool, one per table row");
     keep_rows = reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>());
   }
+  const uint8_t* prior_rows = nullptr;
+  const int64_t* prior_cand = nullptr;
+  if (prior.has_value()) {
+    TORCH_CHECK(prior->scalar_type() == at::kBool && prior->is_contiguous() && prior->numel() == table.size(0),
+                "prior: contiguous bool, one per table row");
+    TORCH_CHECK(prior_candidates.has_value() && prior_candidates->scalar_type() == at::kLong &&
+                    prior_candidates->is_contiguous() && prior_candidates->numel() == query.size(0),
+                "prior_candidates: contiguous int64, one per request, with prior");
+    prior_rows = reinterpret_cast<const uint8_t*>(prior->data_ptr<bool>());
+    prior_cand = prior_candidates->data_ptr<int64_t>();
+  }
   TORCH_CHECK(!amx || (query.scalar_type() == at::kBFloat16 && block_size % 16 == 0 && query.size(2) % 32 == 0),
               "AMX packing: bfloat16, block_size % 16 == 0, head_size % 32 == 0");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "quest_select", [&] {
     quest_impl<scalar_t>(query, rows, summary_offset, block_table, seq_lens, count, candidates, forced_lo, forced_hi,
-                         block_size, rescore_dims, amx, keep_rows, table);
+                         block_size, rescore_dims, amx, keep_rows, prior_rows, prior_cand, table);
   });
 }
 
@@ -343,5 +365,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("query"), pybind11::arg("rows"), pybind11::arg("summary_offset"), pybind11::arg("block_table"),
         pybind11::arg("seq_lens"), pybind11::arg("count"), pybind11::arg("candidates"), pybind11::arg("forced_lo"),
         pybind11::arg("forced_hi"), pybind11::arg("block_size"), pybind11::arg("rescore_dims"),
-        pybind11::arg("amx"), pybind11::arg("table"), pybind11::arg("keep") = pybind11::none());
+        pybind11::arg("amx"), pybind11::arg("table"), pybind11::arg("keep") = pybind11::none(),
+        pybind11::arg("prior") = pybind11::none(), pybind11::arg("prior_candidates") = pybind11::none());
 }

@@ -387,7 +387,7 @@ def _candidate_pages(q, cache, block_table, seq_lens, count, heads, scale, sink_
 
 
 def _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_tokens, local_window,
-                 candidate_factor, rescore_dims=0) -> torch.Tensor:
+                 candidate_factor, rescore_dims=0, prior=None) -> torch.Tensor:
     """``"exact_pages"``: Quest's page count, chosen among ``ceil(candidate_factor ×)`` as many
     candidates (by the bound) by each page's exact ``max q·k`` (over its tokens and the GQA group).
 
@@ -395,6 +395,9 @@ def _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_
     group's ``Σ|q|`` times the key range is largest (SparQ's approximation, Ribar et al. 2023, with
     the dims weighted by how much the keys vary: :func:`.selection.rescore_dims_mask`); ``q`` is
     zero elsewhere.
+
+    ``prior`` (``[B, S, M]`` page ids, −1 padded) joins the candidates: a refresh of pages chosen
+    before (:func:`refresh_pages`).
 
     Returns ``[B, S, C]`` page ids, −1 padded; sink/window pages always in.
     """
@@ -406,6 +409,10 @@ def _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_
     cand, key_range = _candidate_pages(query.float(), cache, block_table, seq_lens, count, heads, scale,
                                        sink_tokens, local_window, candidate_factor, n_cand=n_cand,
                                        with_key_range=True)  # [B, S, C], [B, S, D]
+    if prior is not None:  # the prior pages not already candidates join them
+        prior = prior.long()
+        dup = (prior[..., :, None] == cand[..., None, :]).any(-1) | (prior < 0)
+        cand = torch.cat([cand, torch.where(dup, -1, prior)], -1)
     pos = page_positions(cand, ps)  # [B, S, C * ps]
     n = seq_lens[:, None, None]
     k, _ = cache.gather_pages(block_table, cand, heads)
@@ -419,6 +426,20 @@ def _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_
     top, keep = topk_rows(score.masked_fill(forced, math.inf).masked_fill(cand < 0, _NEG_INF), n_pages,
                           int(n_pages.max()))
     return torch.where(keep, cand.gather(-1, top), -1)
+
+
+def refresh_pages(query: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  attended: torch.Tensor, prior: torch.Tensor, sink_tokens: int, local_window: int,
+                  candidate_factor: float, rescore_dims: int = 0) -> torch.Tensor:
+    """``"exact_pages"`` (``kv_head`` granularity) whose candidates are the ``candidate_factor ×``
+    best pages by the bound *plus* the ``prior`` pages (``[B, num_kv_heads, M]``, −1 padded): how a
+    (request, KV head) refreshes a kept selection whose query moved (``reselect_candidate_factor``;
+    the oracle of ``quest_select``'s ``prior`` rows). Returns ``[B, num_kv_heads, C]`` page ids, −1 padded."""
+    heads = _selection_heads(query.shape[1], cache.num_kv_heads, "kv_head", query.device)
+    seq_lens = seq_lens.long()
+    count = torch.minimum(attended.long(), seq_lens)
+    return _exact_pages(query, cache, block_table, seq_lens, count, heads, 1.0, sink_tokens, local_window,
+                        candidate_factor, rescore_dims, prior=prior)
 
 
 # --------------------------------------------------------------------------------------

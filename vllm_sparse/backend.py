@@ -209,6 +209,12 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
         self.selector = get_selector(self.config.selection)
         self.cpu_fused_decode = self.cpu and self.selector.cpu_fused and self.config.granularity == "kv_head"
         self._reuse: "cpu_attention.ReuseState | None" = None  # reselect_every: the last decode step's batch
+        #: reselect_candidate_factor: candidates of a row refreshing its kept pages (the gate failed);
+        #: None: it selects afresh (no gate, or Quest's rule, whose candidates are its pages)
+        cf = self.selector.cpu_candidate_factor(self.config.candidate_factor) if self.cpu_fused_decode else 1.0
+        rcf = self.config.reselect_candidate_factor
+        self._refresh_factor = (min(rcf, cf) if rcf is not None and cf > 1 and self.config.reselect_similarity > 0
+                                else None)
         if self.config.reselect_every > 1 and not self.cpu_fused_decode:
             # the default is the fused CPU path's; a value the user chose gets a warning
             (logger.info_once if self.config.reselect_every == DEFAULT_RESELECT_EVERY else logger.warning_once)(
@@ -251,7 +257,7 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
                     num_kv_heads=self.spec.num_kv_heads, head_size=self.spec.head_size, dtype=self.dtype,
                     isa=self.isa,
                     candidate_factor=self.selector.cpu_candidate_factor(cfg.candidate_factor),
-                    rescore_dims=cfg.rescore_dims)
+                    rescore_dims=cfg.rescore_dims, refresh_factor=self._refresh_factor)
                 if cfg.reselect_every > 1:
                     self._reuse = cpu_attention.plan_reuse(cpu_decode, self._reuse, cfg.reselect_every)
                 attended_total = cpu_decode.attended_tokens  # what the op reads (kept selections may hold a page more)

@@ -59,6 +59,11 @@ reselect_similarity 0.8  with ``reselect_every > 1``: a (request, KV head) keeps
                          it selects at once. 0: keep them for the N steps regardless. Default
                          (null): 0.8, or 0 when reselect_every is 1; set explicitly it needs
                          reselect_every > 1
+reselect_candidate_factor null  ``exact_pages`` with the gate: a (request, KV head) whose kept
+                         pages fail it rescores only ``reselect_candidate_factor ×`` the
+                         budget's pages best by the bound, plus the pages it kept (a
+                         refresh, cheaper than selecting afresh). null: it selects afresh
+                         (``candidate_factor``)
 force_sparse   False     run the selection even when the budget covers the whole context
                          (tests: checks the sparse path against dense end to end)
 evict          None      free KV blocks while requests run: ``streaming`` keeps the sink
@@ -148,6 +153,7 @@ class SparseConfig:
     dense_layers: int = 0
     reselect_every: int = DEFAULT_RESELECT_EVERY
     reselect_similarity: float | None = None  # 0.8 with reselect_every > 1, else 0
+    reselect_candidate_factor: float | None = None
     force_sparse: bool = False
     evict: str | None = None
     evict_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -318,6 +324,11 @@ class SparseConfig:
         elif self.reselect_similarity > 0 and self.reselect_every == 1:
             raise _err("reselect_similarity", self.reselect_similarity,
                        "0 unless reselect_every > 1 (with 1 every step selects anyway)")
+        rcf = self.reselect_candidate_factor
+        if rcf is not None and (not _is_real(rcf) or rcf < 1):
+            raise _err("reselect_candidate_factor", rcf,
+                       "null (a row failing reselect_similarity selects afresh) or a number >= 1 "
+                       "(candidate pages per budget page when it refreshes)")
         if not isinstance(self.force_sparse, bool):
             raise _err("force_sparse", self.force_sparse, "true or false")
         if self.evict is not None and self.evict not in evicting_policies():

@@ -119,6 +119,9 @@ class DecodePlan:
         extra: ``[B]`` int64 pages each head attends beyond the budget's (``0`` or ``1``: a kept
             selection that gained the request's new page, :func:`plan_reuse`); ``count`` includes them.
         uid: this plan's number (unique in the process): which step a layer's kept table is from.
+        refresh: ``[B]`` int64 pages ranked by the bound and rescored for a row whose kept selection
+            fails the ``reselect_similarity`` gate (its kept pages are rescored on top);
+            ``None``: such a row selects as afresh (``candidates``).
     """
 
     block_table: torch.Tensor
@@ -137,6 +140,8 @@ class DecodePlan:
     reuse: tuple | None = None
     uid: int = dataclasses.field(default_factory=lambda: next(_PLAN_IDS))
     extra: torch.Tensor | None = None
+    refresh: torch.Tensor | None = None
+    refresh_factor: float | None = None
     # what re-planning the lengths needs (:func:`_add_pages`)
     block_size: int = 0
     candidate_factor: float = 1.0
@@ -209,6 +214,8 @@ def _add_pages(plan: DecodePlan, extra: torch.Tensor) -> None:
     plan.extra = extra
     plan.count = plan.count + extra
     plan.candidates = _candidates(plan.count, plan.candidate_factor, plan.num_pages)
+    if plan.refresh_factor is not None:
+        plan.refresh = _candidates(plan.count, plan.refresh_factor, plan.num_pages)
     plan.seq_lens = (plan.seq_lens + (extra * plan.block_size).to(torch.int32).repeat_interleave(h)).contiguous()
     plan.metadata = scheduler_metadata(plan.seq_lens, plan.query_start_loc, plan.op_args[0], 1, *plan.op_args[1:])
     plan.attended_tokens = int(plan.seq_lens.sum()) // h
@@ -222,7 +229,8 @@ def _candidates(count: torch.Tensor, candidate_factor: float, num_pages: torch.T
 
 def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: torch.Tensor, *, block_size: int,
                 sink_tokens: int, local_window: int, num_heads: int, num_kv_heads: int, head_size: int,
-                dtype: torch.dtype, isa: str, candidate_factor: float = 1.0, rescore_dims: int = 0) -> DecodePlan:
+                dtype: torch.dtype, isa: str, candidate_factor: float = 1.0, rescore_dims: int = 0,
+                refresh_factor: float | None = None) -> DecodePlan:
     """Plan a sparse decode step: which pages count, and the compacted sequences' lengths.
 
     Args:
@@ -233,6 +241,8 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
         candidate_factor: ``> 1`` rescores ``candidate_factor ×`` the budget's pages exactly
             (``selection="exact_pages"``); 1 is Quest.
         rescore_dims: see :class:`DecodePlan`.
+        refresh_factor: candidates per budget page of a row that fails the similarity gate
+            (``reselect_candidate_factor``, :class:`DecodePlan` ``refresh``); ``None``: as afresh.
     """
     if local_window < 1:  # the lengths below assume every head attends the request's last (partial) page
         raise ValueError(f"plan_decode needs local_window >= 1 (the page being written is always attended); "
@@ -261,6 +271,8 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
         rescore_dims=rescore_dims,
         block_size=bs,
         candidate_factor=candidate_factor,
+        refresh=None if refresh_factor is None else _candidates(count, refresh_factor, num_pages),
+        refresh_factor=refresh_factor,
         op_args=(num_heads // num_kv_heads, head_size, dtype, isa),
     )
 
@@ -300,7 +312,7 @@ def attention(query: torch.Tensor, cache: PagedKVCache, block_table: torch.Tenso
 
 
 def select_pages(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, table: torch.Tensor | None = None,
-                 keep: torch.Tensor | None = None) -> torch.Tensor:
+                 keep: torch.Tensor | None = None, prior: torch.Tensor | None = None) -> torch.Tensor:
     """Compacted one-head block table of the chosen pages: ``[B * num_kv_heads, width]`` int32.
 
     Row ``b * num_kv_heads + h`` lists, ascending, the one-head blocks (``block * num_kv_heads +
@@ -313,13 +325,17 @@ def select_pages(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, tab
         query: ``[B, num_heads, head_size]`` in the cache dtype.
         table: write into this ``[B * num_kv_heads, width]`` int32 table (default: a new one);
         keep: ``[B * num_kv_heads]`` bool — rows left as they are in ``table`` (not selected).
+        prior: ``[B * num_kv_heads]`` bool — rows that select from the best ``plan.refresh[b]`` pages
+            by the bound plus the pages already in their ``table`` row (a refresh), instead of
+            ``plan.candidates[b]`` (needs ``plan.refresh``).
     """
     b = query.shape[0]
     if table is None:
         table = torch.empty(b * cache.num_kv_heads, plan.width, dtype=torch.int32)
     cpu_ext.load().quest_select(query, cache.slot_rows, _summary_offset(cache), plan.block_table, plan.seq,
                                 plan.count, plan.candidates, plan.forced_lo, plan.forced_hi, cache.block_size,
-                                plan.rescore_dims, cache.amx, table, keep)
+                                plan.rescore_dims, cache.amx, table, keep, prior,
+                                None if prior is None else plan.refresh)
     return table
 
 
@@ -363,6 +379,8 @@ def select_or_reuse(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, 
     ``min_similarity > 0`` (``reselect_similarity``): a row keeps its pages only while the cosine
     similarity of its query (the KV head's group of query heads, concatenated) to the query it
     selected them with is at least ``min_similarity``; returns those reference queries with the table.
+    A row below it refreshes (``plan.refresh``, see :func:`select_pages`' ``prior``) when the plan has
+    a refresh count, else it selects as afresh.
     """
     b = query.shape[0]
     h = cache.num_kv_heads
@@ -378,11 +396,15 @@ def select_or_reuse(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, 
     table = table[:, : plan.width].contiguous()
     if grown is not None:  # these rows attend their request's new (last) page too
         table = torch.where(grown[0], grown[1], table)
+    prior = None
     if qn is not None and prev[2] is not None:
         ref = prev[2][rows]
-        keep = keep & ((qn * ref).sum(1) >= min_similarity)
+        close = (qn * ref).sum(1) >= min_similarity
+        if plan.refresh is not None:
+            prior = keep & ~close
+        keep = keep & close
         qn = torch.where(keep[:, None], ref, qn)
-    return select_pages(query, cache, plan, table, keep), qn
+    return select_pages(query, cache, plan, table, keep, prior), qn
 
 
 def sparse_decode(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, scale: float,

@@ -65,6 +65,8 @@ def test_from_additional_config():
         ({"reselect_every": 2, "reselect_similarity": 1.5}, "reselect_similarity"),
         ({"reselect_every": 2, "reselect_similarity": "high"}, "reselect_similarity"),
         ({"reselect_every": 1, "reselect_similarity": 0.9}, "reselect_similarity"),
+        ({"reselect_candidate_factor": 0.5}, "reselect_candidate_factor"),
+        ({"reselect_candidate_factor": "fast"}, "reselect_candidate_factor"),
         ({"force_sparse": "yes"}, "force_sparse"),
         ({"selection": "pages"}, "selection"),
         ({"granularity": "layer"}, "granularity"),

@@ -270,6 +270,63 @@ def test_rescore_dims_fused_equals_reference(dtype, group):
     assert not torch.equal(exact, approx)
 
 
+def table_pages(table, bt, num_kv_heads, count):
+    """Page indices ``[B, H, max(count)]`` (-1 padded) of a compacted one-head table's first ``count[b]`` entries."""
+    b = bt.shape[0]
+    out = torch.full((b, num_kv_heads, int(count.max())), -1, dtype=torch.long)
+    for r in range(b * num_kv_heads):
+        page_of = {int(x): p for p, x in enumerate(bt[r // num_kv_heads].tolist())}
+        ids = table[r, : int(count[r // num_kv_heads])].long() // num_kv_heads
+        out[r // num_kv_heads, r % num_kv_heads, : len(ids)] = torch.tensor([page_of[int(i)] for i in ids])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_refresh_rescores_kept_pages_with_a_few_bound_ranked_ones(dtype, group):
+    """A row that refreshes its kept pages (``prior``: ``reselect_candidate_factor``) picks the best
+    pages among ``plan.refresh`` bound-ranked candidates plus the pages in its table row: the
+    reference's choice (:func:`R.refresh_pages`); the other rows select afresh or keep theirs.
+    Refreshing with the query that chose the pages keeps them even with one candidate per page,
+    where the bound alone (Quest) picks others."""
+    lens, hkv, d, bs = [1500, 700, 900], 2, 64, 32
+    cache, bt, _, _ = make_cache(lens, hkv, d, bs, dtype, key_scale=torch.rand(d) * 4 + 0.05)
+    seq, attended = torch.tensor(lens), torch.tensor([256, 160, 200])
+    q0 = torch.randn(len(lens), hkv * group, d).to(dtype)
+    q1 = torch.randn(len(lens), hkv * group, d).to(dtype)
+
+    def mk(cf, refresh):
+        return C.plan_decode(seq, attended, bt, block_size=bs, sink_tokens=SINK, local_window=WINDOW,
+                             num_heads=hkv * group, num_kv_heads=hkv, head_size=d, dtype=dtype, isa=C.cpu_isa(bs),
+                             candidate_factor=cf, rescore_dims=12, refresh_factor=refresh)
+
+    p = mk(8.0, 1.5)
+    assert torch.equal(p.refresh, torch.ceil(p.count * 1.5).long().minimum(p.num_pages))
+    t0 = C.select_pages(q0, cache, p)
+    rows = hkv * len(lens)
+    prior = torch.zeros(rows, dtype=torch.bool)
+    prior[[0, 3, 5]] = True
+    keep = torch.zeros(rows, dtype=torch.bool)
+    keep[1] = True
+    t1 = C.select_pages(q1, cache, p, t0.clone(), keep, prior)
+    fresh = C.select_pages(q1, cache, p)
+    ref = R.refresh_pages(q1, cache, bt, seq, attended, table_pages(t0, bt, hkv, p.count), SINK, WINDOW, 1.5, 12)
+    for r in range(rows):
+        b, h = divmod(r, hkv)
+        n = int(p.count[b])
+        if keep[r]:
+            assert torch.equal(t1[r], t0[r]), r
+        elif prior[r]:
+            pages = ref[b, h][ref[b, h] >= 0].sort().values
+            assert pages.numel() == n and torch.equal(t1[r, :n].long(), bt[b, pages].long() * hkv + h), r
+        else:
+            assert torch.equal(t1[r], fresh[r]), r
+    # same query, one candidate per budget page: the kept pages stay; without them the bound picks others
+    same = C.select_pages(q0, cache, mk(8.0, 1.0), t0.clone(), None, torch.ones(rows, dtype=torch.bool))
+    assert torch.equal(same, t0)
+    assert not torch.equal(C.select_pages(q0, cache, mk(1.0, None)), t0)
+
+
 def test_window_of_one_token_keeps_the_partial_page_last():
     """``local_window=0`` is run as 1 for whole pages (``SparseConfig.decode_window``): the page being
     written is always attended, so each compacted table ends with the request's partial page and the

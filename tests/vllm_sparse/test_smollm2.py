@@ -47,6 +47,11 @@ def test_budget_covering_context_is_token_identical_to_stock(smollm2_dir, essay_
     gated = generate_once(smollm2_dir, essay_prompts, dtype="float32",
                           sparse={**FULL_BUDGET_SPARSE_PATH, "reselect_every": 4, "reselect_similarity": 0.8})
     assert [o.token_ids for o in gated] == [o.token_ids for o in stock]
+    # exact_pages: the heads whose query moved refresh their kept pages (reselect_candidate_factor)
+    refreshed = generate_once(smollm2_dir, essay_prompts, dtype="float32",
+                              sparse={**FULL_BUDGET_SPARSE_PATH, "selection": "exact_pages", "reselect_every": 4,
+                                      "reselect_similarity": 0.8, "reselect_candidate_factor": 1})
+    assert [o.token_ids for o in refreshed] == [o.token_ids for o in stock]
 
 
 @pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(),

@@ -59,11 +59,11 @@ reselect_similarity 0.8  with ``reselect_every > 1``: a (request, KV head) keeps
                          it selects at once. 0: keep them for the N steps regardless. Default
                          (null): 0.8, or 0 when reselect_every is 1; set explicitly it needs
                          reselect_every > 1
-reselect_candidate_factor null  ``exact_pages`` with the gate: a (request, KV head) whose kept
+reselect_candidate_factor 4.0  ``exact_pages`` with the gate: a (request, KV head) whose kept
                          pages fail it rescores only ``reselect_candidate_factor ×`` the
                          budget's pages best by the bound, plus the pages it kept (a
-                         refresh, cheaper than selecting afresh). null: it selects afresh
-                         (``candidate_factor``)
+                         refresh, cheaper than selecting afresh; capped at
+                         ``candidate_factor``). null: it selects afresh (``candidate_factor``)
 force_sparse   False     run the selection even when the budget covers the whole context
                          (tests: checks the sparse path against dense end to end)
 evict          None      free KV blocks while requests run: ``streaming`` keeps the sink
@@ -153,7 +153,7 @@ class SparseConfig:
     dense_layers: int = 0
     reselect_every: int = DEFAULT_RESELECT_EVERY
     reselect_similarity: float | None = None  # 0.8 with reselect_every > 1, else 0
-    reselect_candidate_factor: float | None = None
+    reselect_candidate_factor: float | None = 4.0
     force_sparse: bool = False
     evict: str | None = None
     evict_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)

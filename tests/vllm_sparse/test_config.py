@@ -21,6 +21,7 @@ def test_reselect_similarity_follows_reselect_every_unless_set():
     """The default reuse gate (reselect_every 16, similarity 0.8) switches off with reselect_every 1;
     set explicitly, the similarity is kept, and the resolved settings round-trip."""
     assert (SparseConfig().reselect_every, SparseConfig().reselect_similarity) == (16, 0.8)
+    assert SparseConfig().reselect_candidate_factor == 4.0
     assert SparseConfig(reselect_every=1).reselect_similarity == 0.0
     assert SparseConfig(reselect_every=2, reselect_similarity=0.0).reselect_similarity == 0.0
     assert SparseConfig(reselect_every=8, reselect_similarity=0.9).reselect_similarity == 0.9

@@ -6,10 +6,12 @@ dominates a CPU decode step (see ``benchmarks/cpu_paths.py``):
 * ``update_page_summaries(key, slots, rows, summary_offset, block_size, page_size)`` — the twin of
   :func:`.reference.update_page_summaries`;
 * ``quest_select(query, rows, summary_offset, block_table, seq_lens, count, candidates, forced_lo,
-  forced_hi, block_size, rescore_dims, amx, table, keep=None)`` — Quest's page ranking (and the
-  ``exact_pages`` rescoring of ``candidates`` pages over ``rescore_dims`` dims) into a compacted
-  one-head block table, skipping the rows ``keep`` marks (its torch twins are
-  ``vllm_sparse.cpu_attention.select_pages_reference`` and :func:`.reference.select_topk`).
+  forced_hi, block_size, rescore_dims, amx, table, keep=None, prior=None, prior_candidates=None)`` —
+  Quest's page ranking (and the ``exact_pages`` rescoring of ``candidates`` pages over
+  ``rescore_dims`` dims) into a compacted one-head block table, skipping the rows ``keep`` marks;
+  the rows ``prior`` marks rescore ``prior_candidates`` pages plus those already in their table
+  row (a refresh). Its torch twins are ``vllm_sparse.cpu_attention.select_pages_reference``,
+  :func:`.reference.select_topk` and :func:`.reference.refresh_pages`.
 
 The build is cached under torch's extension directory (``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``), keyed by the source, the flags and this CPU's model, so it runs

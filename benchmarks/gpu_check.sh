@@ -11,14 +11,18 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
+export PYTHONUNBUFFERED=1
+# kernel tests in parallel where pytest-xdist is installed (it is on the lent GPU machine): the
+# time goes into Triton compiling each kernel variant, which parallelises over the CPU cores
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 mkdir -p "$OUT"
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/gpu_info.txt"
 
-"$PY" -m pytest tests/kernels -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/kernel_tests.log" | tail -15
+"$PY" -m pytest tests/kernels -q -p no:cacheprovider -rs $XDIST 2>&1 | tee "$OUT/kernel_tests.log" | tail -15
 tests=${PIPESTATUS[0]}
 
 "$PY" benchmarks/kernels.py --floor --out "$OUT" > "$OUT/kernels_floor.log" 2>&1

@@ -35,6 +35,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,11 +142,15 @@ def build_cache(args, n: int, batch: int, device, dtype):
 
 
 def _vllm_unified_attention():
+    """vLLM's Triton ``unified_attention`` and where it came from, or ``(None, why not)``. On the lent
+    GPU machine (no vLLM) ``PYTHONPATH`` may hold the kernel's source alone (``vllm_kernel_shim.py``)."""
     try:
+        import vllm
         from vllm.v1.attention.ops.triton_unified_attention import unified_attention
     except Exception as e:  # noqa: BLE001 - any import failure means "no vLLM baseline"
         return None, f"{type(e).__name__}: {e}"[:200]
-    return unified_attention, None
+    shim = getattr(vllm, "SHIM", None)
+    return unified_attention, f"vLLM {vllm.__version__} unified_attention" + (f", {shim}" if shim else "")
 
 
 def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dict, unified) -> dict:
@@ -183,13 +188,16 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
     t["dense_ours"] = timer(lambda: ops.dense_decode(q, cache, bt, seq_lens, scale, out=out, max_seq_len=n, **force))
     dense_out = out.clone()
     if unified is not None:
+        from vllm_sparse.gpu_attention import unified_split_kwargs
+
         cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
         o_v = torch.empty_like(q)
+        split = unified_split_kwargs(batch, h, hkv, d, device)  # as vLLM's Triton backend decodes
 
         def vllm_dense():
             unified(q=q, k=cache.key_cache, v=cache.value_cache, out=o_v, cu_seqlens_q=cu_q, max_seqlen_q=1,
                     seqused_k=seq_lens, max_seqlen_k=n, softmax_scale=scale, causal=True, window_size=(-1, -1),
-                    block_table=bt, softcap=0, q_descale=None, k_descale=None, v_descale=None)
+                    block_table=bt, softcap=0, q_descale=None, k_descale=None, v_descale=None, **split)
 
         try:
             t["dense_vllm"] = timer(vllm_dense)
@@ -216,52 +224,59 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
 
     # -- sparse ----------------------------------------------------------------------------
     for name, sel, cf in args.variants:
-        kw = dict(sink_tokens=args.sink_tokens, local_window=args.local_window, selection=sel, candidate_factor=cf)
-        if sel == "exact_pages":
-            kw["rescore_dims"] = args.rescore_dims
-        idx = torch.empty((batch, hkv, index_capacity(sel, att, args.page_size, args.sink_tokens,
-                                                        args.local_window)), dtype=torch.int32, device=device)
-        so = torch.empty_like(q)
-
-        def step():
-            ops.sparse_decode(q, cache, bt, seq_lens, attended, scale, out=so, indices_out=idx, max_seq_len=n,
-                              **kw, **force)
-
         p = f"sparse_{name}"
-        t[p] = timer(step)
-        t[p + "_select"] = timer(lambda: ops.select_topk(q, cache, bt, seq_lens, attended, scale, **kw, out=idx,
-                                                         max_seq_len=n, **force))
-        t[p + "_attn"] = timer(lambda: ops.sparse_attention(q, cache, bt, idx, scale, out=so, **force))
-        sargs = (q, cache, bt, seq_lens, scale, args.sink_tokens, args.local_window, "kv_head")
-        if sel == "page":
-            n_pages = -(-n // args.page_size)
-            c_cap = candidate_capacity(n_pages, att, args.page_size, args.sink_tokens, args.local_window, cf)
-            ub = page_scores_triton(*sargs, num_pages=n_pages)
-            cand = candidate_pages(ub, seq_lens, attended.long(), args.page_size, args.sink_tokens,
-                                   args.local_window, cf, c_cap)
-            t[p + "_score"] = timer(lambda: (page_scores_triton(*sargs, num_pages=n_pages),
-                                             token_scores_triton(*sargs, cand=cand)))
-        elif sel == "quest":
-            t[p + "_score"] = timer(lambda: page_scores_triton(*sargs, num_pages=-(-n // args.page_size)))
-        elif sel == "exact_pages":  # bounds, candidates, rescoring and the page top-k (all of the selection)
-            cnt = torch.minimum(attended.long(), seq_lens.long())
-            t[p + "_score"] = timer(lambda: exact_pages_triton(
-                q, cache, bt, seq_lens, cnt, scale, args.sink_tokens, args.local_window, "kv_head", cf,
-                args.rescore_dims, idx.shape[-1] // args.page_size, n))
-        else:
-            t[p + "_score"] = timer(lambda: token_scores_triton(*sargs, num_slots=n))
-        t[p + "_topk"] = max(t[p + "_select"] - t[p + "_score"], 0.0)
-        if cuda and not args.no_graph:
-            _time_graph(timer, step, t, row, p + "_graph")
-        if ops.compacted_route(sel, cache):
-            _time_compacted(t, row, p, q, cache, bt, seq_lens, attended, scale, kw, idx.shape[-1], n, so, timer,
-                            cuda and not args.no_graph, force, unified)
-        # correctness spot check: the first request against the torch reference
-        step()
-        one = (q[:1], cache, bt[:1], seq_lens[:1])
-        ref = R.sparse_decode(q[:1].float(), *one[1:], attended[:1], scale, **kw)
-        row[p + "_err_vs_reference"] = _rel(so[:1], ref)
-        row[p + "_approx_err_vs_dense"] = _rel(so, dense_out)  # sparsity error, not a bug check
+        try:
+            kw = dict(sink_tokens=args.sink_tokens, local_window=args.local_window, selection=sel, candidate_factor=cf)
+            if sel == "exact_pages":
+                kw["rescore_dims"] = args.rescore_dims
+            idx = torch.empty((batch, hkv, index_capacity(sel, att, args.page_size, args.sink_tokens,
+                                                            args.local_window)), dtype=torch.int32, device=device)
+            so = torch.empty_like(q)
+
+            def step():
+                ops.sparse_decode(q, cache, bt, seq_lens, attended, scale, out=so, indices_out=idx, max_seq_len=n,
+                                  **kw, **force)
+
+            t[p] = timer(step)
+            t[p + "_select"] = timer(lambda: ops.select_topk(q, cache, bt, seq_lens, attended, scale, **kw, out=idx,
+                                                             max_seq_len=n, **force))
+            t[p + "_attn"] = timer(lambda: ops.sparse_attention(q, cache, bt, idx, scale, out=so, **force))
+            sargs = (q, cache, bt, seq_lens, scale, args.sink_tokens, args.local_window, "kv_head")
+            if sel == "page":
+                n_pages = -(-n // args.page_size)
+                c_cap = candidate_capacity(n_pages, att, args.page_size, args.sink_tokens, args.local_window, cf)
+                ub = page_scores_triton(*sargs, num_pages=n_pages)
+                cand = candidate_pages(ub, seq_lens, attended.long(), args.page_size, args.sink_tokens,
+                                       args.local_window, cf, c_cap)
+                t[p + "_score"] = timer(lambda: (page_scores_triton(*sargs, num_pages=n_pages),
+                                                 token_scores_triton(*sargs, cand=cand)))
+            elif sel == "quest":
+                t[p + "_score"] = timer(lambda: page_scores_triton(*sargs, num_pages=-(-n // args.page_size)))
+            elif sel == "exact_pages":  # bounds, candidates, rescoring and the page top-k (all of the selection)
+                cnt = torch.minimum(attended.long(), seq_lens.long())
+                t[p + "_score"] = timer(lambda: exact_pages_triton(
+                    q, cache, bt, seq_lens, cnt, scale, args.sink_tokens, args.local_window, "kv_head", cf,
+                    args.rescore_dims, idx.shape[-1] // args.page_size, n))
+            else:
+                t[p + "_score"] = timer(lambda: token_scores_triton(*sargs, num_slots=n))
+            t[p + "_topk"] = max(t[p + "_select"] - t[p + "_score"], 0.0)
+            if cuda and not args.no_graph:
+                _time_graph(timer, step, t, row, p + "_graph")
+            if ops.compacted_route(sel, cache):
+                _time_compacted(t, row, p, q, cache, bt, seq_lens, attended, scale, kw, idx.shape[-1], n, so, timer,
+                                cuda and not args.no_graph, force, unified)
+            # correctness spot check: the first request against the torch reference
+            step()
+            one = (q[:1], cache, bt[:1], seq_lens[:1])
+            ref = R.sparse_decode(q[:1].float(), *one[1:], attended[:1], scale, **kw)
+            row[p + "_err_vs_reference"] = _rel(so[:1], ref)
+            row[p + "_approx_err_vs_dense"] = _rel(so, dense_out)  # sparsity error, not a bug check
+        except Exception as e:  # noqa: BLE001 - a variant that fails (e.g. does not compile) is reported
+            row[p + "_error"] = f"{type(e).__name__}: {e}"[:300]
+            row[p + "_traceback"] = traceback.format_exc()
+            print(row[p + "_traceback"], file=sys.stderr, flush=True)
+            for key in [k for k in t if k == p or k.startswith(p + "_")]:
+                del t[key]  # no partial timings of a failed variant
     if cuda and not args.no_graph:
         _time_graph(timer, lambda: ops.dense_decode(q, cache, bt, seq_lens, scale, out=out, max_seq_len=n), t, row,
                     "dense_ours_graph")
@@ -269,6 +284,8 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
     row["times_ms"] = t
     for name, _, _ in args.variants:
         p = f"sparse_{name}"
+        if p not in t:  # the variant failed: its error is in the row
+            continue
         row[p + "_speedup"] = t[dense_key] / t[p]
         if p + "_tables" in t:
             row[p + "_tables_speedup"] = t[dense_key] / t[p + "_tables"]
@@ -390,6 +407,8 @@ def add_bandwidth(row: dict, copy_bw: float, variants) -> None:
     row["dense_ours_bw_frac"] = row["dense_bytes"] / (t["dense_ours"] * 1e-3) / copy_bw
     for name, _, _ in variants:
         p = f"sparse_{name}"
+        if p not in t:
+            continue
         row[p + "_bw_frac"] = row[p + "_bytes"] / (t[p] * 1e-3) / copy_bw
         row[p + "_attn_bw_frac"] = row[p + "_attn_bytes"] / (t[p + "_attn"] * 1e-3) / copy_bw
 
@@ -411,6 +430,9 @@ def print_table(rows, variants) -> None:
                 f"{r['dense_baseline'][6:]:>10} {t.get('dense_sdpa', float('nan')):8.3f} |")
         for name, _, _ in variants:
             p = f"sparse_{name}"
+            if p not in t:
+                line += f" {'failed: ' + r.get(p + '_error', '?')[:80]:>86} |"
+                continue
             line += (f" {t[p]:12.3f} {r[p + '_speedup']:5.2f} {r[p + '_floor_x']:5.2f} {t[p + '_score']:6.3f}"
                      f" {t[p + '_topk']:6.3f} {t[p + '_attn']:6.3f} {t.get(p + '_graph', float('nan')):6.3f}"
                      f" {r[p + '_bw_frac']:5.2f} {t.get(p + '_tables', nan):7.3f} {r.get(p + '_tables_speedup', nan):5.2f}"
@@ -460,8 +482,10 @@ def plot(rows, variants, path: Path) -> str | None:
         ax1.plot(ctx, [r["times_ms"][r["dense_baseline"]] for r in rs], "o--", color=color, label=f"dense B={b}")
         for j, (name, _, _) in enumerate(variants):
             mk = markers[j % len(markers)]
-            ax1.plot(ctx, [r["times_ms"][f"sparse_{name}"] for r in rs], mk, color=color, label=f"{name} B={b}")
-            ax2.plot(ctx, [r[f"sparse_{name}_speedup"] for r in rs], mk, color=color, label=f"{name} B={b}")
+            nan = float("nan")  # a failed variant leaves a gap
+            ax1.plot(ctx, [r["times_ms"].get(f"sparse_{name}", nan) for r in rs], mk, color=color,
+                     label=f"{name} B={b}")
+            ax2.plot(ctx, [r.get(f"sparse_{name}_speedup", nan) for r in rs], mk, color=color, label=f"{name} B={b}")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context tokens")
@@ -506,11 +530,11 @@ def main(argv=None) -> int:
     if args.dry_run:
         unified, why = None, "dry-run: vLLM baseline not attempted"
     else:
-        unified, why = _vllm_unified_attention()
+        unified, why = _vllm_unified_attention()  # why: its source, or why there is none
     copy_bw = copy_bandwidth(timer, device, (1 << 30) if device.type == "cuda" else (1 << 24))
     info = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                 torch=torch.__version__, dry_run=args.dry_run, copy_bandwidth_GBps=copy_bw / 1e9,
-                vllm_baseline=why or "vllm unified_attention", settings=vars(args))
+                vllm_baseline=why, settings=vars(args))
     try:
         import triton
 
@@ -518,21 +542,29 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     print(f"device: {info['device']}  copy bandwidth: {copy_bw / 1e9:.0f} GB/s  dense baseline: "
-          f"{'vLLM unified_attention' if unified else 'ours (' + str(why) + ')'}")
+          f"{why if unified else 'ours (' + str(why) + ')'}")
     rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for n in args.contexts:
         for b in args.batches:
             t0 = time.perf_counter()
-            row = run_config(args, n, b, timer, device, dtype, force, unified)
+            try:
+                row = run_config(args, n, b, timer, device, dtype, force, unified)
+            except Exception as e:  # noqa: BLE001 - one failing configuration must not lose the others
+                row = dict(context=n, batch=b, skipped=f"failed: {type(e).__name__}: {e}"[:300],
+                           traceback=traceback.format_exc())
+                print(row["traceback"], file=sys.stderr, flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             if "skipped" not in row:
                 add_bandwidth(row, copy_bw, args.variants)
             row["wall_s"] = time.perf_counter() - t0
             rows.append(row)
             print(f"  done ctx={n} B={b} in {row['wall_s']:.1f} s" + (f" (skipped: {row['skipped']})"
                                                                         if "skipped" in row else ""), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1, default=str))
+            # written after every configuration: a run cut off by a time limit keeps what it measured
+            (out / "kernels.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1, default=str))
     note = plot(rows, args.variants, out / "kernels.png")
     print()
     print_table(rows, args.variants)

@@ -16,7 +16,12 @@ import torch
 
 from vllm_sparse.kernels import PagedKVCache
 
-__all__ = ["one_head_tables", "unified_table_decode"]
+__all__ = ["one_head_tables", "unified_split_kwargs", "unified_table_decode"]
+
+# vLLM's Triton backend (``vllm/v1/attention/backends/triton_attn.py``): decode batches of at most
+# MIN_LAUNCH_GRID_SIZE_2D // num_kv_heads sequences take the split ("3D") kernel, 16 segments per sequence
+MIN_LAUNCH_GRID_SIZE_2D = 128
+NUM_PAR_SOFTMAX_SEGMENTS = 16
 
 
 def one_head_tables(tables: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -24,6 +29,22 @@ def one_head_tables(tables: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     b, h, w = tables.shape
     heads = torch.arange(h, device=tables.device)[None, :, None]
     return (tables.long() * num_kv_heads + heads).view(b * h, w).to(torch.int32)
+
+
+def unified_split_kwargs(num_seqs: int, num_heads: int, num_kv_heads: int, head_size: int,
+                         device: torch.device) -> dict:
+    """The split-softmax arguments vLLM's Triton backend passes ``unified_attention`` for a decode
+    batch: without them the kernel runs one program per (sequence, KV head), which leaves most of a
+    GPU idle at small batches. ``num_heads`` / ``num_kv_heads``: of the call's query and cache."""
+    threshold = MIN_LAUNCH_GRID_SIZE_2D // num_kv_heads
+    if num_seqs > threshold:
+        return {}
+    segs, rows = NUM_PAR_SOFTMAX_SEGMENTS, threshold
+    d = 1 << (head_size - 1).bit_length()
+    return dict(seq_threshold_3D=threshold, num_par_softmax_segments=segs,
+                softmax_segm_output=torch.empty((rows, num_heads, segs, d), dtype=torch.float32, device=device),
+                softmax_segm_max=torch.empty((rows, num_heads, segs), dtype=torch.float32, device=device),
+                softmax_segm_expsum=torch.empty((rows, num_heads, segs), dtype=torch.float32, device=device))
 
 
 def unified_table_decode(query: torch.Tensor, cache: PagedKVCache, tables: torch.Tensor, lens: torch.Tensor,
@@ -48,5 +69,5 @@ def unified_table_decode(query: torch.Tensor, cache: PagedKVCache, tables: torch
                       max_seqlen_q=1, seqused_k=lens.reshape(-1).to(torch.int32).contiguous(), max_seqlen_k=max_len,
                       softmax_scale=scale, causal=True, window_size=(-1, -1),
                       block_table=one_head_tables(tables, hkv), softcap=0, q_descale=None, k_descale=None,
-                      v_descale=None)
+                      v_descale=None, **unified_split_kwargs(b * hkv, g, 1, d, query.device))
     return out

@@ -320,8 +320,7 @@ def _time_compacted(t, row, p, q, cache, bt, seq_lens, attended, scale, kw, capa
 
     from vllm_sparse.kernels import ops
     from vllm_sparse.kernels import reference as R
-    from vllm_sparse.kernels.selection import compact_pages
-    from vllm_sparse.kernels.triton_select import select_pages_triton
+    from vllm_sparse.kernels.triton_select import select_tables_triton
 
     def step():
         ops.sparse_decode(q, cache, bt, seq_lens, attended, scale, out=so, capacity=capacity, max_seq_len=n, **kw,
@@ -329,12 +328,11 @@ def _time_compacted(t, row, p, q, cache, bt, seq_lens, attended, scale, kw, capa
 
     t[p + "_tables"] = timer(step)
     sel_kw = dict(kw, granularity="kv_head", rescore_dims=kw.get("rescore_dims", 0))
-    pages = select_pages_triton(q, cache, bt, seq_lens, attended, scale, **sel_kw, capacity=capacity, max_seq_len=n)
-    tables, lens = compact_pages(pages, bt, seq_lens, cache.page_size)
+    tables, lens = select_tables_triton(q, cache, bt, seq_lens, attended, scale, **sel_kw, capacity=capacity,
+                                        max_seq_len=n)
     width = tables.shape[-1] * cache.block_size
-    t[p + "_tables_select"] = timer(lambda: compact_pages(select_pages_triton(
-        q, cache, bt, seq_lens, attended, scale, **sel_kw, capacity=capacity, max_seq_len=n), bt, seq_lens,
-        cache.page_size))
+    t[p + "_tables_select"] = timer(lambda: select_tables_triton(q, cache, bt, seq_lens, attended, scale, **sel_kw,
+                                                                 capacity=capacity, max_seq_len=n))
     t[p + "_tables_attn"] = timer(lambda: ops.table_decode(q, cache, tables, lens, scale, out=so, max_len=width,
                                                            **force))
     step()

@@ -308,8 +308,7 @@ def _compacted_decode(query, cache, block_table, seq_lens, attended, scale, sele
                       num_splits) -> torch.Tensor:
     """Whole-page sparse decode: the chosen pages, sorted, are each head's block table; the dense
     split-K kernel walks them (contiguous page rows, no position list)."""
-    from .selection import compact_pages
-    from .triton_select import select_pages_triton
+    from .triton_select import select_tables_triton
 
     if capacity is None:  # a sync: the backend passes the step's host-side width
         count = torch.minimum(attended.long(), seq_lens.long())
@@ -317,10 +316,9 @@ def _compacted_decode(query, cache, block_table, seq_lens, attended, scale, sele
                                   select["sink_tokens"], select["local_window"])
     if query.shape[0] == 0 or capacity == 0:
         return out if out is not None else torch.empty_like(query)
-    pages = select_pages_triton(query, cache, block_table, seq_lens, attended, scale, **select, capacity=capacity,
-                                max_seq_len=max_seq_len)
-    tables, lens = compact_pages(pages, block_table, seq_lens, cache.page_size)
-    return table_decode(query, cache, tables, lens, scale, out=out, max_len=pages.shape[-1] * cache.page_size,
+    tables, lens = select_tables_triton(query, cache, block_table, seq_lens, attended, scale, **select,
+                                        capacity=capacity, max_seq_len=max_seq_len)
+    return table_decode(query, cache, tables, lens, scale, out=out, max_len=tables.shape[-1] * cache.page_size,
                         num_splits=num_splits, force_triton=True)
 
 

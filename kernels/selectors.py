@@ -201,13 +201,12 @@ class Quest(Selector):
                                 x.sink_tokens, x.local_window, x.candidate_factor, quest=True)
 
     def pages_triton(self, x):
-        from .selection import candidate_pages
-        from .triton_select import page_scores_triton
+        from .triton_select import page_scores_triton, ranked_pages_triton
 
         ub = page_scores_triton(x.query, x.cache, x.block_table, x.seq_lens, x.scale, x.sink_tokens, x.local_window,
                                 x.granularity, num_pages=x.num_pages)
-        return candidate_pages(ub, x.seq_lens, x.count, x.cache.page_size, x.sink_tokens, x.local_window,
-                               x.candidate_factor, _max_pages(x), quest=True)
+        val, top = ub.topk(min(_max_pages(x), ub.shape[-1]), dim=-1)
+        return ranked_pages_triton(val, top, x.seq_lens, x.count, x.cache.page_size, x.sink_tokens, x.local_window)
 
     def cpu_candidate_factor(self, candidate_factor):
         return 1.0

@@ -43,14 +43,15 @@ import triton.language as tl
 
 from .layout import PagedKVCache
 from .selectors import SelectInputs, get_selector
-from .selection import (GRANULARITIES, candidate_capacity, candidate_pages, index_capacity, page_counts,
-                        page_positions, recent_positions, rescore_dims_mask, sorted_positions, topk_into, topk_rows,
-                        write_rows)
+from .selection import (GRANULARITIES, compact_pages, index_capacity, page_positions, recent_positions,
+                        rescore_dims_mask, sorted_positions, topk_into, write_rows)
 from .triton_sparse_attn import _check_query, _dot, _load_rows, _math_mode, _paged_slots
 
 __all__ = [
     "select_topk_triton",
     "select_pages_triton",
+    "select_tables_triton",
+    "ranked_pages_triton",
     "exact_pages_triton",
     "page_scores_triton",
     "token_scores_triton",
@@ -261,6 +262,119 @@ def _token_score_kernel(
 # --------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------
+@triton.jit
+def _ranked_pages_kernel(
+    val_ptr,  # [B, S, W] fp32 top-k values, best first
+    idx_ptr,  # [B, S, W] top-k indices: page ids, or positions in ``cand`` rows (USE_CAND)
+    cand_ptr,  # [B, S, C] page ids (-1 padded) when USE_CAND
+    seq_ptr,  # [B] context lengths
+    att_ptr,  # [B] tokens kept per head (before rounding to pages)
+    factor_ptr,  # [1] float64 candidate factor when USE_FACTOR
+    bt_ptr,  # [B, max_blocks] block table (COMPACT)
+    out_ptr,  # COMPACT: [B, S, W] int32 block ids; else [B, S, W] int64 page ids (-1 padded)
+    len_ptr,  # COMPACT: [B, S] int32 tokens per row
+    sink_pages, local_window, W,
+    stride_vb, stride_vs, stride_ib, stride_is, stride_cb, stride_cs, stride_btb, stride_ob, stride_os,
+    stride_lb, stride_ls,
+    PAGE_SIZE: tl.constexpr, BLOCK_W: tl.constexpr, USE_CAND: tl.constexpr, USE_FACTOR: tl.constexpr,
+    COMPACT: tl.constexpr,
+):
+    """One program per (request, selection head): keep the first ``n`` of a top-k row and either write
+    them as page ids in rank order (``-1`` padded) or, ``COMPACT``, as the row's compacted block
+    table (ascending pages) and its token count — :func:`.selection.candidate_pages` /
+    :func:`.selection.topk_rows` + :func:`.selection.compact_pages` in one launch.
+
+    ``n`` is Quest's page count (:func:`.selection.page_counts` with ``quest=True``), or with
+    ``USE_FACTOR`` ``min(ceil(n · factor), pages)`` (``exact_pages``' candidates); computed here from
+    ``seq_lens`` and ``attended``, so no per-step tensor is needed. An entry is kept when its rank
+    is below ``n``, its value above ``-inf`` and its page valid."""
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    seq = tl.load(seq_ptr + b).to(tl.int64)
+    count = tl.minimum(tl.load(att_ptr + b).to(tl.int64), seq)
+    num_pages = (seq + PAGE_SIZE - 1) // PAGE_SIZE
+    lo = tl.minimum(num_pages * 0 + sink_pages, num_pages)
+    if local_window > 0:
+        hi = tl.maximum(seq - local_window, 0) // PAGE_SIZE
+    else:
+        hi = num_pages
+    n_forced = lo + (num_pages - hi) - tl.maximum(lo - hi, 0)
+    n = tl.minimum(tl.maximum((count + PAGE_SIZE - 1) // PAGE_SIZE, n_forced), num_pages)
+    if USE_FACTOR:
+        f = tl.load(factor_ptr)
+        n = tl.minimum(tl.ceil(n.to(tl.float64) * f).to(tl.int64), num_pages)
+    r = tl.arange(0, BLOCK_W)
+    in_row = r < W
+    val = tl.load(val_ptr + b * stride_vb + s * stride_vs + r, mask=in_row, other=float("-inf"))
+    idx = tl.load(idx_ptr + b * stride_ib + s * stride_is + r, mask=in_row, other=0).to(tl.int64)
+    if USE_CAND:
+        page = tl.load(cand_ptr + b * stride_cb + s * stride_cs + idx, mask=in_row, other=-1).to(tl.int64)
+    else:
+        page = idx
+    keep = in_row & (r < n) & (val > float("-inf")) & (page >= 0)
+    if COMPACT:
+        big = 2147483647
+        key = tl.sort(tl.where(keep, page, big))  # kept pages ascending, the rest last
+        valid = key != big
+        safe = tl.where(valid, key, 0)  # past the row: the request's first block, never read
+        blk = tl.load(bt_ptr + b * stride_btb + safe, mask=in_row, other=0)
+        tl.store(out_ptr + b * stride_ob + s * stride_os + r, blk.to(tl.int32), mask=in_row)
+        last = num_pages - 1  # the partial page, if chosen, counts only its tokens
+        has_last = tl.sum((valid & (key == last)).to(tl.int32), axis=0) > 0
+        short = tl.where(has_last, (last + 1) * PAGE_SIZE - seq, 0)
+        n_valid = tl.sum(valid.to(tl.int64), axis=0)
+        tl.store(len_ptr + b * stride_lb + s * stride_ls, (n_valid * PAGE_SIZE - short).to(tl.int32))
+    else:
+        tl.store(out_ptr + b * stride_ob + s * stride_os + r, tl.where(keep, page, -1), mask=in_row)
+
+
+_FACTORS: dict = {}
+
+
+def ranked_pages_triton(val: torch.Tensor, idx: torch.Tensor, seq_lens: torch.Tensor, attended: torch.Tensor,
+                        page_size: int, sink_tokens: int, local_window: int, *, cand: torch.Tensor | None = None,
+                        candidate_factor: float | None = None, block_table: torch.Tensor | None = None):
+    """Cut a top-k ``(val, idx)`` ``[B, S, W]`` of page scores to each request's page count, in one launch.
+
+    Without ``block_table``: ``[B, S, W]`` int64 page ids in rank order, ``-1`` padded — Quest's count
+    (:func:`.selection.candidate_pages` with ``quest=True``), or ``min(ceil(count · candidate_factor),
+    pages)``. With ``block_table``: the kept pages as :func:`.selection.compact_pages` tables, ``(tables
+    [B, S, W] int32, lens [B, S] int32)``. ``cand``: ``idx`` indexes these ``[B, S, C]`` page rows.
+    Device-side, no sync.
+    """
+    b, s, w = val.shape
+    dev = val.device
+    compact = block_table is not None
+    if candidate_factor is not None:
+        key = (float(candidate_factor), dev)
+        if key not in _FACTORS:  # one tiny host->device copy per factor and device, then cached
+            _FACTORS[key] = torch.tensor([float(candidate_factor)], dtype=torch.float64, device=dev)
+        factor = _FACTORS[key]
+    else:
+        factor = val
+    if compact:
+        out = torch.empty((b, s, w), dtype=torch.int32, device=dev)
+        lens = torch.empty((b, s), dtype=torch.int32, device=dev)
+        bt, bt_stride, l_strides = block_table, block_table.stride(0), lens.stride()
+    else:
+        out = torch.empty((b, s, w), dtype=torch.int64, device=dev)
+        lens, bt, bt_stride, l_strides = out, out, 0, (0, 0)
+    c = cand if cand is not None else idx
+    if compact and bt.stride(1) != 1:
+        bt = bt.contiguous()
+        bt_stride = bt.stride(0)
+    if b * s and w:
+        _ranked_pages_kernel[(b, s)](
+            val, idx, c, seq_lens, attended, factor, bt, out, lens,
+            -(-sink_tokens // page_size), local_window, w,
+            val.stride(0), val.stride(1), idx.stride(0), idx.stride(1), c.stride(0), c.stride(1), bt_stride,
+            out.stride(0), out.stride(1), *l_strides,
+            PAGE_SIZE=page_size, BLOCK_W=triton.next_power_of_2(w), USE_CAND=cand is not None,
+            USE_FACTOR=candidate_factor is not None, COMPACT=compact, num_warps=1 if w <= 256 else 4,
+        )
+    return (out, lens) if compact else out
+
+
 def _tile(fp32_dot: bool) -> int:
     # interpreter: few, large tiles; fp32 (FMA dot): smaller tiles keep registers in check
     if _INTERPRET:
@@ -285,12 +399,14 @@ def page_scores_triton(
     granularity: str,
     num_pages: int,
     with_key_range: bool = False,
+    range_tiles: bool = False,
 ):
     """Stage 1 scores: ``[B, S, num_pages]`` fp32 page upper bounds (``+inf`` forced, ``-inf`` invalid).
 
     ``num_pages``: static page-axis length, ``>= ceil(max(seq_lens) / page_size)``.
     ``with_key_range``: also return :func:`.selection.scored_key_range` of the bounds read
-    (``[B, S, head_size]``), computed in the same pass: ``(scores, key_range)``.
+    (``[B, S, head_size]``), computed in the same pass: ``(scores, key_range)``; with
+    ``range_tiles`` unreduced, per page tile, ``(scores, (klo, khi))`` (for :func:`rescore_query_triton`).
     """
     b, num_heads, d = query.shape
     hkv, ps = cache.num_kv_heads, cache.page_size
@@ -316,6 +432,8 @@ def page_scores_triton(
     )
     if not with_key_range:
         return ub
+    if range_tiles:
+        return ub, (klo, khi)
     lo, hi = klo.amin(2)[..., :d], khi.amax(2)[..., :d]  # [B, Hkv, D]
     key_range = torch.where(hi[..., :1] > float("-inf"), hi - lo, 1.0)  # no scored page: |q| alone
     if s_heads != hkv:  # query_head granularity: each query head takes its KV head's range
@@ -388,6 +506,66 @@ def rescore_query(query: torch.Tensor, key_range: torch.Tensor, s_heads: int, re
     return (q * keep[:, :, None, :].to(q.dtype)).view(b, num_heads, d)
 
 
+@triton.jit
+def _rescore_query_kernel(
+    q_ptr,  # [B, num_heads, head_size]
+    klo_ptr,  # [B, num_kv_heads, num_tiles, BLOCK_D] fp32: per page tile, min kmin over scored pages
+    khi_ptr,  # same shape: max kmax
+    out_ptr,  # [B, num_heads, head_size], the query's dtype
+    n_tiles, rescore_dims, num_kv_heads, rows_per_kv,  # rows_per_kv: selection heads per KV head (1, or the group)
+    stride_qb, stride_qh, stride_ob, stride_oh,
+    HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """One program per (request, selection head): the key range from the page tiles' bounds
+    (:func:`.selection.scored_key_range`), each dim's weight ``Σ_group |q_e| × range_e``, and the
+    group's query zeroed outside the ``rescore_dims`` heaviest dims, ties to the lower dim
+    (:func:`.selection.rescore_dims_mask`) — :func:`rescore_query`'s dozen torch ops in one launch."""
+    b = tl.program_id(0)
+    sh = tl.program_id(1)
+    kvh = sh // rows_per_kv
+    d = tl.arange(0, BLOCK_D)
+    lo = tl.full((BLOCK_D,), float("inf"), tl.float32)
+    hi = tl.full((BLOCK_D,), float("-inf"), tl.float32)
+    base = (b * num_kv_heads + kvh) * n_tiles * BLOCK_D
+    for t in range(0, n_tiles):
+        lo = tl.minimum(lo, tl.load(klo_ptr + base + t * BLOCK_D + d))
+        hi = tl.maximum(hi, tl.load(khi_ptr + base + t * BLOCK_D + d))
+    scored = tl.max(tl.where(d == 0, hi, float("-inf")), axis=0) > float("-inf")  # any scored page
+    key_range = tl.where(scored, hi - lo, 1.0)
+    g = tl.arange(0, BLOCK_G)
+    heads = sh * GROUP + g
+    in_d = d < HEAD_SIZE
+    m = (g < GROUP)[:, None] & in_d[None, :]
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=m, other=0.0)
+    w = tl.sum(tl.abs(q.to(tl.float32)), axis=0) * key_range  # >= 0: its bits order like its values
+    key = (w.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_D - 1 - d).to(tl.int64)
+    key = tl.where(in_d, key, -1)
+    kth = tl.sum(tl.where(d == rescore_dims - 1, tl.sort(key, descending=True), 0), axis=0)
+    keep = (key >= kth) & in_d
+    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+             tl.where(keep[None, :], q, tl.zeros_like(q)), mask=m)
+
+
+def rescore_query_triton(query: torch.Tensor, klo: torch.Tensor, khi: torch.Tensor, s_heads: int,
+                         rescore_dims: int) -> torch.Tensor:
+    """:func:`rescore_query` from the page-score kernel's unreduced key-range tiles
+    (``page_scores_triton(..., with_key_range=True, range_tiles=True)``), in one launch; the same
+    query (zeroed dims are +0). Unchanged for ``rescore_dims`` 0 or ``>= head_size``."""
+    b, num_heads, d = query.shape
+    if not 0 < rescore_dims < d:
+        return query
+    hkv, n_tiles, block_d = klo.shape[1], klo.shape[2], klo.shape[3]
+    group = num_heads // s_heads
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    out = torch.empty_like(query)
+    _rescore_query_kernel[(b, s_heads)](
+        query, klo, khi, out, n_tiles, rescore_dims, hkv, s_heads // hkv,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        HEAD_SIZE=d, BLOCK_D=block_d, GROUP=group, BLOCK_G=triton.next_power_of_2(group), num_warps=4,
+    )
+    return out
+
+
 def exact_pages_triton(
     query: torch.Tensor,
     cache: PagedKVCache,
@@ -405,26 +583,80 @@ def exact_pages_triton(
 ) -> torch.Tensor:
     """``[B, S, ≤ max_pages]`` page ids (−1 padded) of ``selection="exact_pages"`` (see the module
     docstring; the reference is :func:`.reference._exact_pages`). Device-side, no sync."""
+    page_score, cand = _exact_page_scores(query, cache, block_table, seq_lens, count, scale, sink_tokens,
+                                          local_window, granularity, candidate_factor, rescore_dims, max_pages,
+                                          max_seq_len)
+    val, top = page_score.topk(min(max_pages, page_score.shape[-1]), dim=-1)
+    return ranked_pages_triton(val, top, seq_lens, count, cache.page_size, sink_tokens, local_window, cand=cand)
+
+
+def _exact_page_scores(query, cache, block_table, seq_lens, count, scale, sink_tokens, local_window, granularity,
+                       candidate_factor, rescore_dims, max_pages, max_seq_len):
+    """``exact_pages`` up to the final top-k: ``(page_score, cand)``, both ``[B, S, C]`` — each candidate
+    page's exact max ``q·k`` (``+inf`` forced, ``-inf`` no page) and the candidates' page ids."""
     ps = cache.page_size
     s_heads = cache.num_kv_heads if granularity == "kv_head" else query.shape[1]
     n_pages = triton.cdiv(max_seq_len, ps)
     rescore = 0 < rescore_dims < query.shape[-1]
     stage1 = page_scores_triton(query, cache, block_table, seq_lens, scale, sink_tokens, local_window, granularity,
-                                num_pages=n_pages, with_key_range=rescore)
-    ub, key_range = stage1 if rescore else (stage1, None)  # rescore_query leaves the query whole without
-    attend = page_counts(seq_lens, count, ps, sink_tokens, local_window, 1.0, quest=True)  # [B] pages attended
-    num_pages = (seq_lens.long() + ps - 1) // ps
-    n_cand = torch.minimum(torch.ceil(attend.double() * candidate_factor).long(), num_pages)
+                                num_pages=n_pages, with_key_range=rescore, range_tiles=True)
+    ub, tiles = stage1 if rescore else (stage1, None)
+    # candidates: min(ceil(Quest's page count × factor), pages) bound-ranked pages per row
     c_cap = max(1, min(n_pages, math.ceil(max_pages * candidate_factor)))
-    top, keep = topk_rows(ub, n_cand, c_cap)
-    cand = torch.where(keep, top, -1)  # [B, S, C]
+    val, top = ub.topk(min(c_cap, ub.shape[-1]), dim=-1)
+    cand = ranked_pages_triton(val, top, seq_lens, count, ps, sink_tokens, local_window,
+                               candidate_factor=candidate_factor)  # [B, S, C]
     # unscaled q·k (scale 1): the reference ranks pages by max q·k, and a scale could merge near-ties
-    rq = rescore_query(query, key_range, s_heads, rescore_dims)
+    rq = rescore_query_triton(query, *tiles, s_heads, rescore_dims) if rescore else query
     scores, _ = token_scores_triton(rq, cache, block_table, seq_lens, 1.0, sink_tokens, local_window, granularity,
                                     cand=cand)
-    page_score = scores.view(*cand.shape, ps).amax(-1)  # forced tokens are +inf: so are their pages
-    top, keep = topk_rows(page_score, attend, max_pages)
-    return torch.where(keep, cand.gather(-1, top), -1)
+    return scores.view(*cand.shape, ps).amax(-1), cand  # forced tokens are +inf: so are their pages
+
+
+def select_tables_triton(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    attended: torch.Tensor,
+    scale: float,
+    sink_tokens: int,
+    local_window: int,
+    selection: str,
+    granularity: str,
+    candidate_factor: float,
+    rescore_dims: int,
+    capacity: int,
+    max_seq_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_pages_triton` then :func:`.selection.compact_pages`: each (request, selection
+    head)'s chosen pages as its block table, ``(tables [B, S, W] int32, lens [B, S] int32)``.
+
+    ``quest`` and ``exact_pages`` cut their final top-k and build the tables in one launch
+    (:func:`ranked_pages_triton`): a decode step is host-bound on a GPU at small batches, and the
+    torch ops this replaces were most of its launches. Other whole-page selectors take the two
+    functions. Same tables either way. Device-side, no sync given ``max_seq_len``."""
+    _check_select_args(selection, granularity)
+    _check_query(query, cache)
+    if selection not in ("quest", "exact_pages"):
+        pages = select_pages_triton(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window,
+                                    selection, granularity, candidate_factor, rescore_dims, capacity, max_seq_len)
+        return compact_pages(pages, block_table, seq_lens, cache.page_size)
+    ps = cache.page_size
+    max_seq_len = max(int(seq_lens.max() if max_seq_len is None else max_seq_len), 1)
+    n_pages = triton.cdiv(max_seq_len, ps)
+    max_pages = max(1, min(n_pages, capacity // ps))
+    if selection == "quest":
+        scores = page_scores_triton(query, cache, block_table, seq_lens, scale, sink_tokens, local_window,
+                                    granularity, num_pages=n_pages)
+        cand = None
+    else:
+        scores, cand = _exact_page_scores(query, cache, block_table, seq_lens, attended, scale, sink_tokens,
+                                          local_window, granularity, candidate_factor, rescore_dims, max_pages,
+                                          max_seq_len)
+    val, top = scores.topk(min(max_pages, scores.shape[-1]), dim=-1)
+    return ranked_pages_triton(val, top, seq_lens, attended, ps, sink_tokens, local_window, cand=cand,
+                               block_table=block_table)
 
 
 def select_topk_triton(

@@ -94,7 +94,7 @@ def main() -> int:
     from vllm_sparse.kernels import PagedKVCache
     from vllm_sparse.kernels.triton_kv_write import write_kv_triton
     from vllm_sparse.kernels.triton_paged_attn import paged_attention_triton
-    from vllm_sparse.kernels.triton_select import select_topk_triton
+    from vllm_sparse.kernels.triton_select import select_tables_triton, select_topk_triton
     from vllm_sparse.kernels.triton_sparse_attn import (dense_decode_triton, sparse_attention_triton,
                                                         table_decode_triton)
 
@@ -127,6 +127,10 @@ def main() -> int:
                     for gran in ("kv_head", "query_head"):  # exact_pages: the default, dims rescored
                         select_topk_triton(q, c, bt, seq_lens, att, 0.1, 4, 16, sel, gran, capacity=64,
                                            max_seq_len=512, rescore_dims=12 if sel == "exact_pages" else 0)
+                c16 = PagedKVCache.allocate(64, 16, hkv, d, 16, dtype, fill=0.5)  # page = block: compacted route
+                for sel in ("quest", "exact_pages"):
+                    select_tables_triton(q, c16, bt, seq_lens, att, 0.1, 4, 16, sel, "kv_head", 4.0,
+                                         12 if sel == "exact_pages" else 0, capacity=96, max_seq_len=512)
     except Exception:
         import traceback
 

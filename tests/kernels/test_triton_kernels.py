@@ -232,6 +232,36 @@ def test_page_scores_emit_the_scored_key_range(granularity):
                                               num_pages=n_pages))
 
 
+@pytest.mark.parametrize("granularity", ["kv_head", "query_head"])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_size, dtype, rescore_dims",
+                         [(6, 2, 64, BF16, 12), (32, 8, 128, BF16, 16), (8, 1, 64, F32, 5), (4, 4, 128, F16, 127)])
+def test_rescore_query_kernel_is_the_torch_ops(granularity, num_heads, num_kv_heads, head_size, dtype, rescore_dims):
+    """:func:`rescore_query_triton` (one launch, from the page kernel's unreduced tiles) gives the query
+    :func:`rescore_query` builds from the reduced key range: same dims kept (ties to the lower dim:
+    planted equal weights), same values, the ``|q|`` fallback in a row with no scored page."""
+    from vllm_sparse.kernels.triton_select import page_scores_triton, rescore_query, rescore_query_triton
+
+    lens = [1100, 70, 9, 300]  # 9 tokens at page size 4 with sink 4 + window 8: no scored page
+    c = case(lens, num_heads, num_kv_heads, head_size, 16, 4, dtype)
+    q = torch.randn(len(lens), num_heads, head_size, device=DEV).to(dtype)
+    q[2, :, 1::2] = -q[2, :, 0::2]  # no scored page (range 1): pairs of dims tie on Σ|q|
+    n_pages = -(-max(lens) // 4)
+    args = (q, c.cache, c.block_table, c.seq_lens, 0.1, 4, 8, granularity)
+    _, key_range = page_scores_triton(*args, num_pages=n_pages, with_key_range=True)
+    _, (klo, khi) = page_scores_triton(*args, num_pages=n_pages, with_key_range=True, range_tiles=True)
+    assert klo.shape[2] > 1 or INTERPRETED  # several page tiles to reduce (natively)
+    s = num_kv_heads if granularity == "kv_head" else num_heads
+    want = rescore_query(q, key_range, s, rescore_dims)
+    got = rescore_query_triton(q, klo, khi, s, rescore_dims)
+    assert torch.equal(got, want)
+    assert int((got != 0).sum(-1).max()) <= rescore_dims
+    if rescore_dims % 2:  # an odd count splits one tied pair: its lower dim is kept
+        kept = (got[2, 0] != 0).view(-1, 2)
+        assert int(kept.sum()) == rescore_dims
+        assert not bool((kept[:, 1] & ~kept[:, 0]).any()) and int((kept[:, 0] & ~kept[:, 1]).sum()) == 1
+    assert rescore_query_triton(q, klo, khi, s, head_size) is q
+
+
 @pytest.mark.parametrize("candidate_factor", [0.5, 8.0])
 def test_page_selection_candidate_counts(candidate_factor):
     """Few candidates (fewer tokens than the budget) and candidates covering every page."""
@@ -292,6 +322,57 @@ def _random_indices(lens, s, width, device):
         for h in range(s):
             idx[b, h, torch.randperm(width)[:m]] = torch.randperm(n)[:m]
     return idx.to(device)
+
+
+@pytest.mark.parametrize("window, factor", [(0, None), (20, None), (20, 2.5), (0, 3.3), (37, 1.0)])
+def test_ranked_pages_kernel_is_the_torch_cut_and_compaction(window, factor):
+    """:func:`ranked_pages_triton` (one launch) against the torch ops it replaces on the whole-page
+    route: the same top-k cut to Quest's page count (or ``ceil(count × factor)``: 3.3 is not exact
+    in float32, the count is taken in float64 as in the torch code), through a candidate map, and
+    compacted into block tables — bit-equal. Forced (+inf) and past-the-end (-inf) pages, partial
+    last pages, budgets above the context."""
+    from vllm_sparse.kernels.selection import candidate_pages, page_counts, topk_rows
+    from vllm_sparse.kernels.triton_select import ranked_pages_triton
+
+    ps, sink, b, s = 16, 5, 6, 3
+    seq = torch.tensor([1, 15, 16, 300, 777, 1024], device=DEV)
+    att = torch.tensor([64, 64, 1, 80, 2000, 333], device=DEV)
+    n_pages = -(-1024 // ps)
+    bt = torch.randperm(b * n_pages, device=DEV).view(b, n_pages).to(torch.int32)
+    ub = torch.randn(b, s, n_pages, device=DEV)
+    page = torch.arange(n_pages, device=DEV)
+    num = (seq + ps - 1) // ps
+    from vllm_sparse.kernels.selection import forced_page_mask
+
+    ub = ub.masked_fill(forced_page_mask(page.expand(b, s, -1), seq, ps, sink, window), float("inf"))
+    ub = ub.masked_fill(page >= num[:, None, None], float("-inf"))
+    count = torch.minimum(att, seq)
+    width = 24
+    val, top = ub.topk(width, dim=-1)
+    if factor is None:  # Quest's pages: the candidate_pages + compact_pages route
+        want = candidate_pages(ub, seq, count, ps, sink, window, 1.0, width, quest=True)
+    else:  # exact_pages' candidates: min(ceil(quest count × factor), pages)
+        attend = page_counts(seq, count, ps, sink, window, 1.0, quest=True)
+        n_cand = torch.minimum(torch.ceil(attend.double() * factor).long(), num)
+        t, keep = topk_rows(ub, n_cand, width)
+        want = torch.where(keep, t, -1)
+    got = ranked_pages_triton(val, top, seq, att, ps, sink, window, candidate_factor=factor)
+    assert torch.equal(got, want)
+    tables, lens = ranked_pages_triton(val, top, seq, att, ps, sink, window, candidate_factor=factor,
+                                       block_table=bt)
+    want_t, want_l = compact_pages(want, bt, seq, ps)
+    valid = torch.arange(width, device=DEV) < (want >= 0).sum(-1, keepdim=True)
+    assert torch.equal(lens, want_l) and torch.equal(tables[valid], want_t[valid])
+    # through a candidate map (exact_pages' final cut): idx indexes the candidates' page ids
+    cand = torch.where(torch.rand(b, s, width, device=DEV) < 0.2, -1, torch.randint(0, n_pages, (b, s, width),
+                                                                                        device=DEV))
+    cand = torch.minimum(cand, num[:, None, None] - 1)
+    score = torch.randn(b, s, width, device=DEV).masked_fill(cand < 0, float("-inf"))
+    v2, t2 = score.topk(9, dim=-1)
+    attend = page_counts(seq, count, ps, sink, window, 1.0, quest=True)
+    t, keep = topk_rows(score, attend, 9)
+    assert torch.equal(ranked_pages_triton(v2, t2, seq, att, ps, sink, window, cand=cand),
+                       torch.where(keep, cand.gather(-1, t), -1))
 
 
 @pytest.mark.parametrize(

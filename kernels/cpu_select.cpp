@@ -2,6 +2,7 @@
 // cpp_extension on first use (kernels/cpu_ext.py). Pure-torch twins, the test oracles:
 //   update_page_summaries  -> kernels/reference.py::update_page_summaries
 //   quest_select           -> vllm_sparse/cpu_attention.py::select_pages_reference
+//   reuse_rows             -> vllm_sparse/cpu_attention.py::reuse_rows_reference
 //
 // Cache memory (kernels/layout.py): head slot r = block * num_kv_heads + head holds
 // `slot_size` elements; its page summaries start at `summary_offset`: one row
@@ -309,6 +310,56 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
   }
 }
 
+// The rows (request, KV head) of a decode step that may keep last step's pages (`reselect_every`):
+// each row's table row of the previous step (`src`), padded to `width` by repeating its last entry,
+// with the request's new page where `grown_mask` says; and the `reselect_similarity` gate — a row
+// keeps only while its unit query (its KV head's group of query heads, concatenated, float32)
+// dotted with the one it selected with is >= `min_similarity`. Failing rows are marked `prior`
+// (to refresh) when `refresh`. One call per layer for what were a dozen torch ops.
+// Twin: vllm_sparse/cpu_attention.py::reuse_rows_reference.
+template <typename T>
+void reuse_impl(const at::Tensor& query, int64_t h, const at::Tensor& prev_table, const int64_t* rows,
+                const uint8_t* keep, const uint8_t* grown_mask, const int32_t* grown_new, const float* prev_ref,
+                double min_similarity, at::Tensor& table, uint8_t* keep_out, uint8_t* prior, float* qn) {
+  const int64_t b = query.size(0), g = query.size(1) / h, d = query.size(2);
+  const int64_t n = b * h, width = table.size(1), wp = prev_table.size(1), gd = g * d;
+  const T* q = query.data_ptr<T>();
+  const int64_t qs0 = query.stride(0), qs1 = query.stride(1);
+  const int32_t* pt = prev_table.data_ptr<int32_t>();
+  int32_t* out = table.data_ptr<int32_t>();
+  const float thr = static_cast<float>(min_similarity);
+#pragma omp parallel for if (n > 64)
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t src = rows[r];
+    const int32_t* from = pt + src * wp;
+    int32_t* o = out + r * width;
+    for (int64_t j = 0; j < width; ++j) o[j] = from[j < wp ? j : wp - 1];
+    if (grown_mask != nullptr)
+      for (int64_t j = 0; j < width; ++j)
+        if (grown_mask[r * width + j]) o[j] = grown_new[r];
+    bool kept = keep[r] != 0;
+    if (qn != nullptr) {  // the gate: this row's unit query
+      const int64_t req = r / h, head = r % h;
+      float* u = qn + r * gd;
+      for (int64_t k = 0; k < g; ++k) to_f32(q + req * qs0 + (head * g + k) * qs1, u + k * d, d);
+      float ss = 0.f;
+      for (int64_t e = 0; e < gd; ++e) ss += u[e] * u[e];
+      const float nrm = std::max(std::sqrt(ss), 1e-12f);  // torch.nn.functional.normalize's eps
+      for (int64_t e = 0; e < gd; ++e) u[e] /= nrm;
+      if (prev_ref != nullptr) {
+        const float* ref = prev_ref + src * gd;
+        float dot = 0.f;
+        for (int64_t e = 0; e < gd; ++e) dot += u[e] * ref[e];
+        const bool close = dot >= thr;
+        if (prior != nullptr) prior[r] = kept && !close;
+        kept = kept && close;
+        if (kept) std::copy(ref, ref + gd, u);  // a kept row keeps the query it selected with
+      }
+    }
+    keep_out[r] = kept;
+  }
+}
+
 }  // namespace
 
 void update_page_summaries(const at::Tensor& key, const at::Tensor& slots, at::Tensor rows, int64_t summary_offset,
@@ -359,6 +410,53 @@ void quest_select(const at::Tensor& query, const at::Tensor& rows, int64_t summa
   });
 }
 
+std::vector<at::Tensor> reuse_rows(const at::Tensor& query, int64_t num_kv_heads, const at::Tensor& prev_table,
+                                   const at::Tensor& rows, const at::Tensor& keep, int64_t width,
+                                   const c10::optional<at::Tensor>& grown_mask,
+                                   const c10::optional<at::Tensor>& grown_new,
+                                   const c10::optional<at::Tensor>& prev_ref, double min_similarity, bool refresh) {
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.size(1) % num_kv_heads == 0,
+              "query must be [B, num_heads, D] with unit last stride, num_heads a multiple of num_kv_heads");
+  const int64_t n = query.size(0) * num_kv_heads, gd = query.size(1) / num_kv_heads * query.size(2);
+  TORCH_CHECK(prev_table.scalar_type() == at::kInt && prev_table.is_contiguous() && prev_table.dim() == 2 &&
+                  prev_table.size(1) > 0, "prev_table: contiguous int32 [rows, width > 0]");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() == n,
+              "rows: contiguous int64, one per (request, KV head)");
+  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.is_contiguous() && keep.numel() == n,
+              "keep: contiguous bool, one per (request, KV head)");
+  TORCH_CHECK(width > 0, "width must be positive");
+  const uint8_t* gm = nullptr;
+  const int32_t* gn = nullptr;
+  if (grown_mask.has_value()) {
+    TORCH_CHECK(grown_mask->scalar_type() == at::kBool && grown_mask->is_contiguous() &&
+                    grown_mask->numel() == n * width, "grown_mask: contiguous bool [rows, width]");
+    TORCH_CHECK(grown_new.has_value() && grown_new->scalar_type() == at::kInt && grown_new->is_contiguous() &&
+                    grown_new->numel() == n, "grown_new: contiguous int32, one per row, with grown_mask");
+    gm = reinterpret_cast<const uint8_t*>(grown_mask->data_ptr<bool>());
+    gn = grown_new->data_ptr<int32_t>();
+  }
+  const bool gate = min_similarity > 0;
+  const float* ref = nullptr;
+  if (gate && prev_ref.has_value()) {
+    TORCH_CHECK(prev_ref->scalar_type() == at::kFloat && prev_ref->is_contiguous() && prev_ref->dim() == 2 &&
+                    prev_ref->size(1) == gd, "prev_ref: contiguous float32 [rows, group * head_size]");
+    ref = prev_ref->data_ptr<float>();
+  }
+  auto opts = at::TensorOptions().device(at::kCPU);
+  at::Tensor table = at::empty({n, width}, opts.dtype(at::kInt));
+  at::Tensor keep_out = at::empty({n}, opts.dtype(at::kBool));
+  at::Tensor prior = at::empty({(refresh && ref != nullptr) ? n : 0}, opts.dtype(at::kBool));
+  at::Tensor qn = at::empty({gate ? n : 0, gd}, opts.dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "reuse_rows", [&] {
+    reuse_impl<scalar_t>(query, num_kv_heads, prev_table, rows.data_ptr<int64_t>(),
+                         reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>()), gm, gn, ref, min_similarity, table,
+                         reinterpret_cast<uint8_t*>(keep_out.data_ptr<bool>()),
+                         prior.numel() ? reinterpret_cast<uint8_t*>(prior.data_ptr<bool>()) : nullptr,
+                         gate ? qn.data_ptr<float>() : nullptr);
+  });
+  return {table, keep_out, prior, qn};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update_page_summaries", &update_page_summaries, "fold written keys into page min/max (in place)");
   m.def("quest_select", &quest_select, "Quest page selection into a compacted one-head block table",
@@ -367,4 +465,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("forced_hi"), pybind11::arg("block_size"), pybind11::arg("rescore_dims"),
         pybind11::arg("amx"), pybind11::arg("table"), pybind11::arg("keep") = pybind11::none(),
         pybind11::arg("prior") = pybind11::none(), pybind11::arg("prior_candidates") = pybind11::none());
+  m.def("reuse_rows", &reuse_rows,
+        "the rows that may keep last step's pages: their table rows and the reselect_similarity gate",
+        pybind11::arg("query"), pybind11::arg("num_kv_heads"), pybind11::arg("prev_table"), pybind11::arg("rows"),
+        pybind11::arg("keep"), pybind11::arg("width"), pybind11::arg("grown_mask") = pybind11::none(),
+        pybind11::arg("grown_new") = pybind11::none(), pybind11::arg("prev_ref") = pybind11::none(),
+        pybind11::arg("min_similarity") = 0.0, pybind11::arg("refresh") = false);
 }

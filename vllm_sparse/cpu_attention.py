@@ -370,6 +370,41 @@ def select_pages_reference(query: torch.Tensor, cache: PagedKVCache, plan: Decod
 Kept = tuple  # (plan uid, [B * H, width] int32 table, [B * H, G * D] float32 unit queries or None)
 
 
+def reuse_rows_reference(query: torch.Tensor, num_kv_heads: int, prev_table: torch.Tensor, rows: torch.Tensor,
+                         keep: torch.Tensor, width: int, grown: tuple | None, prev_ref: torch.Tensor | None,
+                         min_similarity: float, refresh: bool):
+    """Pure-torch twin of the C++ ``reuse_rows`` (:func:`select_or_reuse`'s rows that may keep last step's
+    pages): ``(table, keep, prior, unit queries)``; ``prior`` is None without ``refresh`` or a reference,
+    the queries None without the gate (``min_similarity <= 0``).
+
+    Args:
+        query: ``[B, num_heads, head_size]``; prev_table: last step's ``[rows', width']`` int32 table.
+        rows: ``[B * num_kv_heads]`` the row of ``prev_table`` each row keeps; keep: ``[B * num_kv_heads]``
+            bool, the rows allowed to keep theirs (:func:`plan_reuse`).
+        grown: ``(mask [B * num_kv_heads, width], new page [B * num_kv_heads, 1])`` or None.
+        prev_ref: last step's ``[rows', group * head_size]`` float32 unit reference queries, or None.
+    """
+    b = query.shape[0]
+    qn = None
+    if min_similarity > 0:
+        qn = torch.nn.functional.normalize(query.reshape(b * num_kv_heads, -1).float(), dim=1)
+    table = prev_table[rows]
+    if table.shape[1] < width:  # entries past a row's count repeat its last one
+        table = torch.cat([table, table[:, -1:].expand(-1, width - table.shape[1])], 1)
+    table = table[:, :width].contiguous()
+    if grown is not None:  # these rows attend their request's new (last) page too
+        table = torch.where(grown[0], grown[1], table)
+    prior = None
+    if qn is not None and prev_ref is not None:
+        ref = prev_ref[rows]
+        close = (qn * ref).sum(1) >= min_similarity
+        if refresh:
+            prior = keep & ~close
+        keep = keep & close
+        qn = torch.where(keep[:, None], ref, qn)
+    return table, keep, prior, qn
+
+
 def select_or_reuse(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, prev: Kept | None,
                     min_similarity: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`select_pages` for the rows (request, KV head) that select this step; the rows of this
@@ -382,29 +417,18 @@ def select_or_reuse(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, 
     A row below it refreshes (``plan.refresh``, see :func:`select_pages`' ``prior``) when the plan has
     a refresh count, else it selects as afresh.
     """
-    b = query.shape[0]
     h = cache.num_kv_heads
-    qn = None
-    if min_similarity > 0:
-        qn = torch.nn.functional.normalize(query.reshape(b * h, -1).float(), dim=1)
     if plan.reuse is None or prev is None or prev[0] != plan.reuse[3]:
+        qn = None
+        if min_similarity > 0:
+            qn = torch.nn.functional.normalize(query.reshape(query.shape[0] * h, -1).float(), dim=1)
         return select_pages(query, cache, plan), qn
     _, rows, keep, _, grown = plan.reuse
-    table = prev[1][rows]
-    if table.shape[1] < plan.width:  # entries past a row's count repeat its last one
-        table = torch.cat([table, table[:, -1:].expand(-1, plan.width - table.shape[1])], 1)
-    table = table[:, : plan.width].contiguous()
-    if grown is not None:  # these rows attend their request's new (last) page too
-        table = torch.where(grown[0], grown[1], table)
-    prior = None
-    if qn is not None and prev[2] is not None:
-        ref = prev[2][rows]
-        close = (qn * ref).sum(1) >= min_similarity
-        if plan.refresh is not None:
-            prior = keep & ~close
-        keep = keep & close
-        qn = torch.where(keep[:, None], ref, qn)
-    return select_pages(query, cache, plan, table, keep, prior), qn
+    # one C++ call for the rows' tables and the gate (reuse_rows_reference is its torch twin)
+    table, keep, prior, qn = cpu_ext.load().reuse_rows(
+        query, h, prev[1], rows, keep, plan.width, None if grown is None else grown[0],
+        None if grown is None else grown[1].reshape(-1), prev[2], min_similarity, plan.refresh is not None)
+    return select_pages(query, cache, plan, table, keep, prior if prior.numel() else None), qn if qn.numel() else None
 
 
 def sparse_decode(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, scale: float,

@@ -575,3 +575,51 @@ def test_reselect_similarity_reselects_the_heads_whose_query_moved():
     q2.view(2 * hkv, g * d)[0] = turned(40)
     _, _, k2, _, f2 = step(seq + 2, q2, s1, k1)
     assert torch.equal(k2[1][0], f2[0]) and torch.equal(k2[1][3], k0[1][3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prev_width, width, grown, gate, refresh",
+                         [(7, 12, True, True, True), (12, 7, False, True, False), (9, 9, True, False, False),
+                          (9, 9, False, True, True)])
+def test_cpp_reuse_rows_equals_its_torch_twin(dtype, prev_width, width, grown, gate, refresh):
+    """The C++ ``reuse_rows`` (one call per layer) against the torch ops :func:`select_or_reuse` ran:
+    last step's rows gathered and padded to the width (repeating their last entry) or cut to it,
+    the grown rows' new page, the ``reselect_similarity`` gate with its refresh marks and the kept
+    rows' reference queries. Rows within float rounding of the threshold may go either way."""
+    from vllm_sparse.kernels import cpu_ext
+
+    b, h, g, d, thr = 6, 3, 3, 64, 0.9
+    n = b * h
+    q = torch.randn(b, h * g, d).to(dtype)
+    q_wide = torch.randn(b, h * g, 2 * d).to(dtype)[..., :d]  # strided heads, as a view of a qkv split would be
+    q_wide.copy_(q)
+    prev_table = torch.randint(0, 1000, (n + 3, prev_width), dtype=torch.int32)
+    rows = torch.randint(0, n + 3, (n,))
+    keep = torch.rand(n) < 0.7
+    at = torch.rand(n, width) < 0.2 if grown else None
+    new = torch.randint(0, 1000, (n,), dtype=torch.int32) if grown else None
+    unit = lambda x: torch.nn.functional.normalize(x, dim=1)  # noqa: E731
+    flat = unit(q.float().reshape(n, g * d))
+    rows = torch.randperm(n + 3)[:n]  # distinct: each row's reference at a chosen cosine to its query
+    cos = torch.empty(n).uniform_(0.6, 1.0)  # both sides of the 0.9 threshold
+    other = unit(torch.randn(n, g * d))
+    other = unit(other - (other * flat).sum(1, keepdim=True) * flat)
+    prev_ref = unit(torch.randn(n + 3, g * d))
+    prev_ref[rows] = cos[:, None] * flat + (1 - cos[:, None] ** 2).sqrt() * other
+    sim = thr if gate else 0.0
+    want = C.reuse_rows_reference(q, h, prev_table, rows, keep, width, (at, new[:, None]) if grown else None,
+                                  prev_ref, sim, refresh)
+    for query in (q, q_wide):
+        got = cpu_ext.load().reuse_rows(query, h, prev_table, rows, keep, width, at, new, prev_ref, sim, refresh)
+        assert torch.equal(got[0], want[0])
+        if not gate:
+            assert torch.equal(got[1], keep) and got[2].numel() == 0 and got[3].numel() == 0 and want[3] is None
+            continue
+        dots = (flat * prev_ref[rows]).sum(1)
+        sure = (dots - thr).abs() > 1e-5
+        assert torch.equal(got[1][sure], want[1][sure]) and bool((want[1] != keep).any())  # the gate bites
+        if refresh:
+            assert torch.equal(got[2][sure], want[2][sure]) and bool(want[2].any())
+        else:
+            assert got[2].numel() == 0 and want[2] is None
+        torch.testing.assert_close(got[3][sure], want[3][sure], rtol=1e-6, atol=1e-6)

@@ -497,7 +497,8 @@ def token_scores_triton(
 def rescore_query(query: torch.Tensor, key_range: torch.Tensor, s_heads: int, rescore_dims: int) -> torch.Tensor:
     """``query`` zeroed outside each selection head's ``rescore_dims`` dims of largest ``Σ|q|`` ×
     ``key_range`` (:func:`.selection.rescore_dims_mask`: the reference's rule and tie order);
-    unchanged for 0 or ``>= head_size``."""
+    unchanged for 0 or ``>= head_size``. In torch ops: the oracle of :func:`rescore_query_triton`,
+    which the decode step runs."""
     b, num_heads, d = query.shape
     if not 0 < rescore_dims < d:
         return query

@@ -616,3 +616,45 @@ def test_gpu_prefill_write_and_graph_capture():
         qd, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, out=o,
         capacity=R.index_capacity("exact_pages", 300, ps, 4, 64), max_seq_len=3072, num_splits=4, sink_tokens=4,
         local_window=64, selection="exact_pages"))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("selection, rescore_dims", [("exact_pages", 0), ("exact_pages", 12), ("quest", 0)])
+def test_gpu_compacted_decode_graph_replays_new_inputs(selection, rescore_dims):
+    """What serving from a full CUDA graph needs: the whole-page step captured once, at fixed sizes
+    (capacity, max_seq_len, num_splits), then replayed after the batch's query, block table, lengths
+    and budgets change in place, gives the reference's answer for the new batch and exactly the eager
+    step's output."""
+    num_heads, hkv, d, dtype, bs = 32, 8, 128, BF16, 16
+    c = case([3000, 700, 1], num_heads, hkv, d, bs, bs, dtype)
+    kw = dict(sink_tokens=4, local_window=64, selection=selection, rescore_dims=rescore_dims)
+    static = dict(capacity=R.index_capacity(selection, 512, bs, 4, 64), max_seq_len=3072, num_splits=4)
+    # state A, captured: rows 0 and 1 swapped, shorter lengths, a small budget
+    q = torch.randn(3, num_heads, d, device=DEV).to(dtype)
+    bt = c.block_table[[1, 0, 2]].clone()
+    seq_lens = torch.tensor([700, 2500, 1], device=DEV)
+    attended = torch.tensor([128, 128, 128], device=DEV)
+    o = nan_like(q.shape, dtype)
+
+    def step():
+        ops.sparse_decode(q, c.cache, bt, seq_lens, attended, d**-0.5, **kw, out=o, **static)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    # state B, replayed: the case's own table, other lengths and budgets, a fresh query
+    q.copy_(torch.randn(3, num_heads, d, device=DEV).to(dtype))
+    bt.copy_(c.block_table)
+    seq_lens.copy_(torch.tensor([3000, 650, 1], device=DEV))
+    attended.copy_(torch.tensor([512, 200, 64], device=DEV))
+    o.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = o.clone()
+    ref = R.sparse_decode(q.float(), c.cache, bt, seq_lens, attended, d**-0.5, **kw)
+    assert rel_err(replayed, ref) < TOL[dtype]
+    o.fill_(float("nan"))
+    step()
+    assert torch.equal(replayed, o)

@@ -343,12 +343,14 @@ void reuse_impl(const at::Tensor& query, int64_t h, const at::Tensor& prev_table
       float* u = qn + r * gd;
       for (int64_t k = 0; k < g; ++k) to_f32(q + req * qs0 + (head * g + k) * qs1, u + k * d, d);
       float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
       for (int64_t e = 0; e < gd; ++e) ss += u[e] * u[e];
       const float nrm = std::max(std::sqrt(ss), 1e-12f);  // torch.nn.functional.normalize's eps
       for (int64_t e = 0; e < gd; ++e) u[e] /= nrm;
       if (prev_ref != nullptr) {
         const float* ref = prev_ref + src * gd;
         float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
         for (int64_t e = 0; e < gd; ++e) dot += u[e] * ref[e];
         const bool close = dot >= thr;
         if (prior != nullptr) prior[r] = kept && !close;

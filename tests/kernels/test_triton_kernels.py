@@ -496,6 +496,33 @@ def test_sparse_decode_over_compacted_tables(num_heads, num_kv_heads, head_size,
         assert torch.equal(tlens.long(), want[:, None].expand_as(tlens))
 
 
+
+@pytest.mark.parametrize("selection, rescore_dims", [("exact_pages", 0), ("exact_pages", 8), ("quest", 0)])
+def test_compacted_decode_at_fixed_sizes_takes_a_new_batch_in_place(selection, rescore_dims):
+    """The CPU-runnable half of ``test_gpu_compacted_decode_graph_replays_new_inputs``: the whole-page
+    step at sizes fixed for the largest batch (capacity, ``max_seq_len``, splits) gives the reference's
+    answer for one batch, and for another written into the same buffers (table rows swapped back,
+    other lengths and budgets, a fresh query)."""
+    bs, hq, hkv, d, dtype = 16, 6, 2, 64, F32
+    c = case([300, 77, 1], hq, hkv, d, bs, bs, dtype)
+    kw = dict(sink_tokens=2, local_window=16, selection=selection, rescore_dims=rescore_dims, candidate_factor=2.0)
+    static = dict(capacity=R.index_capacity(selection, 128, bs, 2, 16), max_seq_len=320, num_splits=2)
+    q = torch.randn(3, hq, d, device=DEV).to(dtype)
+    bt = c.block_table[[1, 0, 2]].clone()
+    seq_lens = torch.tensor([77, 250, 1], device=DEV)
+    attended = torch.tensor([64, 64, 64], device=DEV)
+    o = nan_like(q.shape, dtype)
+    for batch in range(2):
+        if batch:  # the second batch, in place
+            q.copy_(torch.randn(3, hq, d, device=DEV).to(dtype))
+            bt.copy_(c.block_table)
+            seq_lens.copy_(torch.tensor([300, 60, 1], device=DEV))
+            attended.copy_(torch.tensor([128, 40, 16], device=DEV))
+            o.fill_(float("nan"))
+        ops.sparse_decode(q, c.cache, bt, seq_lens, attended, d**-0.5, **kw, out=o, **static, **FORCE)
+        ref = R.sparse_decode(q.float(), c.cache, bt, seq_lens, attended, d**-0.5, **kw)
+        assert rel_err(o, ref) < TOL[dtype], batch
+
 # --------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------

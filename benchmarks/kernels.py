@@ -67,11 +67,11 @@ def parse_args(argv=None):
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--local-window", type=int, default=64)
     p.add_argument("--candidate-factors", type=float, nargs="+", default=[4.0, 2.0],
-                   help="page selection: one variant per candidate factor (the plugin's default is 4)")
+                   help="page selection: one variant per candidate factor; the first also for exact_pages (the plugin's default is 8)")
     p.add_argument("--selections", nargs="+", default=["page", "quest", "exact_pages", "token"],
                    choices=["page", "quest", "exact_pages", "token"])
     p.add_argument("--rescore-dims", type=int, default=16,
-                   help="exact_pages: dims of the rescoring query (the plugin's default 16; 0 = all)")
+                   help="exact_pages: dims of the rescoring query (the plugin's default 12; 0 = all)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     p.add_argument("--dry-run", action="store_true",

@@ -497,6 +497,33 @@ def test_sparse_decode_over_compacted_tables(num_heads, num_kv_heads, head_size,
 
 
 
+class _InPlaceBatch:
+    """Decode inputs for the fixed-size (graph-replay) tests: a first batch with the case's rows 0 and 1
+    swapped, and :meth:`write` putting another batch (the case's own table) into the same buffers."""
+
+    def __init__(self, c, num_heads: int, head_size: int, dtype, seq_lens, attended):
+        self.c, self.shape, self.dtype = c, (len(seq_lens), num_heads, head_size), dtype
+        self.q = torch.randn(self.shape, device=DEV).to(dtype)
+        self.bt = c.block_table[[1, 0, *range(2, len(seq_lens))]].clone()
+        self.seq_lens = torch.tensor(seq_lens, device=DEV)
+        self.attended = torch.tensor(attended, device=DEV)
+        self.out = nan_like(self.shape, dtype)
+
+    def write(self, seq_lens, attended) -> None:
+        self.q.copy_(torch.randn(self.shape, device=DEV).to(self.dtype))
+        self.bt.copy_(self.c.block_table)
+        self.seq_lens.copy_(torch.tensor(seq_lens, device=DEV))
+        self.attended.copy_(torch.tensor(attended, device=DEV))
+        self.out.fill_(float("nan"))
+
+    def run(self, scale: float, **kw) -> torch.Tensor:
+        return ops.sparse_decode(self.q, self.c.cache, self.bt, self.seq_lens, self.attended, scale, out=self.out,
+                                 **kw)
+
+    def reference(self, scale: float, **kw) -> torch.Tensor:
+        return R.sparse_decode(self.q.float(), self.c.cache, self.bt, self.seq_lens, self.attended, scale, **kw)
+
+
 @pytest.mark.parametrize("selection, rescore_dims", [("exact_pages", 0), ("exact_pages", 8), ("quest", 0)])
 def test_compacted_decode_at_fixed_sizes_takes_a_new_batch_in_place(selection, rescore_dims):
     """The CPU-runnable half of ``test_gpu_compacted_decode_graph_replays_new_inputs``: the whole-page
@@ -507,21 +534,12 @@ def test_compacted_decode_at_fixed_sizes_takes_a_new_batch_in_place(selection, r
     c = case([300, 77, 1], hq, hkv, d, bs, bs, dtype)
     kw = dict(sink_tokens=2, local_window=16, selection=selection, rescore_dims=rescore_dims, candidate_factor=2.0)
     static = dict(capacity=R.index_capacity(selection, 128, bs, 2, 16), max_seq_len=320, num_splits=2)
-    q = torch.randn(3, hq, d, device=DEV).to(dtype)
-    bt = c.block_table[[1, 0, 2]].clone()
-    seq_lens = torch.tensor([77, 250, 1], device=DEV)
-    attended = torch.tensor([64, 64, 64], device=DEV)
-    o = nan_like(q.shape, dtype)
+    b = _InPlaceBatch(c, hq, d, dtype, [77, 250, 1], [64, 64, 64])
     for batch in range(2):
         if batch:  # the second batch, in place
-            q.copy_(torch.randn(3, hq, d, device=DEV).to(dtype))
-            bt.copy_(c.block_table)
-            seq_lens.copy_(torch.tensor([300, 60, 1], device=DEV))
-            attended.copy_(torch.tensor([128, 40, 16], device=DEV))
-            o.fill_(float("nan"))
-        ops.sparse_decode(q, c.cache, bt, seq_lens, attended, d**-0.5, **kw, out=o, **static, **FORCE)
-        ref = R.sparse_decode(q.float(), c.cache, bt, seq_lens, attended, d**-0.5, **kw)
-        assert rel_err(o, ref) < TOL[dtype], batch
+            b.write([300, 60, 1], [128, 40, 16])
+        b.run(d**-0.5, **kw, **static, **FORCE)
+        assert rel_err(b.out, b.reference(d**-0.5, **kw)) < TOL[dtype], batch
 
 # --------------------------------------------------------------------------------------
 # dispatch
@@ -658,30 +676,17 @@ def test_gpu_compacted_decode_graph_replays_new_inputs(selection, rescore_dims):
     kw = dict(sink_tokens=4, local_window=64, selection=selection, rescore_dims=rescore_dims)
     static = dict(capacity=R.index_capacity(selection, 512, bs, 4, 64), max_seq_len=3072, num_splits=4)
     # state A, captured: rows 0 and 1 swapped, shorter lengths, a small budget
-    q = torch.randn(3, num_heads, d, device=DEV).to(dtype)
-    bt = c.block_table[[1, 0, 2]].clone()
-    seq_lens = torch.tensor([700, 2500, 1], device=DEV)
-    attended = torch.tensor([128, 128, 128], device=DEV)
-    o = nan_like(q.shape, dtype)
-
-    def step():
-        ops.sparse_decode(q, c.cache, bt, seq_lens, attended, d**-0.5, **kw, out=o, **static)
-
-    step()  # compile outside the capture
+    b = _InPlaceBatch(c, num_heads, d, dtype, [700, 2500, 1], [128, 128, 128])
+    b.run(d**-0.5, **kw, **static)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step()
+        b.run(d**-0.5, **kw, **static)
     # state B, replayed: the case's own table, other lengths and budgets, a fresh query
-    q.copy_(torch.randn(3, num_heads, d, device=DEV).to(dtype))
-    bt.copy_(c.block_table)
-    seq_lens.copy_(torch.tensor([3000, 650, 1], device=DEV))
-    attended.copy_(torch.tensor([512, 200, 64], device=DEV))
-    o.fill_(float("nan"))
+    b.write([3000, 650, 1], [512, 200, 64])
     graph.replay()
     torch.cuda.synchronize()
-    replayed = o.clone()
-    ref = R.sparse_decode(q.float(), c.cache, bt, seq_lens, attended, d**-0.5, **kw)
-    assert rel_err(replayed, ref) < TOL[dtype]
-    o.fill_(float("nan"))
-    step()
-    assert torch.equal(replayed, o)
+    replayed = b.out.clone()
+    assert rel_err(replayed, b.reference(d**-0.5, **kw)) < TOL[dtype]
+    b.out.fill_(float("nan"))
+    b.run(d**-0.5, **kw, **static)
+    assert torch.equal(replayed, b.out)

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from importlib.metadata import entry_points
 from typing import ClassVar
 
 import torch
 
 from .layout import PagedKVCache
+from .registry import Registry
 from .selection import forced_page_mask, page_counts, recent_positions, topk_rows
 
 __all__ = [
@@ -265,48 +265,30 @@ def _max_pages(x: SelectInputs) -> int:
 
 BUILTIN_SELECTORS = (Token, Page, Quest, ExactPages, Recent, Dense)
 
-_REGISTRY: dict[str, Selector] = {}
-_ENTRY_POINTS_LOADED = False
+
+def _check_selector(cls: type[Selector]) -> None:
+    if cls.whole_pages and cls.by_position:
+        raise TypeError(f"selector {cls.name!r}: whole_pages and by_position exclude each other")
+
+
+_REGISTRY: Registry[Selector] = Registry("vllm_sparse.selectors", Selector, "selector", "selection",
+                                         make=lambda cls: cls(), check=_check_selector)
 
 
 def register_selector(cls: type[Selector]) -> type[Selector]:
     """Register a :class:`Selector` subclass under ``cls.name`` (usable as a decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, Selector)) or not cls.name:
-        raise TypeError(f"{cls!r} must be a vllm_sparse.kernels.selectors.Selector subclass with a non-empty `name`")
-    if cls.whole_pages and cls.by_position:
-        raise TypeError(f"selector {cls.name!r}: whole_pages and by_position exclude each other")
-    _REGISTRY[cls.name] = cls()
-    return cls
+    return _REGISTRY.register(cls)
 
 
 for _cls in BUILTIN_SELECTORS:
     register_selector(_cls)
 
 
-def _load_entry_points() -> None:
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
-    for ep in entry_points(group="vllm_sparse.selectors"):
-        cls = ep.load()
-        if getattr(cls, "name", None) != ep.name:
-            raise ValueError(f"entry point {ep.name!r} ({ep.value}) loads a selector named "
-                             f"{getattr(cls, 'name', None)!r}; the names must match")
-        register_selector(cls)
-
-
 def available_selectors() -> list[str]:
     """Every registered selector name: built-in and installed third-party."""
-    _load_entry_points()
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_selector(name: str) -> Selector:
     """The registered selector called ``name``; ``ValueError`` naming the allowed ones otherwise."""
-    if name not in _REGISTRY:
-        _load_entry_points()
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"selection={name!r}; allowed: {available_selectors()}") from None
+    return _REGISTRY.get(name)

@@ -21,7 +21,7 @@ REPLICAS ?= 2
 REPLICA_KV_GIB ?= 2
 
 # `make bench`: where its results go, and extra arguments for every benchmark (e.g. --dry-run)
-BENCH_OUT ?= benchmarks/results/bench
+BENCH_OUT ?= benchmarks/out/bench
 BENCH_ARGS ?=
 
 # vLLM on the CPU platform needs an explicit KV-cache size (GiB); see README.
@@ -86,7 +86,7 @@ ray-serve: assets
 	  --max-model-len 8192 --enforce-eager --dtype $(DTYPE)
 
 demo: venv
-	$(PY) benchmarks/approx_error.py --out benchmarks/results
+	$(PY) benchmarks/approx_error.py --out benchmarks/out
 
 clean:
 	rm -rf $(VENV) .pytest_cache

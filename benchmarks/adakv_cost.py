@@ -16,7 +16,7 @@ chunk, and H2O's accumulated attention), then runs :class:`vllm_sparse.policies.
 
 Prints a table, writes ``adakv_cost.json`` and ``adakv_cost.png``::
 
-    python benchmarks/adakv_cost.py --out benchmarks/results
+    python benchmarks/adakv_cost.py --out benchmarks/out
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=7000, help="prompt tokens (a needle prompt)")
     ap.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = ap.parse_args()
     from transformers import AutoTokenizer
 

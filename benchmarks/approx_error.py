@@ -403,7 +403,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="repeats per length (default 200)")
     ap.add_argument("--rows", type=int, default=None, help="query rows per repeat (default 64)")
     ap.add_argument("--seed", type=int, default=None, help="RNG seed (default: fresh, recorded in the JSON)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     ap.add_argument("--quick", action="store_true", help="tiny run for tests (unset options get small values)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="print the plan (lengths, strategies) and exit")

@@ -220,7 +220,7 @@ def main() -> None:
     ap.add_argument("--prompts", choices=["random", "essays"], default="random",
                     help="random token ids (the tables so far), or windows of the essays' prose (what a kept "
                          "selection sees in real use: reselect_similarity's share of reselected heads depends on it)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     ap.add_argument("--name", default="decode_throughput", help="stem of the JSON/PNG written under --out")
     args = ap.parse_args()
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; dtype {args.dtype}", flush=True)

@@ -4,13 +4,13 @@
 # Needs python with torch (CUDA), triton, numpy and pytest; no vLLM and no install step: the
 # checkout's kernels/ and policies/ are imported as vllm_sparse.kernels / .policies directly
 # (the lent GPU machine has no vLLM and no network). Results go to $OUT (default
-# benchmarks/results): kernels.json, kernels.png, kernels_floor.json and the logs.
+# benchmarks/out, ignored by git): kernels.json, kernels.png, kernels_floor.json and the logs.
 #
 #   bash benchmarks/gpu_check.sh                       # full grid: 8k/32k/128k x batch 1/16/64
 #   bash benchmarks/gpu_check.sh --contexts 32768      # extra arguments go to benchmarks/kernels.py
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results}
+OUT=${OUT:-benchmarks/out}
 PY=${PYTHON:-$(command -v python || command -v python3)}
 export PYTHONUNBUFFERED=1
 # kernel tests in parallel where pytest-xdist is installed (it is on the lent GPU machine): the

@@ -21,8 +21,8 @@ run. ``floor_x`` is dense bytes / sparse bytes: the speed-up a step could reach 
 dense both ran at the same bandwidth — no kernel tuning gets much past it. Prints a table,
 writes ``kernels.json`` and ``kernels.png`` into ``--out``.
 
-    python benchmarks/kernels.py --out benchmarks/results          # GPU
-    python benchmarks/kernels.py --floor --out benchmarks/results   # byte floors only, no device
+    python benchmarks/kernels.py --out benchmarks/out          # GPU
+    python benchmarks/kernels.py --floor --out benchmarks/out   # byte floors only, no device
     python benchmarks/kernels.py --dry-run --out /tmp/bench         # tiny config, Triton interpreter, CPU
 """
 
@@ -52,7 +52,7 @@ def _import_package():
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for JSON + PNG")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), help="directory for JSON + PNG")
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--num-heads", type=int, default=32)

@@ -21,8 +21,8 @@ last 32 queries. Prints a table, writes ``policies.json`` and ``policies.png`` (
 budget per policy); ``--merge`` replaces only this run's policies in an existing
 ``policies.json`` (each row keeps its ``wall_vs_dense`` from its own run's dense baseline)::
 
-    python benchmarks/policies.py --out benchmarks/results
-    python benchmarks/policies.py --policies snapkv-evict --merge --out benchmarks/results
+    python benchmarks/policies.py --out benchmarks/out
+    python benchmarks/policies.py --policies snapkv-evict --merge --out benchmarks/out
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=["topk", "quest", "streaming", "streaming-evict", "knorm-evict", "h2o-evict"])
     ap.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     ap.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens (chunked prefill)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     ap.add_argument("--merge", action="store_true",
                     help="keep the other policies' rows of an existing policies.json in --out")
     ap.add_argument("--dtype", default=model_dtype(), help="model dtype (default here: %(default)s; see cpu_tuning.py)")

@@ -47,7 +47,7 @@ attended tokens are at most the resident ones and the context is the full length
 Prints an accuracy table (task × setting), writes ``quality.json``, ``quality_tasks.png``
 (accuracy per task per setting) and ``quality_single_<setting>.png`` (depth × length heatmaps)::
 
-    python benchmarks/quality.py --out benchmarks/results            # full grid, all settings
+    python benchmarks/quality.py                                      # full grid, all settings, into benchmarks/out
     python benchmarks/quality.py --out /tmp/q --quick                 # reduced grid: 6.3 min on 2 cores
     python benchmarks/quality.py --out /tmp/q --policies dense ntopk-a0.5-k8 'mine={"k": 4}'
 """
@@ -411,7 +411,7 @@ def main(argv=None) -> dict:
     from vllm_sparse.cpu_tuning import model_dtype
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="output folder (default: %(default)s, ignored by git)")
     ap.add_argument("--quick", action="store_true", help=f"reduced grid and settings: {QUICK}")
     ap.add_argument("--policies", nargs="+", help=f"settings to run (default {list(DEFAULT_POLICIES)})")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)

@@ -16,18 +16,17 @@ and the ratios against the first backend (``stock`` = vLLM's own attention backe
 table, writes ``throughput.json`` and ``throughput.png`` (tokens/s and time per output token vs
 input length). CPU (the default grid, about 25 minutes on a 2-core machine)::
 
-    python benchmarks/throughput.py --out benchmarks/results
+    python benchmarks/throughput.py --out benchmarks/out
 
 ``--quick`` (two lengths, fewer prompts and tokens) is what ``make bench`` runs. ``--gpu`` is
 the GPU preset: input lengths 8k–128k, 32 prompts, a model with that context (``--model``,
 e.g. a Llama-3.1-8B-Instruct directory) and ``--max-model-len`` set to fit::
 
-    python benchmarks/throughput.py --gpu --model /models/Llama-3.1-8B-Instruct --out results
+    python benchmarks/throughput.py --gpu --model /models/Llama-3.1-8B-Instruct --out benchmarks/out/gpu
 
 Backends are ``name=SETTINGS_JSON`` (``stock``: no plugin); default ``stock``, ``sparse`` (the
-documented defaults, which are also the fastest setting that kept dense's needle and multi-key
-scores in ``front.py``'s measurement, README "Quality and the default") and ``quest-k24``
-(Quest's rule at a 3× budget: faster per layer, one multi-key answer of 16 below dense there).
+documented defaults) and ``quest-k24`` (Quest's rule at a 3× budget, where it retrieved 11 of
+the tests' 12 needles and one multi-key answer of 16 fewer than dense).
 ``--quick`` runs ``stock`` and ``sparse`` only.
 """
 
@@ -192,7 +191,7 @@ def main(argv=None) -> int:
                     help="extra engine argument for every run (repeatable), e.g. --engine-arg=--enforce-eager")
     ap.add_argument("--quick", action="store_true", help="the reduced grid of `make bench`")
     ap.add_argument("--gpu", action="store_true", help="the GPU preset: 8k-128k inputs, 32 prompts")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     ap.add_argument("--dry-run", action="store_true", help="print the plan (runs, commands) and exit")
     ap.add_argument("--dtype", default=model_dtype(), help="model dtype (default here: %(default)s; see cpu_tuning.py)")
     a = ap.parse_args(argv)

@@ -9,7 +9,6 @@ threshold — lives once, in :meth:`BudgetPolicy.attended`; a budget implements 
 from __future__ import annotations
 
 import dataclasses
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 import torch

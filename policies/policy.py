@@ -15,9 +15,19 @@ compression ratio and its wrappers:
 
 The first ``sink_tokens`` and the last ``local_window`` tokens are always kept (forced). A policy is
 a frozen dataclass of its settings, one file each (``policies/<name>.py``), registered by name in
-:mod:`.registry`. Per-request state (H2O's accumulated attention) is an *input* here
-(:attr:`TokenState.acc_attention`): it belongs in the request's own KV blocks, never on the policy
-object, so it is freed and preempted with them.
+:mod:`.registry`.
+
+What runs inside vLLM is the policy's own code:
+
+* **decode selection** — a policy that sets ``pages_by_score`` is served by a selector built from
+  its :meth:`Policy.score` (:mod:`.score_pages`): the whole pages whose best token scores highest;
+* **eviction** — a policy that evicts by score (``evicts_by_score``) has :meth:`Policy.score` rank
+  the tokens of the blocks leaving the recent window against the kept region's. Per-request state
+  (H2O's accumulated attention, TOVA's latest attention, SnapKV's votes) is one float32 per (token,
+  KV head) that the workers keep in the request's own KV blocks — never on the policy object, so
+  it is freed and preempted with them. The policy says it keeps one (``keeps_token_state``), what a
+  new token starts with (``new_token_state``) and how a step changes it (:meth:`Policy.update_state`);
+  :meth:`Policy.score` reads it back as :attr:`TokenState.stored`.
 """
 
 from __future__ import annotations
@@ -29,63 +39,11 @@ import torch
 
 from .base import BudgetPolicy, FixedKPolicy, NAlphaPolicy
 from .budget import attended_tokens
+from .state import AttentionStep, TokenState
 
-__all__ = ["TokenState", "Policy", "AdaKVAllocator", "SCHEDULES"]
+__all__ = ["TokenState", "AttentionStep", "Policy", "AdaKVAllocator", "SCHEDULES"]
 
 SCHEDULES = ("step", "prefill_end")  # or "every:N"
-
-
-@dataclasses.dataclass
-class TokenState:
-    """What a scorer may read for one request (float32 on any device; ``G`` query heads per KV head).
-
-    Attributes:
-        keys: ``[n, H, d]`` the request's keys (after RoPE, as cached).
-        query: ``[H * G, d]`` the current decode query (``None`` before decoding).
-        window_queries: ``[w, H * G, d]`` the last ``w`` prompt queries (SnapKV's observation window).
-        acc_attention: ``[H, n]`` attention each token has received so far, summed over steps and
-            the group (H2O's state).
-        last_attention: ``[H, n]`` the latest query's attention, averaged over the group (TOVA's
-            state when the workers evict).
-        snap_votes: ``[H, n]`` SnapKV's pooled votes of the latest observation window (its state
-            when the workers evict).
-        scale: softmax scale (``d ** -0.5`` when ``None``).
-        page_size: tokens per page (page-granular policies).
-    """
-
-    keys: torch.Tensor
-    query: torch.Tensor | None = None
-    window_queries: torch.Tensor | None = None
-    acc_attention: torch.Tensor | None = None
-    last_attention: torch.Tensor | None = None
-    snap_votes: torch.Tensor | None = None
-    scale: float | None = None
-    page_size: int = 16
-
-    @property
-    def n(self) -> int:
-        return self.keys.shape[0]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def softmax_scale(self) -> float:
-        return self.scale if self.scale is not None else self.keys.shape[-1] ** -0.5
-
-    def logits(self, queries: torch.Tensor) -> torch.Tensor:
-        """``[H, G, m, n]`` ``scale · q·k`` of ``queries`` ``[m, H*G, d]`` against every key."""
-        h = self.num_kv_heads
-        m, hq, d = queries.shape
-        q = queries.float().view(m, h, hq // h, d).permute(1, 2, 0, 3)  # [H, G, m, d]
-        k = self.keys.float().permute(1, 2, 0)  # [H, d, n]
-        return torch.matmul(q, k[:, None]) * self.softmax_scale
-
-    def require(self, policy: str, *fields: str) -> None:
-        missing = [f for f in fields if getattr(self, f) is None]
-        if missing:
-            raise ValueError(f"policy {policy!r} scores from {missing}; the caller did not provide them")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,23 +87,32 @@ class Policy:
         selection: the registered selector (``vllm_sparse.kernels.selectors``) that runs this
             policy inside vLLM (``None``: the configured ``selection``, for policies scored by
             ``q·k``; see ``vllm_sparse.config``), or ``""`` (the default) when the policy has no
-            vLLM decode path (reference only). A new selector is registered in the policy's file.
+            vLLM decode path (reference only). ``pages_by_score`` sets it to the policy's name.
+        pages_by_score: inside vLLM, decode attends the whole pages whose best token scores highest
+            by :meth:`score` (with the policy's default settings), as many as Quest's rule gives the
+            budget: a selector named after the policy is built from :meth:`score` and registered
+            with it (:mod:`.score_pages`). :meth:`score` may read ``keys``, ``query``, ``scale``
+            and ``page_size`` only.
         frees_blocks: ``evict=<name>`` really returns KV blocks to vLLM's pool.
         evicts_by_score: with ``evict``, the workers keep the best-scored tokens (by :meth:`score`
-            on keys alone) in a fixed kept region and free the rest (``False``: by position).
+            on the keys and :attr:`TokenState.stored`) in a fixed kept region and free the rest
+            (``False``: by position).
+        keeps_token_state: with ``evict``, the workers keep one float32 per (token, KV head) for
+            this policy in the request's KV blocks, start each new token at ``new_token_state``,
+            change it every step by :meth:`update_state` and pass it to :meth:`score` as
+            :attr:`TokenState.stored`.
+        new_token_state: the state a newly written token starts with (``inf``: kept until the
+            state says otherwise).
         needs: the :class:`TokenState` fields :meth:`score` reads.
     """
 
     name: ClassVar[str] = ""
     schedule: ClassVar[str] = "step"
     selection: ClassVar[str | None] = ""
+    pages_by_score: ClassVar[bool] = False
     frees_blocks: ClassVar[bool] = False
     evicts_by_score: ClassVar[bool] = False
-    #: per-token state the workers keep in the KV blocks for this policy's eviction
-    #: (``"acc_attention"``: H2O's sum; ``"last_attention"``: TOVA's latest query;
-    #: ``"snap_votes"``: SnapKV's latest observation window)
-    token_state: ClassVar[str | None] = None
-    #: the state a newly written token starts with (``inf``: kept until the state says otherwise)
+    keeps_token_state: ClassVar[bool] = False
     new_token_state: ClassVar[float] = 0.0
     needs: ClassVar[tuple[str, ...]] = ()
 
@@ -154,10 +121,30 @@ class Policy:
     local_window: int = 64
     allocator: AdaKVAllocator | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.pages_by_score and "selection" not in vars(cls):  # its own score-built selector
+            cls.selection = cls.name
+
     # -- the scorer -------------------------------------------------------------------
     def score(self, state: TokenState) -> torch.Tensor:
         """``[H, n]`` float: higher is kept first (forced tokens are kept regardless)."""
         raise NotImplementedError
+
+    # -- per-token eviction state (keeps_token_state) ---------------------------------
+    def update_state(self, stored: torch.Tensor | None, step: AttentionStep) -> torch.Tensor | None:
+        """The per-token state after one forward step (only for ``keeps_token_state``).
+
+        Args:
+            stored: ``[R, H, N]`` float32 each resident token's state before the step (the step's
+                own tokens hold ``new_token_state``; columns past a request's length hold
+                anything), or ``None`` in a reference call without earlier steps.
+            step: the step's queries and the requests' resident keys (:class:`AttentionStep`).
+        Returns:
+            ``[R, H, N]`` the state after the step (columns past a request's length are ignored),
+            or ``None`` to leave it unchanged.
+        """
+        raise NotImplementedError(f"policy {self.name!r} keeps no per-token state")
 
     # -- what is kept -----------------------------------------------------------------
     def count(self, n: int) -> int:

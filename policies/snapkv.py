@@ -26,7 +26,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .policy import Policy, TokenState
+from .policy import Policy
+from .state import AttentionStep, TokenState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,7 @@ class SnapKV(Policy):
     schedule: ClassVar[str] = "prefill_end"
     frees_blocks: ClassVar[bool] = True
     evicts_by_score: ClassVar[bool] = True
-    token_state: ClassVar[str | None] = "snap_votes"
+    keeps_token_state: ClassVar[bool] = True  # the latest observation window's pooled votes
     new_token_state: ClassVar[float] = float("inf")
     needs: ClassVar[tuple[str, ...]] = ("window_queries",)
 
@@ -51,22 +52,28 @@ class SnapKV(Policy):
         if not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"vllm_sparse policy_args.window={self.window!r}; allowed: an integer >= 1")
 
-    def votes(self, state: TokenState) -> torch.Tensor:
-        """``[H, n]`` pooled votes of ``state.window_queries`` (the last ``w`` positions, causal);
-        the observation window itself gets ``+inf``."""
-        wq = state.window_queries
-        w, n = wq.shape[0], state.n
-        logits = state.logits(wq)  # [H, G, w, n]
-        qpos = torch.arange(n - w, n)[:, None]
-        logits = logits.masked_fill(torch.arange(n)[None, :] > qpos, float("-inf"))  # causal
-        votes = torch.softmax(logits, -1).sum((1, 2))  # [H, n]
-        pooled = F.avg_pool1d(votes[:, None], self.kernel, stride=1, padding=self.kernel // 2,
-                              count_include_pad=False)[:, 0]
-        pooled[:, n - w:] = float("inf")  # the observation window itself is kept
-        return pooled
+    def votes(self, step: AttentionStep, window: int) -> torch.Tensor:
+        """``[R, H, N]`` pooled votes of each request's last ``window`` queries (causal); the
+        observation window itself gets ``+inf``. Exact where ``N`` is the request's length (the
+        workers pass each prefill chunk alone): the pooling reads zero votes past a length."""
+        votes = step.attention(last=window).sum((2, 3))  # [R, H, N]
+        r, h, n = votes.shape
+        pooled = F.avg_pool1d(votes.reshape(r * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2,
+                              count_include_pad=False).view(r, h, n)
+        observed = step.positions(window)[:, :1]  # [R, 1] the window's first position
+        in_window = torch.arange(n, device=votes.device)[None, :] >= observed  # [R, N]
+        return pooled.masked_fill(in_window[:, None], float("inf"))  # the observation window itself is kept
+
+    def update_state(self, stored: torch.Tensor | None, step: AttentionStep) -> torch.Tensor | None:
+        """After a prefill chunk (more than one query): the votes of its last ``window`` queries
+        replace the state. Decode steps do not vote (``None``: the state stays)."""
+        if step.num_queries < 2:
+            return None
+        return self.votes(step, self.window)
 
     def score(self, state: TokenState) -> torch.Tensor:
-        if state.snap_votes is not None:  # the workers' stored votes (eviction)
-            return state.snap_votes.float()
+        if state.stored is not None:  # the workers' stored votes (eviction)
+            return state.stored.float()
         state.require(self.name, "window_queries")
-        return self.votes(state)
+        wq = state.window_queries
+        return self.votes(state.step(wq), wq.shape[0])[0]

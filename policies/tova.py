@@ -15,7 +15,8 @@ from typing import ClassVar
 
 import torch
 
-from .policy import Policy, TokenState
+from .policy import Policy
+from .state import AttentionStep, TokenState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,16 +24,16 @@ class TOVA(Policy):
     name: ClassVar[str] = "tova"
     frees_blocks: ClassVar[bool] = True
     evicts_by_score: ClassVar[bool] = True
-    token_state: ClassVar[str | None] = "last_attention"
+    keeps_token_state: ClassVar[bool] = True  # the latest query's attention
     needs: ClassVar[tuple[str, ...]] = ()  # the query, or the stored last attention
 
     def score(self, state: TokenState) -> torch.Tensor:
-        if state.last_attention is not None:  # stored by the workers at the last step
-            return state.last_attention.float()
+        if state.stored is not None:  # kept by the workers at the last step
+            return state.stored.float()
         state.require(self.name, "query")
-        return self.attention(state)
+        return self.update_state(None, state.step(state.query[None]))[0]
 
-    @staticmethod
-    def attention(state: TokenState) -> torch.Tensor:
-        """``[H, n]`` the current query's softmax attention, averaged over each KV head's group."""
-        return torch.softmax(state.logits(state.query[None])[:, :, 0], -1).mean(1)
+    def update_state(self, stored: torch.Tensor | None, step: AttentionStep) -> torch.Tensor:
+        """The step's last query's softmax attention, averaged over each KV head's group, ``[R, H, N]``
+        (it replaces the state)."""
+        return step.attention(last=1)[:, :, :, 0].mean(2)

@@ -58,12 +58,12 @@ logger = init_logger("vllm.sparse")  # a child of vLLM's logger: shares its hand
 
 
 def _score_rows(config: SparseConfig, head_size: int, dtype: torch.dtype, block_size: int) -> int:
-    """Extra rows per head slot for per-token eviction state (H2O's accumulated attention), else 0."""
+    """Extra rows per head slot for the eviction policy's per-token state (``keeps_token_state``), else 0."""
     if config.evict is None:
         return 0
     from vllm_sparse.policies import get_policy_class
 
-    if get_policy_class(config.evict).token_state is None:
+    if not get_policy_class(config.evict).keeps_token_state:
         return 0
     return score_states(block_size, head_size, dtype)
 
@@ -374,7 +374,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             cpu_attention.write_kv(key, value, slot_mapping, cache)
         else:
             ops.write_kv(key, value, slot_mapping, cache)
-        if cache.token_scores is not None:  # H2O: new tokens start with no accumulated attention
+        if cache.token_scores is not None:  # the eviction policy's per-token state: new tokens start anew
             from vllm_sparse.eviction import reset_scores
 
             reset_scores(cache, slot_mapping[: key.shape[0]], self._evict_policy.new_token_state)
@@ -404,11 +404,11 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         else:
             self._forward_cuda(query, cache, md, output, dense_layer)
         if cache.token_scores is not None and self.kv_sharing_target_layer_name is None:
-            from vllm_sparse.eviction import accumulate_attention
+            from vllm_sparse.eviction import update_token_state
 
             n = md.num_actual_tokens
-            accumulate_attention(query[:n], cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
-                                 mode=self._evict_policy.token_state, policy=self._evict_policy)
+            update_token_state(query[:n], cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
+                               self._evict_policy)
         if md.evict_merge is not None and self.kv_sharing_target_layer_name is None:
             self._merge_evicted(cache, md.evict_merge)
         return output

@@ -5,9 +5,10 @@ tail of recent blocks (:class:`vllm_sparse.policies.eviction.EvictionRule`); the
 between go back to vLLM's pool while the request runs, so a prompt longer than the pool fits.
 With a scored policy (``knorm``, ``h2o``, ``tova``, ``snapkv``) a fixed *kept region* of blocks
 after the sinks is never freed either: before a block leaves the tail, :func:`merge_into_region`
-keeps the best-scored tokens of (region ∪ that block) in the region, per KV head; H2O's/TOVA's
-per-token attention state and SnapKV's votes live in extra rows of the blocks
-(:func:`accumulate_attention`).
+keeps the best-scored tokens of (region ∪ that block) in the region, per KV head. A policy's
+per-token state (H2O's accumulated attention, TOVA's latest attention, SnapKV's votes: any policy
+with ``keeps_token_state``) lives in extra rows of the blocks; every step the policy's own
+``update_state`` changes it (:func:`update_token_state`).
 
 * **Spec** — the backend's ``customize_spec`` returns :class:`EvictingAttentionSpec`, a
   ``FullAttentionSpec`` carrying the rule; not prefix-cacheable, and its
@@ -39,7 +40,8 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_sparse.policies.eviction import EvictionRule
 
-__all__ = ["EvictingAttentionSpec", "EvictingManager", "register", "compact_block_table", "check_engine_config"]
+__all__ = ["EvictingAttentionSpec", "EvictingManager", "register", "compact_block_table", "check_engine_config",
+           "plan_merges", "merge_into_region", "reset_scores", "update_token_state"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,8 +207,9 @@ def merge_into_region(cache, plan: MergePlan, rule: EvictionRule, policy, write)
     """Per request and KV head: keep the best ``region_blocks × block_size`` of (the region's tokens
     ∪ the leaving blocks' tokens) by ``policy.score``, written back into the region.
 
-    The score reads the keys (``knorm``) or the tokens' accumulated attention stored in their
-    blocks (``h2o``: ``cache.token_scores``, moved along with the tokens). Each head keeps its
+    The score reads the keys (``knorm``) and, for a policy that keeps per-token state (``h2o``,
+    ``tova``, ``snapkv``: ``keeps_token_state``), that state as ``TokenState.stored``, read from the
+    tokens' blocks (``cache.token_scores``) and moved along with the tokens. Each head keeps its
     own tokens in its own slots of the region blocks (a block holds every head in its own slot),
     so heads never compete. Keys are stored after RoPE: a moved token keeps its position's
     rotation. ``write(key, value, slots, cache)`` is the backend's K/V write (it refreshes the
@@ -219,21 +222,20 @@ def merge_into_region(cache, plan: MergePlan, rule: EvictionRule, policy, write)
     h = cache.num_kv_heads
     heads = torch.arange(h)
     offsets = torch.arange(bs)
-    stateful = policy.token_state is not None
+    stateful = policy.keeps_token_state
     for b, lo, hi in plan.rows:
         row = plan.block_table[b].long()
         region = row[s:s + r]
         ids = torch.cat([region, row[lo:hi]])
         keys = cache.key_cache[ids].reshape(-1, h, cache.head_size)  # [T, H, D] copies
         values = cache.value_cache[ids].reshape(-1, h, cache.head_size)
-        acc = cache.token_scores[ids].permute(1, 0, 2).reshape(h, -1) if stateful else None  # [H, T]
-        state = TokenState(keys=keys, page_size=bs, **({policy.token_state: acc} if stateful else {}))
-        scores = policy.score(state)  # [H, T]
+        stored = cache.token_scores[ids].permute(1, 0, 2).reshape(h, -1) if stateful else None  # [H, T]
+        scores = policy.score(TokenState(keys=keys, page_size=bs, stored=stored))  # [H, T]
         top = scores.topk(r * bs, dim=1).indices.sort(dim=1).values  # [H, r*bs], ties: lower token
         slots = (region[:, None] * bs + offsets).flatten()
         write(keys[top.T, heads], values[top.T, heads], slots, cache)
-        if stateful:  # the kept tokens' accumulated scores move with them
-            cache.token_scores[region] = acc.gather(1, top).view(h, r, bs).permute(1, 0, 2)
+        if stateful:  # the kept tokens' state moves with them
+            cache.token_scores[region] = stored.gather(1, top).view(h, r, bs).permute(1, 0, 2)
 
 
 def reset_scores(cache, slot_mapping: torch.Tensor, value: float = 0.0) -> None:
@@ -245,83 +247,46 @@ def reset_scores(cache, slot_mapping: torch.Tensor, value: float = 0.0) -> None:
     cache.token_scores[slots // bs, :, slots % bs] = value
 
 
-def accumulate_attention(query: torch.Tensor, cache, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                         query_start_loc: torch.Tensor, scale: float, mode: str = "acc_attention",
-                         policy=None) -> None:
-    """Per-token attention state in ``cache.token_scores`` (float32). ``"acc_attention"`` (H2O): add
-    the attention this step's queries paid to each resident token, summed over the queries and each
-    KV head's group. ``"last_attention"`` (TOVA): replace it with the attention of the step's last
-    query, averaged over the group. ``"snap_votes"`` (SnapKV, ``policy`` its object): after a
-    prefill chunk (more than one query), replace it with the pooled votes of the chunk's last
-    ``policy.window`` queries (:meth:`~vllm_sparse.policies.snapkv.SnapKV.votes`); decode steps
-    leave it.
+def update_token_state(query: torch.Tensor, cache, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                       query_start_loc: torch.Tensor, scale: float, policy) -> None:
+    """The per-token state of ``policy`` (``keeps_token_state``) in ``cache.token_scores`` (float32)
+    after this step: ``policy.update_state`` of the state each resident token holds and the step's
+    queries over the resident keys (:class:`~vllm_sparse.policies.AttentionStep`), written back
+    unless it returns ``None``.
 
     Args are the step's compacted view (``block_table``/``seq_lens`` after :func:`compact_block_table`),
-    so the probabilities are those of attention over the resident tokens, causal for prefill chunks.
-    Decode requests (one query each) go through one batched pass; prefill chunks, one pass per
-    request (:func:`_accumulate_one`, the readable reference). Each reads every resident key once.
+    so the attention a policy computes is attention over the resident tokens, causal for prefill
+    chunks. ``query``: ``[num_tokens, num_heads, head_size]``. The decode requests (one query each)
+    go through one batched call; each prefill chunk through its own. Each reads every resident key once.
     """
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
     rows = [b for b in range(len(lens)) if qsl[b + 1] - qsl[b] > 0 and lens[b] > 0]
     decodes = [b for b in rows if qsl[b + 1] - qsl[b] == 1]
-    if mode != "snap_votes" and len(decodes) > 1:  # the common step: one batched pass, no loop
-        _accumulate_decodes(query, cache, block_table, seq_lens, query_start_loc, scale, mode, decodes)
-        batched = set(decodes)
-        rows = [b for b in rows if b not in batched]
-    for b in rows:
-        _accumulate_one(query[qsl[b]: qsl[b + 1]], cache, block_table[b], int(lens[b]), scale, mode, policy)
+    groups = ([decodes] if decodes else []) + [[b] for b in rows if qsl[b + 1] - qsl[b] > 1]
+    for group in groups:
+        _update_rows(query, cache, block_table, seq_lens, qsl, scale, policy, group)
 
 
-def _accumulate_one(q: torch.Tensor, cache, blocks: torch.Tensor, n: int, scale: float, mode: str, policy) -> None:
-    """:func:`accumulate_attention` for one request: ``q`` ``[m, H*G, D]``, the last ``m`` of ``n``
-    positions (the readable reference of the batched decode pass)."""
+def _update_rows(query, cache, block_table, seq_lens, qsl: list[int], scale: float, policy, rows: list[int]) -> None:
+    """:func:`update_token_state` for the requests ``rows``, which all have ``M`` queries in this step:
+    keys gathered to ``[R, N, H, D]`` (``N`` = the longest), the state to ``[R, H, N]``."""
+    from vllm_sparse.policies import AttentionStep
+
     h, d, bs = cache.num_kv_heads, cache.head_size, cache.block_size
-    m = q.shape[0]
-    if mode == "snap_votes" and m < 2:  # SnapKV: decode steps do not vote
-        return
-    blocks = blocks[: -(-n // bs)].long()
-    k = cache.key_cache[blocks].reshape(-1, h, d)[:n].float()  # [n, H, D]
-    pos = torch.arange(n)
-    if mode == "snap_votes":
-        from vllm_sparse.policies import TokenState
-
-        w = min(policy.window, m)
-        state = TokenState(keys=k, window_queries=q[m - w:], scale=scale)
-        cache.token_scores[blocks[pos // bs], :, pos % bs] = policy.votes(state).T
-        return
-    if mode == "last_attention":  # the last query sees every resident token
-        qq = q[-1].float().view(1, h, -1, d)
-        probs = torch.softmax(torch.einsum("mhgd,nhd->hgmn", qq, k) * scale, -1).mean(1)[:, 0]  # [H, n]
-        cache.token_scores[blocks[pos // bs], :, pos % bs] = probs.T
-        return
-    qq = q.float().view(m, h, -1, d)  # [m, H, G, D]
-    logits = torch.einsum("mhgd,nhd->hgmn", qq, k) * scale
-    causal = torch.arange(n)[None, :] > (n - m + torch.arange(m))[:, None]  # [m, n]
-    probs = torch.softmax(logits.masked_fill(causal, float("-inf")), -1).sum((1, 2))  # [H, n]
-    cache.token_scores[blocks[pos // bs], :, pos % bs] += probs.T
-
-
-def _accumulate_decodes(query, cache, block_table, seq_lens, query_start_loc, scale, mode, rows) -> None:
-    """H2O / TOVA state of the decode requests ``rows`` (one query each) in one batched pass: keys
-    gathered to ``[R, N, H, D]`` (``N`` = the longest), attention masked past each length."""
-    h, d, bs = cache.num_kv_heads, cache.head_size, cache.block_size
-    idx = torch.tensor(rows)
+    dev = block_table.device
+    idx = torch.tensor(rows, device=dev)
     lens = seq_lens[idx].long()
     n_max = int(lens.max())
     nb = -(-n_max // bs)
-    blocks = block_table[idx, :nb].long().clamp_min(0)  # [R, nb]; entries past a length are masked below
-    k = cache.key_cache[blocks].reshape(len(rows), nb * bs, h, d).float()  # [R, N, H, D]
-    q = query[query_start_loc[idx].long()].float().view(len(rows), h, -1, d)  # [R, H, G, D]
-    pos = torch.arange(nb * bs)
-    valid = pos[None, :] < lens[:, None]  # [R, N]
-    logits = torch.einsum("rhgd,rnhd->rhgn", q, k) * scale
-    probs = torch.softmax(logits.masked_fill(~valid[:, None, None, :], float("-inf")), -1)
-    probs = probs.mean(2) if mode == "last_attention" else probs.sum(2)  # [R, H, N]
-    r, p = valid.nonzero(as_tuple=True)
-    blk, off = blocks[r, p // bs], p % bs
-    vals = probs[r, :, p]  # [T, H]
-    if mode == "last_attention":
-        cache.token_scores[blk, :, off] = vals
-    else:
-        cache.token_scores[blk, :, off] += vals
+    blocks = block_table[idx, :nb].long().clamp_min(0)  # [R, nb]; entries past a length are never written
+    keys = cache.key_cache[blocks].reshape(len(rows), nb * bs, h, d)[:, :n_max]  # [R, N, H, D]
+    stored = cache.token_scores[blocks].permute(0, 2, 1, 3).reshape(len(rows), h, nb * bs)[:, :, :n_max]  # [R, H, N]
+    m = qsl[rows[0] + 1] - qsl[rows[0]]
+    first = torch.tensor([qsl[b] for b in rows], device=dev)
+    queries = query[first[:, None] + torch.arange(m, device=dev)]  # [R, M, H*G, D]
+    new = policy.update_state(stored, AttentionStep(keys=keys, queries=queries, lens=lens, scale=scale))
+    if new is None:
+        return
+    r, p = (torch.arange(n_max, device=dev)[None, :] < lens[:, None]).nonzero(as_tuple=True)
+    cache.token_scores[blocks[r, p // bs], :, p % bs] = new[r, :, p].float()

@@ -78,14 +78,14 @@ def test_snapkv_keeps_what_the_observation_window_attended():
 
 def test_h2o_keeps_the_heavy_hitters_of_the_accumulated_attention():
     acc = torch.tensor([[5.0, 0.1, 0.2, 3.0, 0.1, 0.1, 2.5, 0.1, 0.0, 0.3, 1.0, 1.0]])
-    state = TokenState(keys_along_x(X), acc_attention=acc)
+    state = TokenState(keys_along_x(X), stored=acc)
     assert kept(make("h2o", 5), state) == [FORCED | {3, 6}]
     # the state grows by each new query's attention, summed over the group
     q = torch.tensor([[1.0, 0.0]])
-    s = TokenState(keys_along_x(X), query=q, scale=1.0)
-    a1 = H2O.accumulate(None, s)
-    assert torch.allclose(a1.sum(), torch.tensor(1.0)) and a1.argmax().item() == 3
-    a2 = H2O.accumulate(a1, s)
+    step = TokenState(keys_along_x(X), query=q, scale=1.0).step(q[None])
+    a1 = H2O().update_state(None, step)
+    assert a1.shape == (1, 1, N) and torch.allclose(a1.sum(), torch.tensor(1.0)) and a1.argmax().item() == 3
+    a2 = H2O().update_state(a1, step)
     assert torch.allclose(a2, 2 * a1)
 
 
@@ -108,7 +108,7 @@ def test_knorm_keeps_the_lowest_key_norms():
 
 
 def test_scorers_say_what_they_need():
-    with pytest.raises(ValueError, match=r"'h2o'.*acc_attention"):
+    with pytest.raises(ValueError, match=r"'h2o'.*stored"):
         make("h2o", 5).keep(TokenState(keys_along_x(X)))
 
 
@@ -124,7 +124,7 @@ def test_adakv_moves_budget_between_heads_and_keeps_the_total():
     counts = pol.allocator.counts(s, forced, count)
     assert int(counts.sum()) == 2 * count
     assert counts[1] > counts[0] >= 3  # every head keeps its forced tokens
-    got = pol.keep(TokenState(keys, acc_attention=s))
+    got = pol.keep(TokenState(keys, stored=s))
     assert got.sum(1).tolist() == counts.tolist()
     assert got[0, 4] and got[0, [0, 10, 11]].all()
 

@@ -332,8 +332,9 @@ def test_h2o_state_accumulates_exact_attention_and_moves_with_its_tokens():
     assert cache.token_scores[table[0].long()].abs().sum() == 0
     q = torch.randn(m, hkv * g, d)  # a prefill chunk: the last m positions
     qsl = torch.tensor([0, m])
-    E.accumulate_attention(q, cache, table, torch.tensor([n]), qsl, 0.125)
-    E.accumulate_attention(q[-1:], cache, table, torch.tensor([n]), torch.tensor([0, 1]), 0.125)  # a decode step
+    h2o = get_policy_class("h2o")()
+    E.update_token_state(q, cache, table, torch.tensor([n]), qsl, 0.125, h2o)
+    E.update_token_state(q[-1:], cache, table, torch.tensor([n]), torch.tensor([0, 1]), 0.125, h2o)  # a decode step
     want = torch.zeros(hkv, n, dtype=torch.float64)
     for h in range(hkv):
         for i in range(m):
@@ -349,7 +350,7 @@ def test_h2o_state_accumulates_exact_attention_and_moves_with_its_tokens():
     rule = EvictionRule(block_size=bs, sink_tokens=4, k=36.0, alpha=0.0, min_keep=36, max_keep=36, region_blocks=2)
     plan = E.MergePlan(rows=[(0, 3, 5)], block_table=table)
     before = got.clone()
-    E.merge_into_region(cache, plan, rule, get_policy_class("h2o")(), C.write_kv)
+    E.merge_into_region(cache, plan, rule, h2o, C.write_kv)
     region = table[0, 1:3].long()
     for h in range(hkv):
         cand = torch.arange(bs, 5 * bs)
@@ -359,13 +360,17 @@ def test_h2o_state_accumulates_exact_attention_and_moves_with_its_tokens():
         assert torch.equal(cache.token_scores[region][:, h].flatten(), before[h, best])
 
 
-@pytest.mark.parametrize("mode", ["acc_attention", "last_attention"])
-def test_batched_decode_state_equals_the_per_request_reference(mode):
+@pytest.mark.parametrize("name", ["h2o", "tova", "snapkv"])
+def test_batched_decode_state_equals_the_per_request_reference(name):
     """A decode step of several requests (different lengths, shuffled blocks, a prefill chunk mixed
-    in) updates each token's H2O/TOVA state exactly as the one-request reference pass does."""
+    in) updates each token's state exactly as one request at a time does (the decodes go through
+    the policy's update_state together, padded to the longest)."""
     C = pytest.importorskip("vllm_sparse.cpu_attention")
     from vllm_sparse.kernels import PagedKVCache
     from vllm_sparse.kernels.layout import score_states
+    from vllm_sparse.policies import get_policy_class
+
+    policy = get_policy_class(name)(window=4, kernel=3) if name == "snapkv" else get_policy_class(name)()
 
     bs, hkv, g, d = 16, 3, 3, 64
     lens, qlens = [37, 150, 50, 96], [1, 1, 9, 1]  # request 2 is a prefill chunk (its last 9 tokens)
@@ -388,9 +393,10 @@ def test_batched_decode_state_equals_the_per_request_reference(mode):
             cache.token_scores[table[b, : -(-n // bs)].long()] = before
     q = torch.randn(sum(qlens), hkv * g, d).bfloat16()
     qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()])
-    E.accumulate_attention(q, caches[0], table, torch.tensor(lens), qsl, 0.125, mode=mode)  # batched decodes
+    E.update_token_state(q, caches[0], table, torch.tensor(lens), qsl, 0.125, policy)  # batched decodes
     for b, n in enumerate(lens):  # the reference, one request at a time
-        E._accumulate_one(q[qsl[b]: qsl[b + 1]], caches[1], table[b], n, 0.125, mode, None)
+        one = torch.tensor([0, qlens[b]])
+        E.update_token_state(q[qsl[b]: qsl[b + 1]], caches[1], table[b:b + 1], torch.tensor([n]), one, 0.125, policy)
     for b, n in enumerate(lens):
         pos = torch.arange(n)
         got, want = (c.token_scores[table[b, pos // bs].long(), :, pos % bs] for c in caches)
@@ -401,6 +407,7 @@ def test_tova_state_is_the_latest_querys_group_averaged_attention():
     C = pytest.importorskip("vllm_sparse.cpu_attention")
     from vllm_sparse.kernels import PagedKVCache
     from vllm_sparse.kernels.layout import score_states
+    from vllm_sparse.policies import get_policy_class
 
     bs, hkv, g, d, n = 16, 2, 3, 64, 90
     rows = score_states(bs, d, torch.bfloat16)
@@ -412,9 +419,10 @@ def test_tova_state_is_the_latest_querys_group_averaged_attention():
     k = torch.randn(n, hkv, d).bfloat16()
     C.write_kv(k, k, slots, cache)
     E.reset_scores(cache, slots)
+    tova = get_policy_class("tova")()
     for _ in range(2):  # replaced, not summed
         q = torch.randn(5, hkv * g, d).bfloat16()
-        E.accumulate_attention(q, cache, table, torch.tensor([n]), torch.tensor([0, 5]), 0.125, mode="last_attention")
+        E.update_token_state(q, cache, table, torch.tensor([n]), torch.tensor([0, 5]), 0.125, tova)
     got = cache.token_scores[table[0, pos // bs].long(), :, pos % bs].T.double()
     for h in range(hkv):
         want = torch.stack([torch.softmax(q[-1, h * g + j].double() @ k[:, h].double().T * 0.125, -1)
@@ -445,8 +453,7 @@ def test_snapkv_state_is_the_chunks_pooled_window_votes_and_decode_leaves_it():
     E.reset_scores(cache, slots, policy.new_token_state)
     assert torch.isinf(cache.token_scores[table[0, pos // bs].long(), :, pos % bs]).all()
     q = torch.randn(m, hkv * g, d)  # a prefill chunk: the last m positions
-    E.accumulate_attention(q, cache, table, torch.tensor([n]), torch.tensor([0, m]), 0.125, mode="snap_votes",
-                           policy=policy)
+    E.update_token_state(q, cache, table, torch.tensor([n]), torch.tensor([0, m]), 0.125, policy)
     got = cache.token_scores[table[0, pos // bs].long(), :, pos % bs].T.double()
     w, half = policy.window, policy.kernel // 2
     for h in range(hkv):
@@ -459,6 +466,6 @@ def test_snapkv_state_is_the_chunks_pooled_window_votes_and_decode_leaves_it():
         assert torch.allclose(got[h, : n - w], want[: n - w], rtol=1e-4, atol=1e-7)
         assert torch.isinf(got[h, n - w:]).all()
     # a decode step does not vote: the state stays
-    E.accumulate_attention(torch.randn(1, hkv * g, d), cache, table, torch.tensor([n]), torch.tensor([0, 1]), 0.125,
-                           mode="snap_votes", policy=policy)
+    E.update_token_state(torch.randn(1, hkv * g, d), cache, table, torch.tensor([n]), torch.tensor([0, 1]), 0.125,
+                         policy)
     assert torch.equal(cache.token_scores[table[0, pos // bs].long(), :, pos % bs].T.double(), got)

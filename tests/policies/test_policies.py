@@ -131,8 +131,9 @@ def test_adakv_moves_budget_between_heads_and_keeps_the_total():
 
 def test_example_package_registers_through_its_entry_point(tmp_path, monkeypatch):
     """pip-install examples/third_party_policy into a folder, put it on the path: the registry finds
-    `keydiff` by its entry point, its scorer keeps the keys least like the average key, and its
-    decode selector (same file) is registered with it."""
+    `keydiff` and `scissorhands` by their entry points; keydiff's scorer keeps the keys least like
+    the average key and its decode selector, built from that score, is registered with it;
+    scissorhands counts, per token, the queries that paid it at least a uniform share."""
     import subprocess
     import sys
     from pathlib import Path
@@ -156,11 +157,27 @@ def test_example_package_registers_through_its_entry_point(tmp_path, monkeypatch
         keys[7] = torch.tensor([-1.0, 0.5])
         assert kept(cls(budget=FixedKPolicy(budget_tokens=5), sink_tokens=1, local_window=2),
                     TokenState(keys)) == [FORCED | {4, 7}]
-        from vllm_sparse.config import SparseConfig
-        from vllm_sparse.kernels.selectors import available_selectors
+        from vllm_sparse.config import SparseConfig, evicting_policies
+        from vllm_sparse.kernels.selectors import available_selectors, get_selector
 
-        # the same file registered the selector that runs it inside vLLM
+        # registering the policy registered the selector built from its score, which runs it inside vLLM
         assert "keydiff" in available_selectors()
         assert SparseConfig(policy="keydiff").selection == "keydiff"
+        assert get_selector("keydiff").policy_class is cls
+
+        sc = get_policy_class("scissorhands")
+        assert sc.frees_blocks and sc.evicts_by_score and sc.keeps_token_state
+        assert "scissorhands" in evicting_policies()
+        # one decode query q = (1, 0) over the 12 keys along x: tokens 3, 8 and 5 (x = 9, 8, 7) draw
+        # at least 1/12 of its attention each (e^7 / Σ e^x = 0.086), the others less
+        q = torch.tensor([[1.0, 0.0]])
+        step = TokenState(keys_along_x(X), scale=1.0).step(q[None])
+        once = sc().update_state(torch.zeros(1, 1, N), step)
+        assert torch.nonzero(once[0, 0]).flatten().tolist() == [3, 5, 8]
+        twice = sc().update_state(once, step)
+        assert torch.equal(twice, 2 * once)
+        # the count ranks them; ties keep the earlier token
+        assert kept(make("scissorhands", 5), TokenState(keys_along_x(X), stored=twice[0])) == [FORCED | {3, 5}]
     finally:
         registry._REGISTRY.pop("keydiff", None)
+        registry._REGISTRY.pop("scissorhands", None)

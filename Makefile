@@ -27,7 +27,7 @@ BENCH_ARGS ?=
 # vLLM on the CPU platform needs an explicit KV-cache size (GiB); see README.
 export VLLM_CPU_KVCACHE_SPACE ?= 4
 
-.PHONY: venv assets test bench demo serve ray-serve clean
+.PHONY: venv assets lint-imports test bench demo serve ray-serve clean
 
 venv: $(STAMP)
 
@@ -52,7 +52,16 @@ ifeq ($(VLLM_EXTRA),cpu)
 	$(PY) -c "from vllm_sparse.kernels import cpu_ext; cpu_ext.load()"
 endif
 
-test: assets
+# The import rules in pyproject.toml ([tool.importlinter]), checked over the installed layout: kernels/ and
+# policies/ appear as vllm_sparse.kernels / vllm_sparse.policies, as package-dir maps them.
+IMPORT_GRAPH := build/import-graph
+lint-imports: venv
+	rm -rf $(IMPORT_GRAPH) && mkdir -p $(IMPORT_GRAPH)/vllm_sparse
+	ln -s $(CURDIR)/vllm_sparse/* $(IMPORT_GRAPH)/vllm_sparse/
+	ln -s $(CURDIR)/kernels $(CURDIR)/policies $(IMPORT_GRAPH)/vllm_sparse/
+	cd $(IMPORT_GRAPH) && $(CURDIR)/$(VENV)/bin/lint-imports --no-cache $(CURDIR)/pyproject.toml
+
+test: assets lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The CPU benchmark suite (docs/RESULTS.md): long-context quality on a reduced grid, throughput and

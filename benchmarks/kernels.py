@@ -159,8 +159,9 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
 
     from vllm_sparse.kernels import ops
     from vllm_sparse.kernels import reference as R
-    from vllm_sparse.kernels.selection import candidate_capacity, candidate_pages, index_capacity
-    from vllm_sparse.kernels.triton_select import exact_pages_triton, page_scores_triton, token_scores_triton
+    from vllm_sparse.kernels.selection import candidate_capacity, candidate_pages
+    from vllm_sparse.kernels.selectors import SelectInputs, SelectParams
+    from vllm_sparse.kernels.triton_ranking import page_scores_triton, token_scores_triton
     from vllm_sparse.policies.budget import n_alpha_budget
 
     h, hkv, d = args.num_heads, args.num_kv_heads, args.head_size
@@ -226,11 +227,11 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
     for name, sel, cf in args.variants:
         p = f"sparse_{name}"
         try:
-            kw = dict(sink_tokens=args.sink_tokens, local_window=args.local_window, selection=sel, candidate_factor=cf)
-            if sel == "exact_pages":
-                kw["rescore_dims"] = args.rescore_dims
-            idx = torch.empty((batch, hkv, index_capacity(sel, att, args.page_size, args.sink_tokens,
-                                                            args.local_window)), dtype=torch.int32, device=device)
+            params = SelectParams.create(sel, "kv_head", args.sink_tokens, args.local_window, cf,
+                                         args.rescore_dims if sel == "exact_pages" else 0)
+            kw = dict(params=params)
+            idx = torch.empty((batch, hkv, params.index_capacity(att, args.page_size)), dtype=torch.int32,
+                              device=device)
             so = torch.empty_like(q)
 
             def step():
@@ -241,7 +242,7 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
             t[p + "_select"] = timer(lambda: ops.select_topk(q, cache, bt, seq_lens, attended, scale, **kw, out=idx,
                                                              max_seq_len=n, **force))
             t[p + "_attn"] = timer(lambda: ops.sparse_attention(q, cache, bt, idx, scale, out=so, **force))
-            sargs = (q, cache, bt, seq_lens, scale, args.sink_tokens, args.local_window, "kv_head")
+            sargs = (q, cache, bt, seq_lens, scale, params)
             if sel == "page":
                 n_pages = -(-n // args.page_size)
                 c_cap = candidate_capacity(n_pages, att, args.page_size, args.sink_tokens, args.local_window, cf)
@@ -253,16 +254,14 @@ def run_config(args, n: int, batch: int, timer: Timer, device, dtype, force: dic
             elif sel == "quest":
                 t[p + "_score"] = timer(lambda: page_scores_triton(*sargs, num_pages=-(-n // args.page_size)))
             elif sel == "exact_pages":  # bounds, candidates, rescoring and the page top-k (all of the selection)
-                cnt = torch.minimum(attended.long(), seq_lens.long())
-                t[p + "_score"] = timer(lambda: exact_pages_triton(
-                    q, cache, bt, seq_lens, cnt, scale, args.sink_tokens, args.local_window, "kv_head", cf,
-                    args.rescore_dims, idx.shape[-1] // args.page_size, n))
+                x = SelectInputs.build(q, cache, bt, seq_lens, attended, scale, params, n, idx.shape[-1])
+                t[p + "_score"] = timer(lambda: x.params.selector.pages_triton(x))
             else:
                 t[p + "_score"] = timer(lambda: token_scores_triton(*sargs, num_slots=n))
             t[p + "_topk"] = max(t[p + "_select"] - t[p + "_score"], 0.0)
             if cuda and not args.no_graph:
                 _time_graph(timer, step, t, row, p + "_graph")
-            if ops.compacted_route(sel, cache):
+            if ops.compacted_route(params, cache):
                 _time_compacted(t, row, p, q, cache, bt, seq_lens, attended, scale, kw, idx.shape[-1], n, so, timer,
                                 cuda and not args.no_graph, force, unified)
             # correctness spot check: the first request against the torch reference
@@ -327,11 +326,10 @@ def _time_compacted(t, row, p, q, cache, bt, seq_lens, attended, scale, kw, capa
                           **force)
 
     t[p + "_tables"] = timer(step)
-    sel_kw = dict(kw, granularity="kv_head", rescore_dims=kw.get("rescore_dims", 0))
-    tables, lens = select_tables_triton(q, cache, bt, seq_lens, attended, scale, **sel_kw, capacity=capacity,
+    tables, lens = select_tables_triton(q, cache, bt, seq_lens, attended, scale, **kw, capacity=capacity,
                                         max_seq_len=n)
     width = tables.shape[-1] * cache.block_size
-    t[p + "_tables_select"] = timer(lambda: select_tables_triton(q, cache, bt, seq_lens, attended, scale, **sel_kw,
+    t[p + "_tables_select"] = timer(lambda: select_tables_triton(q, cache, bt, seq_lens, attended, scale, **kw,
                                                                  capacity=capacity, max_seq_len=n))
     t[p + "_tables_attn"] = timer(lambda: ops.table_decode(q, cache, tables, lens, scale, out=so, max_len=width,
                                                            **force))
@@ -378,7 +376,7 @@ def traffic(args, n: int, batch: int, esz: int) -> dict:
         attn = heads * att * (2 * row_b + 4)
         if sel in ("quest", "exact_pages"):  # page bounds, top-k over pages, then whole pages
             n_pages = -(-n // ps)
-            width = index_capacity("quest", att, ps, args.sink_tokens, args.local_window)
+            width = index_capacity(True, att, ps, args.sink_tokens, args.local_window)
             score = heads * n_pages * (2 * row_b + 4)
             topk = heads * (n_pages * 4 + width * 8)
             attn = heads * width * (2 * row_b + 4)

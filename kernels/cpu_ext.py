@@ -1,7 +1,7 @@
 """The fused CPU kernels (``cpu_select.cpp``), compiled with torch's ``cpp_extension`` on first use.
 
 Three ops, each one call per layer, replacing chains of small torch ops whose dispatch cost
-dominates a CPU decode step (see ``benchmarks/cpu_paths.py``):
+dominates a CPU decode step:
 
 * ``update_page_summaries(key, slots, rows, summary_offset, block_size, page_size)`` — the twin of
   :func:`.reference.update_page_summaries`;
@@ -10,13 +10,13 @@ dominates a CPU decode step (see ``benchmarks/cpu_paths.py``):
   Quest's page ranking (and the ``exact_pages`` rescoring of ``candidates`` pages over
   ``rescore_dims`` dims) into a compacted one-head block table, skipping the rows ``keep`` marks;
   the rows ``prior`` marks rescore ``prior_candidates`` pages plus those already in their table
-  row (a refresh). Its torch twins are ``vllm_sparse.cpu_attention.select_pages_reference``,
-  :func:`.reference.select_topk` and :func:`.reference.refresh_pages`;
+  row (a refresh). Its torch twins are :func:`.cpu_select.select_pages_reference`,
+  :func:`.ranking.exact_pages` and :func:`.ranking.refresh_pages`;
 * ``reuse_rows(query, num_kv_heads, prev_table, rows, keep, width, grown_mask=None, grown_new=None,
   prev_ref=None, min_similarity=0.0, refresh=False)`` -> ``[table, keep, prior, unit queries]`` — the
   rows of a ``reselect_every`` step that may keep last step's pages, and the ``reselect_similarity``
   gate (empty ``prior`` / queries where not asked for); the twin of
-  ``vllm_sparse.cpu_attention.reuse_rows_reference``.
+  :func:`.cpu_select.reuse_rows_reference`.
 
 The build is cached under torch's extension directory (``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``), keyed by the source, the flags and this CPU's model, so it runs

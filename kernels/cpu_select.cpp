@@ -1,8 +1,11 @@
 // Fused CPU kernels of the sparse decode step (one call per layer each), built with torch's
 // cpp_extension on first use (kernels/cpu_ext.py). Pure-torch twins, the test oracles:
 //   update_page_summaries  -> kernels/reference.py::update_page_summaries
-//   quest_select           -> vllm_sparse/cpu_attention.py::select_pages_reference
-//   reuse_rows             -> vllm_sparse/cpu_attention.py::reuse_rows_reference
+//   quest_select           -> kernels/cpu_select.py::select_pages_reference (Quest's bound:
+//                             kernels/ranking.py::quest_bound; the rescoring: ranking.py::exact_pages,
+//                             the rescored dims: selection.py::rescore_dims_mask; the refresh rows:
+//                             ranking.py::refresh_pages)
+//   reuse_rows             -> kernels/cpu_select.py::reuse_rows_reference
 //
 // Cache memory (kernels/layout.py): head slot r = block * num_kv_heads + head holds
 // `slot_size` elements; its page summaries start at `summary_offset`: one row
@@ -111,7 +114,7 @@ float page_score(const T* kt, const float* qsel, const int64_t* dims, int64_t g,
     for (int64_t i = 0; i < r; ++i) to_f32(kt + dims[i] * BS, rows + i * BS, BS);
   }
   // per token the max over the group (vector max), then one masked horizontal max per page: a
-  // horizontal reduction per query cost ~0.25 ms per layer at 16 x 7k (docs/RESULTS.md)
+  // horizontal reduction per query cost ~0.25 ms per layer at 16 x 7k (Intel Xeon AMX VM, 2026-12-03)
   const float neg = -std::numeric_limits<float>::infinity();
   float top[BS];
 #pragma omp simd
@@ -316,7 +319,7 @@ void quest_impl(const at::Tensor& query, const at::Tensor& rows, int64_t summary
 // keeps only while its unit query (its KV head's group of query heads, concatenated, float32)
 // dotted with the one it selected with is >= `min_similarity`. Failing rows are marked `prior`
 // (to refresh) when `refresh`. One call per layer for what were a dozen torch ops.
-// Twin: vllm_sparse/cpu_attention.py::reuse_rows_reference.
+// Twin: kernels/cpu_select.py::reuse_rows_reference.
 template <typename T>
 void reuse_impl(const at::Tensor& query, int64_t h, const at::Tensor& prev_table, const int64_t* rows,
                 const uint8_t* keep, const uint8_t* grown_mask, const int32_t* grown_new, const float* prev_ref,

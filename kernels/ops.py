@@ -20,7 +20,7 @@ import torch
 
 from . import reference
 from .layout import PagedKVCache
-from .selection import index_capacity
+from .selectors import SelectParams
 
 __all__ = [
     "FORCE_TRITON",
@@ -174,12 +174,7 @@ def select_topk(
     seq_lens: torch.Tensor,
     attended: torch.Tensor,
     scale: float,
-    sink_tokens: int = 0,
-    local_window: int = 0,
-    selection: str = "token",
-    granularity: str = "kv_head",
-    candidate_factor: float = 4.0,
-    rescore_dims: int = 0,
+    params: SelectParams,
     *,
     out: torch.Tensor | None = None,
     capacity: int | None = None,
@@ -190,9 +185,10 @@ def select_topk(
 
     Args:
         query: ``[B, num_heads, head_size]``; ``seq_lens``, ``attended``: ``[B]`` int.
-        out: optional ``[B, S, capacity]`` int32/int64 index buffer (``S`` = ``num_kv_heads``
-            for ``"kv_head"``, ``num_heads`` for ``"query_head"``); ``capacity`` must be
-            ``>= reference.index_capacity(selection, max(min(attended, seq_lens)), ...)``.
+        params: the step's :class:`~.selectors.SelectParams`.
+        out: optional ``[B, S, capacity]`` int32/int64 index buffer (``S`` =
+            ``params.num_rows(num_heads, num_kv_heads)``); ``capacity`` must be
+            ``>= params.index_capacity(max(min(attended, seq_lens)), page_size)``.
         capacity: buffer width when ``out`` is None (``None``: the reference's width, a
             sync on CUDA).
         max_seq_len: host bound ``>= max(seq_lens)`` sizing the score buffers (``None``: sync).
@@ -203,11 +199,9 @@ def select_topk(
     if uses_triton(query, force_triton):
         from .triton_select import select_topk_triton
 
-        return select_topk_triton(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window,
-                                  selection, granularity, candidate_factor, out=out, capacity=capacity,
-                                  max_seq_len=max_seq_len, rescore_dims=rescore_dims)
-    idx = reference.select_topk(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window,
-                                selection, granularity, candidate_factor, rescore_dims)
+        return select_topk_triton(query, cache, block_table, seq_lens, attended, scale, params, out=out,
+                                  capacity=capacity, max_seq_len=max_seq_len)
+    idx = reference.select_topk(query, cache, block_table, seq_lens, attended, scale, params)
     if out is None and capacity is None:
         return idx
     if out is None:
@@ -215,7 +209,7 @@ def select_topk(
     width = idx.shape[-1]
     if width > out.shape[-1]:
         raise ValueError(f"index capacity={out.shape[-1]} is smaller than this step's selection width={width} "
-                         "(see reference.index_capacity)")
+                         "(see SelectParams.index_capacity)")
     out[..., :width] = idx.to(out.dtype)
     out[..., width:] = -1
     return out
@@ -254,12 +248,7 @@ def sparse_decode(
     seq_lens: torch.Tensor,
     attended: torch.Tensor,
     scale: float,
-    sink_tokens: int = 0,
-    local_window: int = 0,
-    selection: str = "token",
-    granularity: str = "kv_head",
-    candidate_factor: float = 4.0,
-    rescore_dims: int = 0,
+    params: SelectParams,
     *,
     out: torch.Tensor | None = None,
     indices_out: torch.Tensor | None = None,
@@ -280,31 +269,27 @@ def sparse_decode(
     Returns:
         ``[B, num_heads, head_size]`` (``out`` when given).
     """
-    select = dict(sink_tokens=sink_tokens, local_window=local_window, selection=selection,
-                  granularity=granularity, candidate_factor=candidate_factor, rescore_dims=rescore_dims)
     triton_path = uses_triton(query, force_triton)
     if not triton_path and indices_out is None:
         # the reference fuses selection and attention (its selection logits are the attention logits)
-        return _into(out, reference.sparse_decode(query, cache, block_table, seq_lens, attended, scale, **select))
-    if triton_path and indices_out is None and compacted_route(selection, cache):
-        return _compacted_decode(query, cache, block_table, seq_lens, attended, scale, select, out=out,
+        return _into(out, reference.sparse_decode(query, cache, block_table, seq_lens, attended, scale, params))
+    if triton_path and indices_out is None and compacted_route(params, cache):
+        return _compacted_decode(query, cache, block_table, seq_lens, attended, scale, params, out=out,
                                  capacity=capacity, max_seq_len=max_seq_len, num_splits=num_splits)
-    idx = select_topk(query, cache, block_table, seq_lens, attended, scale, **select, out=indices_out,
+    idx = select_topk(query, cache, block_table, seq_lens, attended, scale, params, out=indices_out,
                       capacity=capacity, max_seq_len=max_seq_len, force_triton=force_triton)
     return sparse_attention(query, cache, block_table, idx, scale, out=out, num_splits=num_splits,
                             force_triton=force_triton)
 
 
-def compacted_route(selection: str, cache: PagedKVCache) -> bool:
+def compacted_route(params: SelectParams, cache: PagedKVCache) -> bool:
     """Whether :func:`sparse_decode` on the Triton path attends whole pages through compacted block
     tables (:func:`table_decode`) instead of a per-token index (:func:`sparse_attention`): for
     whole-page selectors when a page is a whole KV block (as in the vLLM backend)."""
-    from .selectors import get_selector
-
-    return get_selector(selection).whole_pages and cache.page_size == cache.block_size
+    return params.selector.whole_pages and cache.page_size == cache.block_size
 
 
-def _compacted_decode(query, cache, block_table, seq_lens, attended, scale, select, *, out, capacity, max_seq_len,
+def _compacted_decode(query, cache, block_table, seq_lens, attended, scale, params, *, out, capacity, max_seq_len,
                       num_splits) -> torch.Tensor:
     """Whole-page sparse decode: the chosen pages, sorted, are each head's block table; the dense
     split-K kernel walks them (contiguous page rows, no position list)."""
@@ -312,11 +297,10 @@ def _compacted_decode(query, cache, block_table, seq_lens, attended, scale, sele
 
     if capacity is None:  # a sync: the backend passes the step's host-side width
         count = torch.minimum(attended.long(), seq_lens.long())
-        capacity = index_capacity(select["selection"], int(count.max()) if count.numel() else 0, cache.page_size,
-                                  select["sink_tokens"], select["local_window"])
+        capacity = params.index_capacity(int(count.max()) if count.numel() else 0, cache.page_size)
     if query.shape[0] == 0 or capacity == 0:
         return out if out is not None else torch.empty_like(query)
-    tables, lens = select_tables_triton(query, cache, block_table, seq_lens, attended, scale, **select,
+    tables, lens = select_tables_triton(query, cache, block_table, seq_lens, attended, scale, params,
                                         capacity=capacity, max_seq_len=max_seq_len)
     return table_decode(query, cache, tables, lens, scale, out=out, max_len=tables.shape[-1] * cache.page_size,
                         num_splits=num_splits, force_triton=True)

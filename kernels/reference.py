@@ -9,17 +9,16 @@ The decode pipeline (Quest's named stages):
 
 1. :func:`write_kv` — append K/V by ``slot_mapping`` and refresh the page min/max.
 2. :func:`select_topk` — per (request, KV head) pick ``attended[b]`` token positions:
-   sinks + local window always, the rest by score; ``selection="token"`` scores every
-   key exactly, ``selection="page"`` first ranks pages by the min/max upper bound and
-   scores only the tokens of the best pages, ``selection="quest"`` attends every token of
-   the best pages (Quest's rule: no token scoring).
+   sinks + local window always, the rest as the step's selector says
+   (:class:`~.selectors.SelectParams`; page ranking in :mod:`.ranking`): ``token`` scores every
+   key exactly, ``page`` first ranks pages by Quest's bound and scores only the tokens of the
+   best pages, ``quest`` attends every token of the best pages (no token scoring).
 3. :func:`sparse_attention` — softmax attention over the selected positions only.
 
 :func:`paged_attention` is the dense causal op for prefill / chunked prefill / decode.
 
-Score of a token for a KV head (``granularity="kv_head"``): the maximum over the GQA
-group's query heads of ``scale · q·k``; with ``granularity="query_head"`` every query
-head selects its own tokens. Conventions: query head ``h`` reads KV head
+Score of a token for a KV head: the maximum over the GQA group's query heads of
+``scale · q·k``; with ``SelectParams.per_query_head`` every query head selects its own tokens. Conventions: query head ``h`` reads KV head
 ``h // (num_heads // num_kv_heads)``; positions are request-local; ``-1`` pads index
 buffers and slot mappings.
 """
@@ -32,9 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .layout import PagedKVCache
-from .selection import (GRANULARITIES, forced_page_mask, index_capacity, page_counts, page_positions,
-                        rescore_dims_mask, scored_key_range, sorted_positions, topk_rows)
-from .selectors import SelectInputs, get_selector
+from .selection import page_positions, row_kv_heads, sorted_positions, topk_rows
+from .selectors import SelectInputs, SelectParams
 
 __all__ = [
     "write_kv",
@@ -46,8 +44,6 @@ __all__ = [
     "sparse_attention",
     "sparse_decode",
     "gather_tokens",
-    "page_counts",
-    "index_capacity",
 ]
 
 
@@ -221,8 +217,7 @@ def table_decode(
     """
     b, num_heads, d = query.shape
     s, bs = tables.shape[1], cache.block_size
-    heads = _selection_heads(num_heads, cache.num_kv_heads, "query_head" if s == num_heads else "kv_head",
-                             query.device)
+    heads = row_kv_heads(s, num_heads, cache.num_kv_heads, query.device)
     pos = torch.arange(tables.shape[2] * bs, device=query.device)  # position in the compacted sequence
     blk = tables.long()[:, :, pos // bs].clamp_min(0)  # [B, S, N]
     kv_head = heads.view(1, s, 1).expand_as(blk)
@@ -256,37 +251,21 @@ def gather_tokens(
     return tensor[blk, pos % bs, kv_head.view(1, s, 1).expand(b, s, l)]
 
 
-def _selection_heads(num_heads: int, num_kv_heads: int, granularity: str, device) -> torch.Tensor:
-    """KV head read by each selection head: ``[num_kv_heads]`` or ``[num_heads]``."""
-    if granularity == "kv_head":
-        return torch.arange(num_kv_heads, device=device)
-    if granularity == "query_head":
-        return torch.arange(num_heads, device=device) // (num_heads // num_kv_heads)
-    raise ValueError(f"granularity={granularity!r}; allowed: {GRANULARITIES}")
-
-
-def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window, selection,
-            granularity, candidate_factor, rescore_dims=0):
+def _select(query, cache, block_table, seq_lens, attended, scale, params: SelectParams):
     """Shared core of :func:`select_topk` and :func:`sparse_decode`.
 
     Returns ``(pos, keep, logits, values)``: ``pos``/``keep`` ``[B, S, W]`` chosen positions and
     their validity; ``logits`` ``[B, S, G, W]`` float32 ``scale·q·k`` of each chosen key for each
     query head of the selection head's group and ``values`` ``[B, S, W, D]`` (cache dtype) the
-    chosen values, both ``None`` for ``"recent"``.
+    chosen values, both ``None`` for ``by_position`` selectors.
     """
     b, num_heads, d = query.shape
     dev = query.device
-    heads = _selection_heads(num_heads, cache.num_kv_heads, granularity, dev)
-    s, ps = heads.numel(), cache.page_size
-    seq_lens = seq_lens.long()
-    count = torch.minimum(attended.long(), seq_lens)
-    width = int(count.max())
-    n = seq_lens[:, None, None]
-
-    selector = get_selector(selection)
-    x = SelectInputs(query, cache, block_table, seq_lens, count, scale, sink_tokens, local_window, granularity,
-                     heads, candidate_factor, rescore_dims, int(seq_lens.max()),
-                     index_capacity(selection, width, ps, sink_tokens, local_window))
+    x = SelectInputs.build(query, cache, block_table, seq_lens, attended, scale, params)
+    heads, count, ps = x.heads, x.count, cache.page_size
+    s, width = heads.numel(), int(count.max())
+    n = x.seq_lens[:, None, None]
+    selector = params.selector
     if selector.by_position:  # no scores, no keys read
         pos = selector.positions(x, width)
         return pos, pos >= 0, None, None
@@ -300,7 +279,7 @@ def _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, l
         return pos, (pos >= 0) & (pos < n), logits, v
     scores = logits.amax(2)
     scores = scores.masked_fill((pos < 0) | (pos >= n), _NEG_INF)
-    forced = (pos >= 0) & (pos < n) & ((pos < sink_tokens) | (pos >= n - local_window))
+    forced = (pos >= 0) & (pos < n) & ((pos < params.sink_tokens) | (pos >= n - params.local_window))
     idx, keep = topk_rows(scores.masked_fill(forced, math.inf), count, width)
     chosen_logits = logits.gather(-1, idx[:, :, None, :].expand(-1, -1, logits.shape[2], -1))
     # chosen values: one row gather over the flattened [B*S*L] axis (v rows may be strided)
@@ -317,12 +296,7 @@ def select_topk(
     seq_lens: torch.Tensor,
     attended: torch.Tensor,
     scale: float,
-    sink_tokens: int = 0,
-    local_window: int = 0,
-    selection: str = "token",
-    granularity: str = "kv_head",
-    candidate_factor: float = 4.0,
-    rescore_dims: int = 0,
+    params: SelectParams,
 ) -> torch.Tensor:
     """Choose the positions each (request, selection head) attends in this decode step.
 
@@ -331,115 +305,26 @@ def select_topk(
         seq_lens: ``[B]`` int context lengths (≥ 1).
         attended: ``[B]`` int tokens to keep per head — from
             :func:`vllm_sparse.policies.budget.attended_tokens`, sinks and window included.
-        sink_tokens, local_window: first / last positions always kept.
-        selection: ``"token"`` (exact ``q·k`` of every key), ``"page"`` (rank pages by the
-            min/max upper bound, keep ``ceil(candidate_factor · attended / page_size)`` of
-            them plus the sink/window pages, then score their tokens exactly), ``"quest"``
-            (rank pages the same way and attend every token of the best
-            ``max(ceil(attended / page_size), sink/window pages)`` pages — Quest's rule, no
-            token scoring), ``"exact_pages"`` (as many whole pages as ``"quest"``, chosen among
-            ``candidate_factor ×`` as many bound-ranked candidates by their exact ``max q·k``,
-            or by ``q·k`` over the ``rescore_dims`` dimensions of largest ``|q|`` × key range when
-            ``0 < rescore_dims < head_size``) or ``"recent"`` (no scoring: sinks + the most
-            recent tokens, StreamingLLM's rule at the same budget — the baseline).
-        granularity: ``"kv_head"`` (one set per KV head, score = max over its query group)
-            or ``"query_head"`` (one set per query head).
+        params: the step's :class:`~.selectors.SelectParams`: the selector (``"token"``: exact
+            ``q·k`` of every key; ``"page"``: rank pages by Quest's bound, keep
+            ``ceil(candidate_factor · attended / page_size)`` of them plus the sink/window pages,
+            then score their tokens exactly; ``"quest"``: attend every token of the best
+            ``max(ceil(attended / page_size), sink/window pages)`` pages by the bound, no token
+            scoring; ``"exact_pages"``: as many whole pages as ``"quest"``, chosen among
+            ``candidate_factor ×`` as many bound-ranked candidates by their exact ``max q·k``, or by
+            ``q·k`` over ``rescore_dims`` dims; ``"recent"``: sinks + the most recent tokens,
+            StreamingLLM's rule at the same budget), the sinks and window always kept, and one set
+            per KV head (score = max over its query group) or per query head.
     Returns:
         ``[B, S, W]`` int64 positions, ascending, ``-1`` padded, where ``S`` is
         ``num_kv_heads`` or ``num_heads``. Row ``b`` holds exactly ``min(attended[b],
-        seq_lens[b])`` valid positions, all ``< seq_lens[b]``; with ``"quest"`` it holds
-        the valid positions of its pages instead (whole pages: up to ``page_size - 1``
-        more, or the sink/window pages when they alone exceed the budget).
-        ``W <= index_capacity(selection, max(min(attended, seq_lens)), ...)``.
+        seq_lens[b])`` valid positions, all ``< seq_lens[b]``; a whole-page selector's row holds
+        the valid positions of its pages instead (up to ``page_size - 1`` more, or the sink/window
+        pages when they alone exceed the budget). ``W <= params.index_capacity(max(min(attended,
+        seq_lens)), page_size)``.
     """
-    pos, keep, _, _ = _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens, local_window,
-                              selection, granularity, candidate_factor, rescore_dims)
+    pos, keep, _, _ = _select(query, cache, block_table, seq_lens, attended, scale, params)
     return sorted_positions(pos, keep)
-
-
-def _candidate_pages(q, cache, block_table, seq_lens, count, heads, scale, sink_tokens, local_window,
-                     candidate_factor, quest=False, n_cand=None, with_key_range=False):
-    """Stage 1 of page selection: the best pages by upper bound, ``[B, S, C]``, −1 padded.
-
-    ``n_cand`` (``[B]``) overrides how many pages each row keeps (default: :func:`page_counts`).
-    ``with_key_range`` also returns :func:`.selection.scored_key_range` of the bounds stage 1 read
-    (``[B, S, D]``): ``(pages, key_range)``."""
-    b, num_heads, d = q.shape
-    s, ps, dev = heads.numel(), cache.page_size, q.device
-    num_pages = (seq_lens + ps - 1) // ps  # [B]
-    p_max = int(num_pages.max())
-    bounds = cache.gather_page_bounds(block_table, p_max, heads)  # [B, S, P, D] each
-    kmin, kmax = (x.float().transpose(-1, -2) for x in bounds)  # [B, S, D, P]
-    qs = q.view(b, s, num_heads // s, d)
-    # max over the page of q·k <= sum_d max(q_d·min_d, q_d·max_d) = q⁺·max + q⁻·min
-    ub = (torch.matmul(qs.clamp_min(0), kmax) + torch.matmul(qs.clamp_max(0), kmin)).amax(2) * scale  # [B, S, P]
-    page = torch.arange(p_max, device=dev).expand(b, -1)
-    valid = page < num_pages[:, None]
-    forced = forced_page_mask(page, seq_lens, ps, sink_tokens, local_window)
-    ub = ub.masked_fill(~valid[:, None, :], _NEG_INF).masked_fill(forced[:, None, :], math.inf)
-    if n_cand is None:
-        n_cand = page_counts(seq_lens, count, ps, sink_tokens, local_window, candidate_factor, quest)  # [B]
-    top, keep = topk_rows(ub, n_cand, int(n_cand.max()))
-    pages = torch.where(keep, top, -1)
-    if with_key_range:
-        return pages, scored_key_range(*bounds, seq_lens, ps, sink_tokens, local_window)
-    return pages
-
-
-def _exact_pages(query, cache, block_table, seq_lens, count, heads, scale, sink_tokens, local_window,
-                 candidate_factor, rescore_dims=0, prior=None) -> torch.Tensor:
-    """``"exact_pages"``: Quest's page count, chosen among ``ceil(candidate_factor ×)`` as many
-    candidates (by the bound) by each page's exact ``max q·k`` (over its tokens and the GQA group).
-
-    ``0 < rescore_dims < head_size`` scores with only the ``rescore_dims`` dimensions where the
-    group's ``Σ|q|`` times the key range is largest (SparQ's approximation, Ribar et al. 2023, with
-    the dims weighted by how much the keys vary: :func:`.selection.rescore_dims_mask`); ``q`` is
-    zero elsewhere.
-
-    ``prior`` (``[B, S, M]`` page ids, −1 padded) joins the candidates: a refresh of pages chosen
-    before (:func:`refresh_pages`).
-
-    Returns ``[B, S, C]`` page ids, −1 padded; sink/window pages always in.
-    """
-    b, num_heads, d = query.shape
-    s, ps = heads.numel(), cache.page_size
-    num_pages = (seq_lens + ps - 1) // ps
-    n_pages = page_counts(seq_lens, count, ps, sink_tokens, local_window, 1.0, quest=True)
-    n_cand = torch.minimum(torch.ceil(n_pages.double() * candidate_factor).long(), num_pages)
-    cand, key_range = _candidate_pages(query.float(), cache, block_table, seq_lens, count, heads, scale,
-                                       sink_tokens, local_window, candidate_factor, n_cand=n_cand,
-                                       with_key_range=True)  # [B, S, C], [B, S, D]
-    if prior is not None:  # the prior pages not already candidates join them
-        prior = prior.long()
-        dup = (prior[..., :, None] == cand[..., None, :]).any(-1) | (prior < 0)
-        cand = torch.cat([cand, torch.where(dup, -1, prior)], -1)
-    pos = page_positions(cand, ps)  # [B, S, C * ps]
-    n = seq_lens[:, None, None]
-    k, _ = cache.gather_pages(block_table, cand, heads)
-    q = query.float().view(b, s, num_heads // s, d)
-    if 0 < rescore_dims < d:
-        q = q * rescore_dims_mask(q, key_range, rescore_dims)[:, :, None, :]
-    logits = torch.matmul(q, k.float().transpose(-1, -2)).amax(2)
-    logits = logits.masked_fill((pos < 0) | (pos >= n), _NEG_INF)
-    score = logits.view(b, s, cand.shape[-1], ps).amax(-1)  # [B, S, C]
-    forced = forced_page_mask(cand, seq_lens, ps, sink_tokens, local_window)
-    top, keep = topk_rows(score.masked_fill(forced, math.inf).masked_fill(cand < 0, _NEG_INF), n_pages,
-                          int(n_pages.max()))
-    return torch.where(keep, cand.gather(-1, top), -1)
-
-
-def refresh_pages(query: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                  attended: torch.Tensor, prior: torch.Tensor, sink_tokens: int, local_window: int,
-                  candidate_factor: float, rescore_dims: int = 0) -> torch.Tensor:
-    """``"exact_pages"`` (``kv_head`` granularity) whose candidates are the ``candidate_factor ×``
-    best pages by the bound *plus* the ``prior`` pages (``[B, num_kv_heads, M]``, −1 padded): how a
-    (request, KV head) refreshes a kept selection whose query moved (``reselect_candidate_factor``;
-    the oracle of ``quest_select``'s ``prior`` rows). Returns ``[B, num_kv_heads, C]`` page ids, −1 padded."""
-    heads = _selection_heads(query.shape[1], cache.num_kv_heads, "kv_head", query.device)
-    seq_lens = seq_lens.long()
-    count = torch.minimum(attended.long(), seq_lens)
-    return _exact_pages(query, cache, block_table, seq_lens, count, heads, 1.0, sink_tokens, local_window,
-                        candidate_factor, rescore_dims, prior=prior)
 
 
 # --------------------------------------------------------------------------------------
@@ -463,7 +348,7 @@ def sparse_attention(
     """
     b, num_heads, d = query.shape
     s = indices.shape[1]
-    heads = _selection_heads(num_heads, cache.num_kv_heads, "query_head" if s == num_heads else "kv_head", query.device)
+    heads = row_kv_heads(s, num_heads, cache.num_kv_heads, query.device)
     k = gather_tokens(cache.key_cache, block_table, indices, heads).float()  # [B, S, L, D]
     v = gather_tokens(cache.value_cache, block_table, indices, heads).float()
     g = num_heads // s
@@ -481,17 +366,11 @@ def sparse_decode(
     seq_lens: torch.Tensor,
     attended: torch.Tensor,
     scale: float,
-    sink_tokens: int = 0,
-    local_window: int = 0,
-    selection: str = "token",
-    granularity: str = "kv_head",
-    candidate_factor: float = 4.0,
-    rescore_dims: int = 0,
+    params: SelectParams,
 ) -> torch.Tensor:
     """:func:`select_topk` then :func:`sparse_attention`, fused: the scores computed for the
     selection are reused as the attention logits. Returns ``[B, num_heads, head_size]``."""
-    pos, keep, logits, v = _select(query, cache, block_table, seq_lens, attended, scale, sink_tokens,
-                                   local_window, selection, granularity, candidate_factor, rescore_dims)
+    pos, keep, logits, v = _select(query, cache, block_table, seq_lens, attended, scale, params)
     if logits is None:
         return sparse_attention(query, cache, block_table, torch.where(keep, pos, -1), scale)
     b, num_heads, d = query.shape

@@ -48,6 +48,10 @@ class Registry(Generic[T]):
         self._entries[cls.name] = self._make(cls)
         return cls
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a no-op when absent): tests that register classes for a while."""
+        self._entries.pop(name, None)
+
     def load_entry_points(self, reload: bool = False) -> None:
         """Register the classes installed packages name in :attr:`group` (once, or again with ``reload``)."""
         if self._entry_points_loaded and not reload:

@@ -17,10 +17,12 @@ __all__ = [
     "forced_page_range",
     "forced_page_mask",
     "page_counts",
+    "max_forced_pages",
     "index_capacity",
     "quest_attended",
     "candidate_capacity",
     "candidate_pages",
+    "row_kv_heads",
     "page_positions",
     "compact_pages",
     "scored_key_range",
@@ -95,26 +97,28 @@ def quest_attended(seq_lens: torch.Tensor, count: torch.Tensor, page_size: int, 
     return seq - (num_pages - pages) * page_size
 
 
-def index_capacity(selection: str, max_count: int, page_size: int, sink_tokens: int, local_window: int) -> int:
+def max_forced_pages(page_size: int, sink_tokens: int, local_window: int) -> int:
+    """Host bound of the forced pages of any request: the sink pages, and the window's pages plus the
+    one it may straddle (:func:`forced_page_range`'s ranges at their widest)."""
+    return -(-sink_tokens // page_size) + ((-(-local_window // page_size) + 1) if local_window > 0 else 0)
+
+
+def index_capacity(whole_pages: bool, max_count: int, page_size: int, sink_tokens: int, local_window: int) -> int:
     """Host-side width of an index buffer that holds any row :func:`.reference.select_topk` returns.
 
     ``max_count``: ``max(min(attended, seq_lens))`` of the step. Whole-page selectors
     (``"quest"``, ``"exact_pages"``) round to whole pages and may exceed the budget by the forced
     sink/window pages.
     """
-    from .selectors import get_selector
-
-    if not get_selector(selection).whole_pages:
+    if not whole_pages:
         return max_count
-    ps = page_size
-    forced = -(-sink_tokens // ps) + ((-(-local_window // ps) + 1) if local_window > 0 else 0)
-    return ps * max(-(-max_count // ps), forced)
+    return page_size * max(-(-max_count // page_size), max_forced_pages(page_size, sink_tokens, local_window))
 
 
 def candidate_capacity(num_pages: int, capacity: int, page_size: int, sink_tokens: int,
                        local_window: int, candidate_factor: float) -> int:
     """Static bound of the candidate pages per row: ``>= max_b n_cand[b]`` of the reference."""
-    forced = -(-sink_tokens // page_size) + ((-(-local_window // page_size) + 1) if local_window > 0 else 0)
+    forced = max_forced_pages(page_size, sink_tokens, local_window)
     return max(1, min(num_pages, math.ceil(candidate_factor * capacity / page_size) + forced))
 
 
@@ -137,6 +141,17 @@ def candidate_pages(
     n_cand = page_counts(seq_lens, count, page_size, sink_tokens, local_window, candidate_factor, quest)
     top, keep = topk_rows(ub, n_cand, max_candidates)
     return torch.where(keep, top, -1)
+
+
+def row_kv_heads(num_rows: int, num_heads: int, num_kv_heads: int, device=None) -> torch.Tensor:
+    """``[num_rows]`` the KV head each selection row reads: rows are KV heads (``num_rows ==
+    num_kv_heads``) or query heads (``num_rows == num_heads``, query head ``h`` reading KV head
+    ``h // (num_heads // num_kv_heads)``)."""
+    if num_rows == num_kv_heads:
+        return torch.arange(num_kv_heads, device=device)
+    if num_rows == num_heads:
+        return torch.arange(num_heads, device=device) // (num_heads // num_kv_heads)
+    raise ValueError(f"{num_rows} selection rows: expected num_kv_heads={num_kv_heads} or num_heads={num_heads}")
 
 
 def page_positions(pages: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -199,7 +214,7 @@ def rescore_dims_mask(q: torch.Tensor, key_range: torch.Tensor, rescore_dims: in
     SparQ (Ribar et al. 2023) ranks by ``|q_e|`` alone; weighting by the key range drops dims whose
     keys barely vary (a near-constant offset ranks nothing) and finds the ones that separate keys —
     on SmolLM2 at 6k–7.5k tokens it recovers the needle digits 12 dims by ``|q|`` lose
-    (docs/RESULTS.md). Rows without such a page have range 1: ``|q|`` alone. The C++ kernel
+    (docs/RESULTS.md, "How defaults were chosen"). Rows without such a page have range 1: ``|q|`` alone. The C++ kernel
     (``kernels/cpu_select.cpp``) computes the same in float32; ties go to the lower dim.
 
     Args:

@@ -14,11 +14,14 @@ head), and a selector fills in its first stage:
 Selectors that need no scores (``by_position``, StreamingLLM's sinks + recent tokens) give the
 positions directly (:meth:`Selector.positions`).
 
+The settings travel as one frozen :class:`SelectParams` (the selector already resolved), and a
+step's tensors as :class:`SelectInputs`.
+
 Built in: ``token`` (every page a candidate: exact top-k of all keys), ``page`` (Quest's bound
 ranks ``candidate_factor ×`` the pages the budget needs, then exact token top-k), ``quest``
 (Quest: the best pages by bound, whole), ``exact_pages`` (the default: Quest's page count,
 chosen among ``candidate_factor ×`` as many bound-ranked pages by their exact max ``q·k``),
-``recent`` and ``dense`` (every page). A policy names its selector in its ``selection`` class
+``recent`` and ``dense`` (every page), in :mod:`.builtin_selectors`. A policy names its selector in its ``selection`` class
 attribute; the config's ``selection`` setting picks the selector of ``q·k``-scored policies
 (``ntopk``, ``topk``).
 
@@ -39,16 +42,70 @@ import torch
 
 from .layout import PagedKVCache
 from .registry import Registry
-from .selection import forced_page_mask, page_counts, recent_positions, topk_rows
+from .selection import GRANULARITIES, forced_page_mask, index_capacity, page_counts, topk_rows
 
 __all__ = [
+    "SelectParams",
     "SelectInputs",
     "Selector",
     "register_selector",
     "get_selector",
     "available_selectors",
-    "BUILTIN_SELECTORS",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectParams:
+    """How a sparse decode step selects: one frozen object, built once (from ``SparseConfig``,
+    ``vllm_sparse.config``, or :meth:`create`) and passed down every path in place of loose settings.
+
+    Attributes:
+        selector: the registered :class:`Selector`, already resolved (no path looks one up by name).
+        per_query_head: one selected set per query head (``granularity="query_head"``) instead of
+            one per KV head shared by its query group (``"kv_head"``, the score being the group's max).
+        sink_tokens: the first positions, always attended.
+        local_window: the most recent positions, always attended.
+        candidate_factor: candidate pages per budget page for the selectors that rescore (``page``,
+            ``exact_pages``).
+        rescore_dims: ``exact_pages`` rescores with the ``q·k`` of this many dims (``0``: all).
+    """
+
+    selector: "Selector"
+    per_query_head: bool = False
+    sink_tokens: int = 0
+    local_window: int = 0
+    candidate_factor: float = 4.0
+    rescore_dims: int = 0
+
+    @classmethod
+    def create(cls, selection: str = "token", granularity: str = "kv_head", sink_tokens: int = 0,
+               local_window: int = 0, candidate_factor: float = 4.0, rescore_dims: int = 0) -> "SelectParams":
+        """From the settings' names (``selection``: a registered selector; ``granularity``: one of
+        :data:`GRANULARITIES`); ``ValueError`` naming the allowed values otherwise."""
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"vllm_sparse granularity={granularity!r}; allowed: {list(GRANULARITIES)}")
+        return cls(get_selector(selection), granularity == "query_head", sink_tokens, local_window,
+                   float(candidate_factor), rescore_dims)
+
+    @property
+    def granularity(self) -> str:
+        return "query_head" if self.per_query_head else "kv_head"
+
+    def num_rows(self, num_heads: int, num_kv_heads: int) -> int:
+        """Selection heads ``S``: one selected set each."""
+        return num_heads if self.per_query_head else num_kv_heads
+
+    def heads(self, num_heads: int, num_kv_heads: int, device=None) -> torch.Tensor:
+        """``[S]`` the KV head each selection head reads (query head ``h`` reads KV head
+        ``h // (num_heads // num_kv_heads)``)."""
+        if self.per_query_head:
+            return torch.arange(num_heads, device=device) // (num_heads // num_kv_heads)
+        return torch.arange(num_kv_heads, device=device)
+
+    def index_capacity(self, max_count: int, page_size: int) -> int:
+        """Host-side width of an index row that holds any selection of at most ``max_count`` tokens
+        (:func:`.selection.index_capacity`)."""
+        return index_capacity(self.selector.whole_pages, max_count, page_size, self.sink_tokens, self.local_window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +117,9 @@ class SelectInputs:
         cache, block_table: the paged cache and ``[B, max_blocks]`` block table.
         seq_lens: ``[B]`` int context lengths.
         count: ``[B]`` int64 tokens each head keeps, ``min(attended, seq_lens)``.
-        heads: ``[S]`` the KV head each selection head reads (``granularity``).
+        scale: the softmax scale.
+        params: the step's :class:`SelectParams`.
+        heads: ``[S]`` the KV head each selection head reads (:meth:`SelectParams.heads`).
         max_seq_len: host bound ``>= max(seq_lens)``.
         capacity: host width of the step's index rows (the Triton path's buffer; the reference
             passes its own bound).
@@ -72,19 +131,51 @@ class SelectInputs:
     seq_lens: torch.Tensor
     count: torch.Tensor
     scale: float
-    sink_tokens: int
-    local_window: int
-    granularity: str
+    params: SelectParams
     heads: torch.Tensor
-    candidate_factor: float
-    rescore_dims: int
     max_seq_len: int
     capacity: int
+
+    @classmethod
+    def build(cls, query: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
+              attended: torch.Tensor, scale: float, params: SelectParams, max_seq_len: int | None = None,
+              capacity: int | None = None) -> "SelectInputs":
+        """The step's inputs; ``max_seq_len`` / ``capacity`` ``None``: read from the tensors (a sync on CUDA)."""
+        seq_lens = seq_lens.long()
+        count = torch.minimum(attended.long(), seq_lens)
+        if max_seq_len is None:
+            max_seq_len = int(seq_lens.max()) if seq_lens.numel() else 0
+        if capacity is None:
+            capacity = params.index_capacity(int(count.max()) if count.numel() else 0, cache.page_size)
+        heads = params.heads(query.shape[1], cache.num_kv_heads, query.device)
+        return cls(query, cache, block_table, seq_lens, count, scale, params, heads, max(max_seq_len, 1), capacity)
+
+    # the settings, for selectors' convenience
+    @property
+    def sink_tokens(self) -> int:
+        return self.params.sink_tokens
+
+    @property
+    def local_window(self) -> int:
+        return self.params.local_window
+
+    @property
+    def candidate_factor(self) -> float:
+        return self.params.candidate_factor
+
+    @property
+    def rescore_dims(self) -> int:
+        return self.params.rescore_dims
 
     @property
     def num_pages(self) -> int:
         """Host bound of the pages of any request of the step."""
         return -(-self.max_seq_len // self.cache.page_size)
+
+    @property
+    def max_pages(self) -> int:
+        """Pages a whole-page row may hold: the index width in pages (at least one)."""
+        return max(1, min(self.num_pages, self.capacity // self.cache.page_size))
 
     def whole_page_count(self) -> torch.Tensor:
         """``[B]`` pages a whole-page selector attends: ``max(ceil(count / page_size), forced pages)``."""
@@ -139,6 +230,14 @@ class Selector:
         pass without a page list). Defaults to :meth:`pages` (torch ops on the device)."""
         return self.pages(x)
 
+    def page_scores_triton(self, x: SelectInputs) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Whole-page selectors whose last stage keeps the best-scored pages (:meth:`SelectInputs.best_pages`'
+        rule) may return those scores here, ``(scores [B, S, C], pages [B, S, C] or None)`` (``None``:
+        column ``c`` is page ``c``; ``+inf`` forced, ``-inf`` no page). The Triton path then cuts each row
+        and builds its compacted block table in one launch. ``None`` (the default): it takes
+        :meth:`pages_triton`."""
+        return None
+
     def positions(self, x: SelectInputs, width: int) -> torch.Tensor:
         """``by_position`` selectors: ``[B, S, width]`` ascending positions, ``-1`` padded."""
         raise NotImplementedError
@@ -149,121 +248,6 @@ class Selector:
 
     def __repr__(self) -> str:
         return f"<selector {self.name!r}>"
-
-
-class Token(Selector):
-    """Exact ``q·k`` of every key, top ``count`` per head (reads every key)."""
-
-    name = "token"
-
-    def pages(self, x):
-        return x.all_pages()
-
-    def pages_triton(self, x):
-        return None
-
-
-class Page(Selector):
-    """Quest's bound ranks ``ceil(candidate_factor · count / page_size)`` candidate pages (plus the
-    sink/window pages), then exact top-``count`` of their tokens."""
-
-    name = "page"
-
-    def pages(self, x):
-        from .reference import _candidate_pages
-
-        return _candidate_pages(x.query.float(), x.cache, x.block_table, x.seq_lens, x.count, x.heads, x.scale,
-                                x.sink_tokens, x.local_window, x.candidate_factor)
-
-    def pages_triton(self, x):
-        from .selection import candidate_capacity, candidate_pages
-        from .triton_select import page_scores_triton
-
-        ps = x.cache.page_size
-        ub = page_scores_triton(x.query, x.cache, x.block_table, x.seq_lens, x.scale, x.sink_tokens, x.local_window,
-                                x.granularity, num_pages=x.num_pages)
-        c_cap = candidate_capacity(x.num_pages, x.capacity, ps, x.sink_tokens, x.local_window, x.candidate_factor)
-        return candidate_pages(ub, x.seq_lens, x.count, ps, x.sink_tokens, x.local_window, x.candidate_factor, c_cap)
-
-
-class Quest(Selector):
-    """Quest (Tang et al., ICML 2024): the best ``max(ceil(count / page_size), forced)`` pages by
-    the min/max bound, attended whole. Reads no key to select."""
-
-    name = "quest"
-    whole_pages = True
-    cpu_fused = True
-
-    def pages(self, x):
-        from .reference import _candidate_pages
-
-        return _candidate_pages(x.query.float(), x.cache, x.block_table, x.seq_lens, x.count, x.heads, x.scale,
-                                x.sink_tokens, x.local_window, x.candidate_factor, quest=True)
-
-    def pages_triton(self, x):
-        from .triton_select import page_scores_triton, ranked_pages_triton
-
-        ub = page_scores_triton(x.query, x.cache, x.block_table, x.seq_lens, x.scale, x.sink_tokens, x.local_window,
-                                x.granularity, num_pages=x.num_pages)
-        val, top = ub.topk(min(_max_pages(x), ub.shape[-1]), dim=-1)
-        return ranked_pages_triton(val, top, x.seq_lens, x.count, x.cache.page_size, x.sink_tokens, x.local_window)
-
-    def cpu_candidate_factor(self, candidate_factor):
-        return 1.0
-
-
-class ExactPages(Selector):
-    """Quest's page count, chosen among ``candidate_factor ×`` as many bound-ranked candidates by
-    each page's exact max ``q·k`` (or over the ``rescore_dims`` dims of largest ``|q|`` × key range); whole pages."""
-
-    name = "exact_pages"
-    whole_pages = True
-    cpu_fused = True
-
-    def pages(self, x):
-        from .reference import _exact_pages
-
-        return _exact_pages(x.query, x.cache, x.block_table, x.seq_lens, x.count, x.heads, x.scale, x.sink_tokens,
-                            x.local_window, x.candidate_factor, x.rescore_dims)
-
-    def pages_triton(self, x):
-        from .triton_select import exact_pages_triton
-
-        return exact_pages_triton(x.query, x.cache, x.block_table, x.seq_lens, x.count, x.scale, x.sink_tokens,
-                                  x.local_window, x.granularity, x.candidate_factor, x.rescore_dims, _max_pages(x),
-                                  x.max_seq_len)
-
-    def cpu_candidate_factor(self, candidate_factor):
-        return candidate_factor
-
-
-class Dense(Selector):
-    """Every page, whole: exact attention through the sparse path (``policy: "dense"``)."""
-
-    name = "dense"
-    whole_pages = True
-
-    def pages(self, x):
-        return x.all_pages()
-
-
-class Recent(Selector):
-    """StreamingLLM's rule at the same budget: the sinks, then the most recent tokens (no scores)."""
-
-    name = "recent"
-    by_position = True
-
-    def positions(self, x, width):
-        b, s = x.seq_lens.shape[0], x.heads.numel()
-        return recent_positions(x.seq_lens, x.count, x.sink_tokens, width)[:, None, :].expand(b, s, width)
-
-
-def _max_pages(x: SelectInputs) -> int:
-    """Pages a whole-page row may hold: the index width in pages (at least one)."""
-    return max(1, min(x.num_pages, x.capacity // x.cache.page_size))
-
-
-BUILTIN_SELECTORS = (Token, Page, Quest, ExactPages, Recent, Dense)
 
 
 def _check_selector(cls: type[Selector]) -> None:
@@ -278,10 +262,6 @@ _REGISTRY: Registry[Selector] = Registry("vllm_sparse.selectors", Selector, "sel
 def register_selector(cls: type[Selector]) -> type[Selector]:
     """Register a :class:`Selector` subclass under ``cls.name`` (usable as a decorator)."""
     return _REGISTRY.register(cls)
-
-
-for _cls in BUILTIN_SELECTORS:
-    register_selector(_cls)
 
 
 def available_selectors() -> list[str]:

@@ -14,17 +14,16 @@ Min/max are exact, so the result equals the reference bit for bit.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .layout import PagedKVCache
+from .triton_common import INTERPRET
 
 __all__ = ["write_kv_triton"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -147,7 +146,7 @@ def write_kv_triton(
     slots = slot_mapping[:n]
     hd = cache.num_kv_heads * cache.head_size
     kc, vc, kmin, kmax = cache.key_cache, cache.value_cache, cache.key_min, cache.key_max
-    if _INTERPRET:
+    if INTERPRET:
         block_t, block_hd = 64, triton.next_power_of_2(hd)
     else:
         block_hd = min(triton.next_power_of_2(hd), 1024)
@@ -160,7 +159,7 @@ def write_kv_triton(
     )
     sorted_slots = torch.sort(slots.long()).values
     block_p = triton.next_power_of_2(cache.page_size)
-    if _INTERPRET:
+    if INTERPRET:
         block_hd = triton.next_power_of_2(hd)
     else:
         block_hd = min(triton.next_power_of_2(hd), max(128, 4096 // block_p))

@@ -15,20 +15,17 @@ All-decode batches (every ``q_len == 1``) go to the split-K decode kernel instea
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .layout import PagedKVCache
-from .triton_sparse_attn import (_check_query, _dot, _load_rows, _math_mode, _paged_slots, _softmax_step,
-                                 dense_decode_triton)
+from .triton_common import INTERPRET, LOG2E, check_query, dot, load_rows, math_mode, paged_slots, softmax_step
+from .triton_sparse_attn import dense_decode_triton
 
 __all__ = ["paged_attention_triton"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -115,17 +112,17 @@ def _paged_prefill_kernel(
     for t in range(0, kv_end, TILE_N):
         pos = t + n_off
         valid = pos < kv_end
-        blk, off = _paged_slots(block_table_ptr, b, stride_btb, stride_btn, pos, valid, BLOCK_SIZE)
+        blk, off = paged_slots(block_table_ptr, b, stride_btb, stride_btn, pos, valid, BLOCK_SIZE)
         kv_mask = valid[:, None] & d_mask[None, :]
-        k = _load_rows(k_ptr, blk, off, kvh, d, kv_mask, stride_kb, stride_kt, stride_kh, stride_kd)
-        v = _load_rows(v_ptr, blk, off, kvh, d, kv_mask, stride_vb, stride_vt, stride_vh, stride_vd)
+        k = load_rows(k_ptr, blk, off, kvh, d, kv_mask, stride_kb, stride_kt, stride_kh, stride_kd)
+        v = load_rows(v_ptr, blk, off, kvh, d, kv_mask, stride_vb, stride_vt, stride_vh, stride_vd)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), IEEE) * scale_log2e  # [BLOCK_M, TILE_N]
+        s = dot(q, tl.trans(k), IEEE) * scale_log2e  # [BLOCK_M, TILE_N]
         allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None])
         s = tl.where(allowed, s, float("-inf"))
-        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, v, IEEE, True)
+        m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, v, IEEE, True)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
@@ -164,7 +161,7 @@ def paged_attention_triton(
     if query.dim() != 3:
         raise ValueError(f"query must be [num_tokens, num_heads, head_size]; got {tuple(query.shape)}")
     num_tokens, num_heads, d = query.shape
-    _check_query(query, cache)
+    check_query(query, cache)
     num_reqs = seq_lens.shape[0]
     if query_start_loc.shape[0] != num_reqs + 1:
         raise ValueError(
@@ -187,8 +184,8 @@ def paged_attention_triton(
 
     q_per_kv = num_heads // cache.num_kv_heads
     block_gp = triton.next_power_of_2(q_per_kv)
-    upcast, ieee = _math_mode(query, cache)  # ieee: fp32 FMA dots (no tf32), smaller tiles
-    if _INTERPRET:
+    upcast, ieee = math_mode(query, cache)  # ieee: fp32 FMA dots (no tf32), smaller tiles
+    if INTERPRET:
         block_m, tile_n = 64, 128
     else:
         block_m = 64 if max_query_len >= 64 and not ieee else 16
@@ -199,7 +196,7 @@ def paged_attention_triton(
     grid = (num_tokens // block_q + num_reqs, cache.num_kv_heads)
     _paged_prefill_kernel[grid](
         query, kc, vc, block_table, seq_lens, query_start_loc, out,
-        scale * _LOG2E, num_reqs, q_per_kv,
+        scale * LOG2E, num_reqs, q_per_kv,
         *query.stride(), *kc.stride(), *vc.stride(), *block_table.stride(), *out.stride(),
         BLOCK_SIZE=cache.block_size, HEAD_SIZE=d, BLOCK_D=triton.next_power_of_2(d),
         BLOCK_GP=block_gp, BLOCK_Q=block_q, TILE_N=tile_n,

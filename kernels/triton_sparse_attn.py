@@ -22,61 +22,16 @@ that a row with no valid position at all returns zeros (the reference returns Na
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .layout import PagedKVCache
+from .triton_common import INTERPRET, LOG2E, check_query, dot, load_rows, math_mode, paged_slots, softmax_step
 
 __all__ = ["sparse_attention_triton", "dense_decode_triton", "table_decode_triton", "decode_num_splits"]
 
-# Read when the kernels are decorated, as Triton itself does.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """``a @ b`` with fp32 accumulation; exact-fp32 products when ``IEEE`` (fp32 inputs)."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _paged_slots(block_table_ptr, b, stride_btb, stride_btn, pos, valid, BLOCK_SIZE: tl.constexpr):
-    """Physical ``(block, offset)`` of request-local positions ``pos`` (tokens, or pages with
-    ``BLOCK_SIZE`` = pages per block); invalid positions map to block 0, offset 0."""
-    safe = tl.where(valid, pos, 0)
-    blk = tl.load(block_table_ptr + b * stride_btb + (safe // BLOCK_SIZE) * stride_btn, mask=valid, other=0)
-    return blk.to(tl.int64), (safe % BLOCK_SIZE).to(tl.int64)
-
-
-@triton.jit
-def _load_rows(ptr, blk, off, head, d, mask, stride_b, stride_t, stride_h, stride_d):
-    """``[TILE, BLOCK_D]`` rows ``(blk, off, head)`` of a paged ``[num_blocks, block_size, heads,
-    head_size]`` tensor, zeros where ``mask`` is false."""
-    return tl.load(ptr + blk[:, None] * stride_b + off[:, None] * stride_t + head * stride_h + d[None, :] * stride_d,
-                   mask=mask, other=0.0)
-
-
-@triton.jit
-def _softmax_step(m_i, l_i, acc, s, v, IEEE: tl.constexpr, USE_DOT: tl.constexpr):
-    """One online-softmax update with logits ``s`` ``[M, TILE]`` (log2 units, ``-inf`` = masked)
-    and values ``v`` ``[TILE, BLOCK_D]``; returns the new ``(m_i, l_i, acc)``."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if USE_DOT:
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-    else:
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -162,21 +117,21 @@ def _split_decode_kernel(
             pos = slot.to(tl.int64)
             valid = in_range
         # k, v: [TILE_N, BLOCK_D]
-        blk, off = _paged_slots(block_table_ptr + sel * stride_bts, b, stride_btb, stride_btn, pos, valid,
+        blk, off = paged_slots(block_table_ptr + sel * stride_bts, b, stride_btb, stride_btn, pos, valid,
                                 BLOCK_SIZE)
         kv_mask = valid[:, None] & d_mask[None, :]
-        k = _load_rows(k_ptr, blk, off, kvh, d, kv_mask, stride_kb, stride_kt, stride_kh, stride_kd)
-        v = _load_rows(v_ptr, blk, off, kvh, d, kv_mask, stride_vb, stride_vt, stride_vh, stride_vd)
+        k = load_rows(k_ptr, blk, off, kvh, d, kv_mask, stride_kb, stride_kt, stride_kh, stride_kd)
+        v = load_rows(v_ptr, blk, off, kvh, d, kv_mask, stride_vb, stride_vt, stride_vh, stride_vd)
         if UPCAST or not USE_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         # s: [BLOCK_G, TILE_N] logits in log2 units
         if USE_DOT:
-            s = _dot(q, tl.trans(k), IEEE)
+            s = dot(q, tl.trans(k), IEEE)
         else:
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
         s = tl.where(valid[None, :], s * scale_log2e, float("-inf"))
-        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, v, IEEE, USE_DOT)
+        m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, v, IEEE, USE_DOT)
 
     row_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
@@ -246,17 +201,10 @@ def _merge_splits_kernel(
 # --------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------
-def _math_mode(query: torch.Tensor, cache: PagedKVCache) -> tuple[bool, bool]:
-    """``(upcast, ieee)``: convert loads to fp32 (the interpreter, or a query dtype other than
-    the cache's), and run dots as exact fp32 (no tf32) when the operands are fp32."""
-    upcast = _INTERPRET or query.dtype != cache.dtype
-    return upcast, upcast or cache.dtype == torch.float32
-
-
 def _tile_n(fp32_dot: bool = False) -> int:
     # Interpreter cost grows with programs x ops: few, large tiles there. fp32 dots run on
     # FMA units (no tf32) and need more registers: smaller tiles.
-    if _INTERPRET:
+    if INTERPRET:
         return 128
     return 32 if fp32_dot else 64
 
@@ -276,22 +224,11 @@ def decode_num_splits(rows: int, length: int, device: torch.device, tile_n: int 
     Host-only arithmetic on static sizes, so a captured graph keeps its split count.
     """
     tile_n = tile_n or _tile_n()
-    if _INTERPRET or device.type != "cuda":
+    if INTERPRET or device.type != "cuda":
         return 1
     want = triton.cdiv(2 * _sm_count(device.index), max(rows, 1))
     # at least two tiles per split, at most 64 splits
     return int(max(1, min(want, triton.cdiv(max(length, 1), 2 * tile_n), 64)))
-
-
-def _check_query(query: torch.Tensor, cache: PagedKVCache) -> tuple[int, int, int]:
-    if query.dim() != 3:
-        raise ValueError(f"query must be [B, num_heads, head_size]; got shape {tuple(query.shape)}")
-    b, num_heads, d = query.shape
-    if d != cache.head_size:
-        raise ValueError(f"query head_size={d} does not match the cache head_size={cache.head_size}")
-    if num_heads % cache.num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={cache.num_kv_heads}")
-    return b, num_heads, d
 
 
 def _launch(
@@ -303,7 +240,7 @@ def _launch(
     s = indices.shape[1] if indices is not None else block_table.shape[1] if per_head else hkv
     rows_per_sel = num_heads // s
     q_per_kv = num_heads // hkv
-    upcast, ieee = _math_mode(query, cache)
+    upcast, ieee = math_mode(query, cache)
     tile_n = _tile_n(ieee)
     if num_splits is None:
         num_splits = decode_num_splits(b * s, length, query.device, tile_n)
@@ -328,7 +265,7 @@ def _launch(
     kc, vc = cache.key_cache, cache.value_cache
     _split_decode_kernel[(b, s, num_splits)](
         query, kc, vc, block_table, idx, sl, out, acc, ml,
-        scale * _LOG2E, length, rows_per_sel, q_per_kv,
+        scale * LOG2E, length, rows_per_sel, q_per_kv,
         *query.stride(), *kc.stride(), *vc.stride(), *bt_strides, *sl_strides,
         *(idx.stride() if indices is not None else (0, 0, 0)),
         *out.stride(), *acc.stride()[:3], *ml.stride()[:3],
@@ -338,7 +275,7 @@ def _launch(
         num_warps=4,
     )
     if num_splits > 1:
-        block_h = triton.next_power_of_2(num_heads) if _INTERPRET else 1
+        block_h = triton.next_power_of_2(num_heads) if INTERPRET else 1
         _merge_splits_kernel[(b, triton.cdiv(num_heads, block_h))](
             acc, ml, out, num_heads,
             *acc.stride()[:3], *ml.stride()[:3], *out.stride(),
@@ -370,7 +307,7 @@ def sparse_attention_triton(
     Returns:
         ``out``: ``[B, num_heads, head_size]``. Graph-safe given static shapes and ``num_splits``.
     """
-    b, num_heads, _ = _check_query(query, cache)
+    b, num_heads, _ = check_query(query, cache)
     if indices.dim() != 3 or indices.shape[0] != b or indices.shape[1] not in (cache.num_kv_heads, num_heads):
         raise ValueError(
             f"indices must be [B={b}, S, L] with S in (num_kv_heads={cache.num_kv_heads}, "
@@ -398,12 +335,12 @@ def dense_decode_triton(
         max_seq_len: host upper bound of ``seq_lens`` used only to choose ``num_splits``
             (``None``: read from ``seq_lens``, a device sync).
     """
-    b, _, _ = _check_query(query, cache)
+    b, _, _ = check_query(query, cache)
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max()) if b else 1
         num_splits = decode_num_splits(b * cache.num_kv_heads, max_seq_len, query.device,
-                                       _tile_n(_math_mode(query, cache)[1]))
+                                       _tile_n(math_mode(query, cache)[1]))
     if out is not None:
         out_view = out[:b]
         _launch(query, cache, block_table, scale, out_view, num_splits, seq_lens=seq_lens, length=0)
@@ -435,7 +372,7 @@ def table_decode_triton(
     Returns:
         ``out``. Graph-safe given static shapes and ``num_splits``.
     """
-    b, num_heads, _ = _check_query(query, cache)
+    b, num_heads, _ = check_query(query, cache)
     if tables.dim() != 3 or tables.shape[0] != b or tables.shape[1] not in (cache.num_kv_heads, num_heads):
         raise ValueError(f"tables must be [B={b}, S, W] with S in (num_kv_heads={cache.num_kv_heads}, "
                          f"num_heads={num_heads}); got {tuple(tables.shape)}")
@@ -444,5 +381,5 @@ def table_decode_triton(
     if num_splits is None:
         length = max_len if max_len is not None else tables.shape[2] * cache.block_size
         num_splits = decode_num_splits(b * tables.shape[1], length, query.device,
-                                       _tile_n(_math_mode(query, cache)[1]))
+                                       _tile_n(math_mode(query, cache)[1]))
     return _launch(query, cache, tables, scale, out, num_splits, seq_lens=lens, length=0)

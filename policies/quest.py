@@ -1,7 +1,8 @@
 """``quest``: whole pages ranked by an upper bound of ``q·k`` from each page's key min/max.
 
 Paper: Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference"
-(ICML 2024). Score of a page: ``Σ_e max(q_e·min_e, q_e·max_e)``, maxed over the query group;
+(ICML 2024). Score of a page: ``Σ_e max(q_e·min_e, q_e·max_e)`` (:func:`vllm_sparse.kernels.ranking.quest_bound`),
+maxed over the query group;
 the budget is rounded up to whole pages. Reads no key to select. Selection only: frees nothing.
 """
 
@@ -11,6 +12,8 @@ import dataclasses
 from typing import ClassVar
 
 import torch
+
+from vllm_sparse.kernels.ranking import quest_bound
 
 from .policy import Policy, TokenState
 
@@ -32,9 +35,7 @@ class Quest(Policy):
         kmin = torch.nan_to_num(k, nan=float("inf")).amin(1)  # [P, H, d]
         kmax = torch.nan_to_num(k, nan=float("-inf")).amax(1)
         q = state.query.float().view(h, -1, d)  # [H, G, d]
-        ub = (q.clamp_max(0)[:, :, None] * kmin.permute(1, 0, 2)[:, None]
-              + q.clamp_min(0)[:, :, None] * kmax.permute(1, 0, 2)[:, None]).sum(-1)  # [H, G, P]
-        return ub.amax(1)
+        return quest_bound(q, kmin.permute(1, 2, 0), kmax.permute(1, 2, 0)).amax(1)  # [H, G, P] -> [H, P]
 
     def score(self, state: TokenState) -> torch.Tensor:
         """Every token scores its page's bound (so pages are kept whole)."""

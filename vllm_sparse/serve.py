@@ -27,7 +27,7 @@ Three ways in::
     # Ray's CLI and Serve YAML configs (``import_path: vllm_sparse.serve:app_builder``)
     serve run vllm_sparse.serve:app_builder model=/path/to/model num_replicas=2 sparse='{"alpha": 0.5}'
 
-    # our CLI, mirroring ``vllm serve`` (see :func:`main`)
+    # our CLI, mirroring ``vllm serve`` (``vllm_sparse.cli.ray_serve``)
     vllm-sparse ray-serve /path/to/model --num-replicas 2 --attention-backend CUSTOM \\
         --additional-config '{"vllm_sparse": {"alpha": 0.5}}' --max-model-len 8192 --enforce-eager
 
@@ -48,7 +48,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from vllm_sparse.cli import is_cpu_build
+from vllm_sparse.cpu_tuning import is_cpu_build
 from vllm_sparse.config import CONFIG_KEY, SparseConfig
 
 #: engine arguments set unless the caller sets them (the plugin's backend)
@@ -188,7 +188,7 @@ def openai_app(config):
     return build_openai_app({"llm_configs": [config], "ingress_deployment_config": ingress})
 
 
-def _as_mapping(name: str, value: Any) -> dict | None:
+def as_mapping(name: str, value: Any) -> dict | None:
     if value is None or isinstance(value, Mapping):
         return None if value is None else dict(value)
     try:
@@ -224,14 +224,14 @@ def app_builder(args: Mapping[str, Any]):
         raise ValueError(f"unknown app_builder argument(s) {unknown}; allowed: {sorted(allowed)}")
     if "model" not in args:
         raise ValueError("app_builder needs model=<path or Hugging Face id>")
-    autoscaling = _as_mapping("autoscaling", args.get("autoscaling"))
+    autoscaling = as_mapping("autoscaling", args.get("autoscaling"))
     return build_app(
         os.path.expanduser(str(args["model"])),
         served_model_name=args.get("served_model_name"),
         num_replicas=None if autoscaling else _as_number("num_replicas", args.get("num_replicas", 1)),
         autoscaling=autoscaling,
-        sparse=_as_mapping("sparse", args.get("sparse")),
-        engine_kwargs=_as_mapping("engine_kwargs", args.get("engine_kwargs")),
+        sparse=as_mapping("sparse", args.get("sparse")),
+        engine_kwargs=as_mapping("engine_kwargs", args.get("engine_kwargs")),
         tensor_parallel_size=_as_number("tensor_parallel_size", args.get("tensor_parallel_size", 1)),
         kv_cache_space_gib=_as_number("kv_cache_space_gib", args.get("kv_cache_space_gib"), float),
     )
@@ -275,110 +275,3 @@ class ReplicaCpuBinding(_CallbackBase):  # type: ignore[misc,valid-type]
         cores = sorted(os.sched_getaffinity(0))
         ranks = int(self.kwargs.get("ranks_per_replica", 1))
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = core_sets(cores, int(rank), ranks, ctx.world_size)
-
-
-# -- ``vllm-sparse ray-serve``: the command line ------------------------------------------------------
-def _engine_kwargs_from_cli(rest: list[str]) -> dict[str, Any]:
-    """vLLM's own engine-argument parser over ``rest``; only the arguments the user changed."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm-sparse ray-serve",
-                                                                 add_help=False))
-    defaults = vars(parser.parse_args([]))
-    given = vars(parser.parse_args(rest))
-    changed = {k: v for k, v in given.items() if v != defaults[k]}
-    changed.pop("model", None)
-    return changed
-
-
-def _parser():
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="vllm-sparse ray-serve",
-        description="N replicas of a sparse-attention vLLM engine behind one OpenAI endpoint, on Ray "
-                    "Serve. Any other argument is a vLLM engine argument, as for `vllm serve` "
-                    "(--attention-backend CUSTOM --additional-config '{\"vllm_sparse\": {...}}' "
-                    "--max-model-len … --enforce-eager -tp N …).")
-    p.add_argument("model", help="model path or Hugging Face id")
-    p.add_argument("--num-replicas", type=int, default=1, help="engine replicas (default 1)")
-    p.add_argument("--autoscaling", default=None, metavar="JSON",
-                   help="Serve autoscaling_config instead of a fixed count, e.g. "
-                        "'{\"min_replicas\": 1, \"max_replicas\": 4, \"target_ongoing_requests\": 8}'")
-    p.add_argument("--host", default="0.0.0.0", help="HTTP host (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--served-model-name", default=None, help="model name clients send")
-    p.add_argument("--kv-cache-space-gib", type=float, default=None,
-                   help="CPU build: KV cache per replica in GiB (default $VLLM_CPU_KVCACHE_SPACE or 4)")
-    p.add_argument("--ray-address", default=None,
-                   help="join this Ray cluster (default: start a local one, stopped on exit)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``vllm-sparse ray-serve MODEL --num-replicas N [vLLM engine args]``; returns the exit code.
-
-    Prints ``vllm-sparse ray-serve: serving <name> at http://HOST:PORT/v1 (N replicas)`` once every
-    replica answers, then runs until SIGINT/SIGTERM, when it deletes the application and stops
-    Serve and the Ray instance it started.
-    """
-    import signal
-    import sys
-    import threading
-
-    args, rest = _parser().parse_known_args(argv)
-    try:
-        engine = _engine_kwargs_from_cli(rest)
-        tp = engine.pop("tensor_parallel_size", 1)
-        sparse = (engine.get("additional_config") or {}).get(CONFIG_KEY)
-        autoscaling = _as_mapping("--autoscaling", args.autoscaling)
-        name = args.served_model_name or os.path.basename(os.path.normpath(args.model)) or args.model
-        config = llm_config(args.model, served_model_name=name,
-                            num_replicas=None if autoscaling else args.num_replicas, autoscaling=autoscaling,
-                            sparse=sparse, engine_kwargs=engine, tensor_parallel_size=tp,
-                            kv_cache_space_gib=args.kv_cache_space_gib)
-    except ValueError as e:  # a bad setting: say which, before any Ray process starts
-        print(f"vllm-sparse ray-serve: error: {e}", file=sys.stderr)
-        return 2
-
-    import ray
-    from ray import serve
-
-    stop, serving = threading.Event(), threading.Event()
-
-    def on_signal(*_):  # while starting, interrupt serve.run; once serving, end the wait below
-        stop.set()
-        if not serving.is_set():
-            raise KeyboardInterrupt
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, private cluster
-    ray.init(address=args.ray_address, include_dashboard=False)
-    info = ray.get_runtime_context().gcs_address
-    code = 0
-    try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(openai_app(config), name="vllm-sparse", route_prefix="/", blocking=False)
-        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        replicas = f"autoscaling {autoscaling}" if autoscaling else f"{args.num_replicas} replicas"
-        print(f"vllm-sparse ray-serve: serving {name} at http://{shown}:{args.port}/v1 ({replicas}, "
-              f"tensor parallel {tp}; Ray at {info})", flush=True)
-        serving.set()
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
-    except Exception as e:  # noqa: BLE001 - a replica that cannot start: report, clean up, fail
-        if not stop.is_set():
-            print(f"vllm-sparse ray-serve: error: {type(e).__name__}: {e}", file=sys.stderr)
-            code = 1
-    finally:
-        print("vllm-sparse ray-serve: shutting down", flush=True)
-        try:
-            serve.delete("vllm-sparse")
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-    return code

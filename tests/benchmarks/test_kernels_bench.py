@@ -65,7 +65,7 @@ def test_a_failing_variant_is_reported_and_the_others_still_run(tmp_path, monkey
     real = ops.select_topk
 
     def broken_for_quest(*a, **kw):
-        if kw.get("selection") == "quest":
+        if kw.get("params", a[6] if len(a) > 6 else None).selector.name == "quest":
             raise RuntimeError("planted failure")
         return real(*a, **kw)
 
@@ -86,6 +86,7 @@ assert vllm.SHIM and vllm.__file__.startswith({shim!r}), vllm.__file__
 from paged_case import make_case
 from vllm_sparse.kernels import ops
 from vllm_sparse.kernels.selection import compact_pages
+from vllm_sparse.kernels.selectors import SelectParams
 from vllm_sparse.kernels.triton_select import select_pages_triton
 from vllm_sparse.gpu_attention import unified_split_kwargs, unified_table_decode
 from vllm.v1.attention.ops.triton_unified_attention import unified_attention
@@ -96,8 +97,8 @@ def rel(x, ref):
 c = make_case([300, 77], 8, 2, 64, 16, 16, torch.float32)
 q = torch.randn(2, 8, 64)
 att = torch.tensor([64, 64])
-pages = select_pages_triton(q, c.cache, c.block_table, c.seq_lens, att, 0.125, 4, 16, "quest", "kv_head", 1.0, 0,
-                            capacity=128, max_seq_len=300)
+params = SelectParams.create("quest", sink_tokens=4, local_window=16)
+pages = select_pages_triton(q, c.cache, c.block_table, c.seq_lens, att, 0.125, params, capacity=128, max_seq_len=300)
 tables, lens = compact_pages(pages, c.block_table, c.seq_lens, 16)
 ours = ops.table_decode(q, c.cache, tables, lens, 0.125, max_len=tables.shape[-1] * 16, force_triton=True)
 o = torch.full_like(q, float("nan"))

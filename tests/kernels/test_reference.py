@@ -7,6 +7,9 @@ import torch
 
 from paged_case import RTOL, make_case, naive_attention, naive_subset_attention, rel_err
 from vllm_sparse.kernels import reference as R
+from vllm_sparse.kernels.selectors import SelectParams
+
+P = SelectParams.create  # the selection settings by name
 
 GQA = [(4, 4), (6, 2), (8, 2), (16, 2)]  # group sizes 1, 3, 4, 8
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -82,8 +85,7 @@ def test_sparse_decode_equals_dense_when_budget_covers_context(selection, granul
     q = torch.randn(len(lens), num_heads, 64)
     dense = R.dense_decode(q, case.cache, case.block_table, case.seq_lens, 0.125)
     attended = case.seq_lens + torch.tensor([0, 5, 1000, 0])  # budget >= context
-    sparse = R.sparse_decode(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, sink_tokens=4,
-                             local_window=8, selection=selection, granularity=granularity)
+    sparse = R.sparse_decode(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, P(sink_tokens=4, local_window=8, selection=selection, granularity=granularity))
     assert rel_err(sparse, dense) < 1e-5
 
 
@@ -103,8 +105,7 @@ def test_token_selection_is_sinks_window_and_exact_top_scores(granularity, num_h
     case = make_case(lens, num_heads, num_kv_heads, 64, 16, 16, torch.float32)
     q = torch.randn(len(lens), num_heads, 64)
     attended = torch.tensor([100, 77, 40])
-    idx = R.select_topk(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, sink, window,
-                        "token", granularity)
+    idx = R.select_topk(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, P(sink_tokens=sink, local_window=window, selection="token", granularity=granularity))
     assert idx.shape == (3, num_kv_heads if granularity == "kv_head" else num_heads, 100)
     for b, n in enumerate(lens):
         scores = _scores(case, q, b, 0.125, granularity)
@@ -128,7 +129,7 @@ def test_sparse_attention_is_attention_over_the_selected_set(granularity):
     case = make_case(lens, 12, 4, 64, 16, 16, torch.float16)
     q = torch.randn(2, 12, 64).to(torch.float16)
     attended = torch.tensor([64, 100])
-    idx = R.select_topk(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, 4, 16, "token", granularity)
+    idx = R.select_topk(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, P(sink_tokens=4, local_window=16, selection="token", granularity=granularity))
     out = R.sparse_attention(q, case.cache, case.block_table, idx, 0.125)
     for b in range(2):
         ref = naive_subset_attention(q[b], case.keys[b], case.values[b], idx[b], 0.125)
@@ -140,10 +141,9 @@ def test_page_selection_keeps_whole_pages_worth_of_candidates_and_matches_token_
     case = make_case(lens, 8, 2, 64, 16, 16, torch.float32)
     q = torch.randn(2, 8, 64)
     attended = torch.tensor([80, 80])
-    tok = R.select_topk(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, 4, 16, "token")
+    tok = R.select_topk(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, P(sink_tokens=4, local_window=16, selection="token"))
     # enough candidates to cover every page: the two-stage result is the exact top-k
-    page_all = R.select_topk(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, 4, 16, "page",
-                             candidate_factor=64.0)
+    page_all = R.select_topk(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, P(sink_tokens=4, local_window=16, selection="page", candidate_factor=64.0))
     assert torch.equal(tok, page_all)
     # the page upper bound really bounds every token score in its page
     kmin, kmax = case.cache.gather_page_summaries(case.block_table, 40)  # [B, P, Hkv, D]
@@ -152,8 +152,7 @@ def test_page_selection_keeps_whole_pages_worth_of_candidates_and_matches_token_
     ub = torch.maximum(torch.einsum("hgd,phd->hgpd", qg, kmin[0]), torch.einsum("hgd,phd->hgpd", qg, kmax[0])).sum(-1)
     assert bool((exact <= ub[..., None] + 1e-4).all())
     # with few candidates: every selected token lies in one of the best pages (or sink/window pages)
-    few = R.select_topk(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, 4, 16, "page",
-                        candidate_factor=1.0)
+    few = R.select_topk(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, P(sink_tokens=4, local_window=16, selection="page", candidate_factor=1.0))
     assert (few[0] >= 0).sum(-1).tolist() == [80, 80]
     n_cand = math.ceil(80 / 16) + 1 + 1  # budget pages + sink page + window page
     for s in range(2):
@@ -169,9 +168,8 @@ def test_quest_selection_is_every_token_of_the_best_pages(granularity, num_heads
     case = make_case(lens, num_heads, num_kv_heads, 64, 16, ps, torch.float32)
     q = torch.randn(len(lens), num_heads, 64)
     attended = torch.tensor([100, 40, 45])  # request 1: forced pages (sink + window) exceed the budget
-    idx = R.select_topk(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, sink, window, "quest",
-                        granularity)
-    assert idx.shape[-1] <= R.index_capacity("quest", 100, ps, sink, window)
+    idx = R.select_topk(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, P(sink_tokens=sink, local_window=window, selection="quest", granularity=granularity))
+    assert idx.shape[-1] <= P(selection="quest", sink_tokens=sink, local_window=window).index_capacity(100, ps)
     g = num_heads // num_kv_heads
     for b, n in enumerate(lens):
         n_pages = -(-n // ps)
@@ -195,8 +193,7 @@ def test_quest_selection_is_every_token_of_the_best_pages(granularity, num_heads
             picked = sorted(chosen - forced)
             if picked and free:
                 assert ub[s, picked].min() >= ub[s, free].max() - 1e-9  # exactly the best pages
-    out = R.sparse_decode(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, sink_tokens=sink,
-                          local_window=window, selection="quest", granularity=granularity)
+    out = R.sparse_decode(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, P(sink_tokens=sink, local_window=window, selection="quest", granularity=granularity))
     for b in range(len(lens)):
         ref = naive_subset_attention(q[b], case.keys[b], case.values[b], idx[b], 0.125)
         assert rel_err(out[b], ref) < RTOL[torch.float32]
@@ -208,11 +205,9 @@ def test_mixed_length_batch_equals_one_request_at_a_time():
     q = torch.randn(len(lens), 9, 64)
     attended = torch.tensor([128, 128, 100, 128, 50])
     for sel in ("token", "page", "quest"):
-        batched = R.sparse_decode(q, case.cache, case.block_table, case.seq_lens, attended, 0.125,
-                                  sink_tokens=4, local_window=16, selection=sel)
+        batched = R.sparse_decode(q, case.cache, case.block_table, case.seq_lens, attended, 0.125, P(sink_tokens=4, local_window=16, selection=sel))
         for b in range(len(lens)):
-            one = R.sparse_decode(q[b : b + 1], case.cache, case.block_table[b : b + 1], case.seq_lens[b : b + 1],
-                                  attended[b : b + 1], 0.125, sink_tokens=4, local_window=16, selection=sel)
+            one = R.sparse_decode(q[b : b + 1], case.cache, case.block_table[b : b + 1], case.seq_lens[b : b + 1], attended[b : b + 1], 0.125, P(sink_tokens=4, local_window=16, selection=sel))
             assert rel_err(batched[b], one[0]) < 1e-5
 
 
@@ -220,8 +215,8 @@ def test_query_head_granularity_with_group_one_equals_kv_head():
     case = make_case([300, 90], 4, 4, 128, 16, 16, torch.float32)
     q = torch.randn(2, 4, 128)
     att = torch.tensor([50, 50])
-    a = R.select_topk(q, case.cache, case.block_table, case.seq_lens, att, 0.1, 2, 8, "token", "kv_head")
-    b = R.select_topk(q, case.cache, case.block_table, case.seq_lens, att, 0.1, 2, 8, "token", "query_head")
+    a = R.select_topk(q, case.cache, case.block_table, case.seq_lens, att, 0.1, P(sink_tokens=2, local_window=8, selection="token", granularity="kv_head"))
+    b = R.select_topk(q, case.cache, case.block_table, case.seq_lens, att, 0.1, P(sink_tokens=2, local_window=8, selection="token", granularity="query_head"))
     assert torch.equal(a, b)
 
 
@@ -231,18 +226,15 @@ def test_sparse_error_is_small_when_attention_concentrates():
     keys = case.keys[0]
     q = 4.0 * keys[1234].repeat_interleave(4, 0)[None] + 0.1 * torch.randn(1, 8, 64)  # peaked on one key
     dense = R.dense_decode(q, case.cache, case.block_table, case.seq_lens, 0.125)
-    sparse = R.sparse_decode(q, case.cache, case.block_table, case.seq_lens, torch.tensor([64]), 0.125,
-                             sink_tokens=4, local_window=16)
-    window_only = R.sparse_decode(q, case.cache, case.block_table, case.seq_lens, torch.tensor([20]), 0.125,
-                                  sink_tokens=4, local_window=16)
+    sparse = R.sparse_decode(q, case.cache, case.block_table, case.seq_lens, torch.tensor([64]), 0.125, P(sink_tokens=4, local_window=16))
+    window_only = R.sparse_decode(q, case.cache, case.block_table, case.seq_lens, torch.tensor([20]), 0.125, P(sink_tokens=4, local_window=16))
     assert rel_err(sparse, dense) < 0.05 < rel_err(window_only, dense)
 
 
 def test_recent_selection_is_sinks_plus_most_recent_tokens():
     case = make_case([300, 50], 8, 2, 64, 16, 16, torch.float32)
     q = torch.randn(2, 8, 64)
-    idx = R.select_topk(q, case.cache, case.block_table, case.seq_lens, torch.tensor([40, 100]), 0.125, 4, 16,
-                        "recent")
+    idx = R.select_topk(q, case.cache, case.block_table, case.seq_lens, torch.tensor([40, 100]), 0.125, P(sink_tokens=4, local_window=16, selection="recent"))
     assert idx[0, 0].tolist() == list(range(4)) + list(range(264, 300)) + [-1] * 10
     assert idx[1, 1, :50].tolist() == list(range(50)) and bool((idx[1, :, 50:] == -1).all())
 
@@ -262,38 +254,8 @@ def test_strided_cache_takes_the_general_path_and_agrees(selection):
     q = torch.randn(2, 6, 64)
     att = torch.tensor([64, 40])
     args = (case.block_table, case.seq_lens, att, 0.125)
-    kw = dict(sink_tokens=4, local_window=16, selection=selection, candidate_factor=2.0)
+    kw = dict(params=P(sink_tokens=4, local_window=16, selection=selection, candidate_factor=2.0))
     assert torch.equal(R.select_topk(q, case.cache, *args, **kw), R.select_topk(q, strided, *args, **kw))
     assert rel_err(R.sparse_decode(q, strided, *args, **kw), R.sparse_decode(q, case.cache, *args, **kw)) < 1e-6
     assert rel_err(R.dense_decode(q, strided, case.block_table, case.seq_lens, 0.125),
                    R.dense_decode(q, case.cache, case.block_table, case.seq_lens, 0.125)) < 1e-6
-
-
-def test_rescore_dims_weigh_the_key_range_not_the_query_alone():
-    """``rescore_dims`` keeps the dims of largest ``Σ|q|`` × key range over the scored pages: a dim
-    where the query is huge but every key holds the same value moves no page's rank, so it is
-    dropped for one where the keys differ; sink and window pages do not count toward the range,
-    and a row with no other page falls back to ``|q|``."""
-    from vllm_sparse.kernels.selection import rescore_dims_mask, scored_key_range
-
-    b, s, g, d, p, ps = 2, 2, 3, 16, 10, 32
-    q = torch.rand(b, s, g, d) + 0.5  # fresh, never zero
-    q[..., 0] = 50.0  # the largest |q| ...
-    kmin = torch.randn(b, s, p, d) - 2.0
-    kmax = kmin + torch.rand(b, s, p, d) + 0.1
-    kmin[..., 0] = kmax[..., 0] = 3.0  # ... over keys that never vary
-    kmin[:, :, 0, 0], kmax[:, :, 0, 0] = -100.0, 100.0  # a sink page's spread does not count
-    seq = torch.tensor([p * ps, p * ps])
-    key_range = scored_key_range(kmin, kmax, seq, ps, 4, 64)
-    assert torch.equal(key_range, kmax[:, :, 1:8].amax(2) - kmin[:, :, 1:8].amin(2))  # not sink, not window
-    keep = rescore_dims_mask(q, key_range, 4)
-    assert keep.sum(-1).eq(4).all() and not keep[..., 0].any()
-    w = q.abs().sum(2) * key_range
-    want = torch.zeros_like(keep).scatter_(-1, w.topk(4, dim=-1).indices, True)
-    assert torch.equal(keep, want)
-    # only sink and window pages: range 1, so |q| decides and dim 0 is back
-    short_range = scored_key_range(kmin, kmax, torch.tensor([60, 64]), ps, 4, 64)
-    assert torch.equal(short_range, torch.ones_like(short_range))
-    assert rescore_dims_mask(q, short_range, 4)[..., 0].all()
-    # 0 or >= head_size: every dim
-    assert rescore_dims_mask(q, key_range, 0).all() and rescore_dims_mask(q, key_range, d).all()

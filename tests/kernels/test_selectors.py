@@ -8,9 +8,12 @@ import torch
 from paged_case import make_case, naive_subset_attention, rel_err
 from vllm_sparse.kernels import ops
 from vllm_sparse.kernels import reference as R
-from vllm_sparse.kernels.selectors import (BUILTIN_SELECTORS, Selector, available_selectors, get_selector,
-                                           register_selector)
 from vllm_sparse.kernels import selectors as S
+from vllm_sparse.kernels.builtin_selectors import BUILTIN_SELECTORS
+from vllm_sparse.kernels.selectors import (SelectParams, Selector, available_selectors, get_selector,
+                                           register_selector)
+
+P = SelectParams.create  # the selection settings by name
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 #: CPU tensors take the Triton kernels through the interpreter (tests/kernels/conftest.py)
@@ -29,7 +32,7 @@ def registered():
 
     yield add
     for name in added:
-        S._REGISTRY.pop(name, None)
+        S._REGISTRY.unregister(name)
 
 
 class OldestPages(Selector):
@@ -82,6 +85,19 @@ def test_unknown_or_malformed_selectors_are_refused_by_name():
     assert "both_for_test" not in available_selectors()
 
 
+def test_select_params_refuse_bad_settings_by_name():
+    with pytest.raises(ValueError, match=r"selection='block'; allowed: \[.*'token'"):
+        P(selection="block")
+    with pytest.raises(ValueError, match=r"granularity='layer'; allowed: \['kv_head', 'query_head'\]"):
+        P(granularity="layer")
+    params = P("exact_pages", "query_head", sink_tokens=4, local_window=8, candidate_factor=3, rescore_dims=12)
+    assert params.selector is get_selector("exact_pages") and params.per_query_head
+    assert params.granularity == "query_head" and params.candidate_factor == 3.0
+    assert params.heads(6, 2).tolist() == [0, 0, 0, 1, 1, 1] and params.num_rows(6, 2) == 6
+    assert P().heads(6, 2).tolist() == [0, 1] and P().num_rows(6, 2) == 2
+    assert params.index_capacity(100, 16) == 112 and P().index_capacity(100, 16) == 100
+
+
 def _case():
     # 16-token pages; request 0: 100 tokens = pages 0..6 (6 partial); request 1: 40 tokens
     c = make_case([100, 40], 4, 2, 32, 16, 16, torch.float32, device=DEV)
@@ -95,12 +111,12 @@ def test_third_party_whole_page_selector_keeps_the_pages_it_chooses(registered):
     registered(OldestPages)
     c, q = _case()
     attended = torch.tensor([80, 40], device=DEV)
-    kw = dict(sink_tokens=4, local_window=8, selection=OldestPages.name)
+    kw = dict(params=P(sink_tokens=4, local_window=8, selection=OldestPages.name))
     want = list(range(0, 48)) + list(range(80, 100))
     paths = {"reference": R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.2, **kw)}
     if TRITON is not None:
         paths["triton"] = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.2, **kw,
-                                          capacity=R.index_capacity(OldestPages.name, 80, 16, 4, 8), **TRITON)
+                                          capacity=P(selection=OldestPages.name, sink_tokens=4, local_window=8).index_capacity(80, 16), **TRITON)
     for path, idx in paths.items():
         for h in range(2):
             row0, row1 = idx[0, h], idx[1, h]
@@ -116,7 +132,7 @@ def test_third_party_token_selector_takes_exact_top_k_among_its_candidates(regis
     registered(EvenPageTokens)
     c, q = _case()
     attended = torch.tensor([30, 12], device=DEV)
-    kw = dict(sink_tokens=4, local_window=8, selection=EvenPageTokens.name)
+    kw = dict(params=P(sink_tokens=4, local_window=8, selection=EvenPageTokens.name))
     idx = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.2, **kw)
     for b, n in enumerate((100, 40)):
         k = c.keys[b].float()  # [n, Hkv, D]

@@ -94,10 +94,12 @@ def main() -> int:
     from vllm_sparse.kernels import PagedKVCache
     from vllm_sparse.kernels.triton_kv_write import write_kv_triton
     from vllm_sparse.kernels.triton_paged_attn import paged_attention_triton
+    from vllm_sparse.kernels.selectors import SelectParams
     from vllm_sparse.kernels.triton_select import select_tables_triton, select_topk_triton
     from vllm_sparse.kernels.triton_sparse_attn import (dense_decode_triton, sparse_attention_triton,
                                                         table_decode_triton)
 
+    P = SelectParams.create
     b, bt = 2, torch.arange(64, dtype=torch.int32).view(2, 32)
     seq_lens, att = torch.tensor([300, 500]), torch.tensor([64, 64])
     try:
@@ -119,18 +121,15 @@ def main() -> int:
                     continue
                 if dtype == torch.bfloat16 and d == 128:  # an fp32 query over a bf16 cache: upcast path
                     dense_decode_triton(q.float(), c, bt, seq_lens, 0.1, num_splits=2)
-                    select_topk_triton(q.float(), c, bt, seq_lens, att, 0.1, 4, 16, "page", capacity=64,
-                                       max_seq_len=512)
+                    select_topk_triton(q.float(), c, bt, seq_lens, att, 0.1, P(sink_tokens=4, local_window=16, selection="page"), capacity=64, max_seq_len=512)
                 kv = torch.randn(5, hkv, d).to(dtype)
                 write_kv_triton(kv, kv, torch.arange(5), c)
                 for sel in ("token", "page", "exact_pages"):
                     for gran in ("kv_head", "query_head"):  # exact_pages: the default, dims rescored
-                        select_topk_triton(q, c, bt, seq_lens, att, 0.1, 4, 16, sel, gran, capacity=64,
-                                           max_seq_len=512, rescore_dims=12 if sel == "exact_pages" else 0)
+                        select_topk_triton(q, c, bt, seq_lens, att, 0.1, P(sink_tokens=4, local_window=16, selection=sel, granularity=gran, rescore_dims=12 if sel == "exact_pages" else 0), capacity=64, max_seq_len=512)
                 c16 = PagedKVCache.allocate(64, 16, hkv, d, 16, dtype, fill=0.5)  # page = block: compacted route
                 for sel in ("quest", "exact_pages"):
-                    select_tables_triton(q, c16, bt, seq_lens, att, 0.1, 4, 16, sel, "kv_head", 4.0,
-                                         12 if sel == "exact_pages" else 0, capacity=96, max_seq_len=512)
+                    select_tables_triton(q, c16, bt, seq_lens, att, 0.1, P(sink_tokens=4, local_window=16, selection=sel, granularity="kv_head", candidate_factor=4.0, rescore_dims=12 if sel == "exact_pages" else 0), capacity=96, max_seq_len=512)
     except Exception:
         import traceback
 

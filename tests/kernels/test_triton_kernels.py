@@ -10,9 +10,6 @@ to the float32 reference, top-k compared as sets (both sides are sorted, ``-1`` 
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +21,9 @@ from paged_case import make_case  # noqa: E402
 from vllm_sparse.kernels import PagedKVCache, ops  # noqa: E402
 from vllm_sparse.kernels import reference as R  # noqa: E402
 from vllm_sparse.kernels.selection import compact_pages, page_positions, quest_attended  # noqa: E402
+from vllm_sparse.kernels.selectors import SelectParams  # noqa: E402
+
+P = SelectParams.create  # the selection settings by name
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -173,10 +173,10 @@ def test_select_topk_matches_reference_sets(selection, granularity, gqa):
     c = case(lens, num_heads, num_kv_heads, head_size, block_size, page_size, dtype)
     q = torch.randn(len(lens), num_heads, head_size, device=DEV).to(dtype)
     attended = torch.tensor([8, 40, 60, 1000], device=DEV)  # budget >= context for requests 0 and 3
-    kw = dict(sink_tokens=4, local_window=8, selection=selection, granularity=granularity, candidate_factor=2.0)
+    kw = dict(params=P(sink_tokens=4, local_window=8, selection=selection, granularity=granularity, candidate_factor=2.0))
     ref = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.1, **kw)
     s = num_kv_heads if granularity == "kv_head" else num_heads
-    width = max(72, R.index_capacity(selection, 60, page_size, 4, 8))  # > max(min(attended, seq_lens))
+    width = max(72, P(selection=selection, sink_tokens=4, local_window=8).index_capacity(60, page_size))  # > max(min(attended, seq_lens))
     buf = torch.full((len(lens), s, width), -7, dtype=torch.int32, device=DEV)
     ours = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.1, **kw, out=buf,
                            max_seq_len=256, **FORCE)
@@ -198,11 +198,10 @@ def test_exact_pages_matches_reference_sets(rescore_dims, granularity, gqa):
     c = case(lens, num_heads, num_kv_heads, head_size, block_size, page_size, dtype)
     q = torch.randn(len(lens), num_heads, head_size, device=DEV).to(dtype)
     attended = torch.tensor([8, 40, 60, 1000, 50], device=DEV)
-    kw = dict(sink_tokens=4, local_window=8, selection="exact_pages", granularity=granularity, candidate_factor=3.0,
-              rescore_dims=rescore_dims)
+    kw = dict(params=P(sink_tokens=4, local_window=8, selection="exact_pages", granularity=granularity, candidate_factor=3.0, rescore_dims=rescore_dims))
     ref = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.1, **kw)
     s = num_kv_heads if granularity == "kv_head" else num_heads
-    width = R.index_capacity("exact_pages", 60, page_size, 4, 8)
+    width = P(selection="exact_pages", sink_tokens=4, local_window=8).index_capacity(60, page_size)
     ours = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.1, **kw, capacity=width,
                            max_seq_len=256, **FORCE)
     assert ours.shape == (len(lens), s, width)
@@ -215,21 +214,19 @@ def test_page_scores_emit_the_scored_key_range(granularity):
     equal to :func:`selection.scored_key_range` of the gathered bounds, over several page tiles,
     and 1 in a row whose pages are all sinks or window (the ``|q|`` fallback)."""
     from vllm_sparse.kernels.selection import scored_key_range
-    from vllm_sparse.kernels.triton_select import page_scores_triton
+    from vllm_sparse.kernels.triton_ranking import page_scores_triton
 
     lens = [1100, 70, 9]  # 1100 tokens at page size 4: 275 pages, more than one tile even interpreted
     c = case(lens, 6, 2, 64, 16, 4, BF16)
     q = torch.randn(len(lens), 6, 64, device=DEV).bfloat16()
     n_pages = -(-max(lens) // 4)
-    ub, key_range = page_scores_triton(q, c.cache, c.block_table, c.seq_lens, 0.1, 4, 8, granularity,
-                                       num_pages=n_pages, with_key_range=True)
+    ub, key_range = page_scores_triton(q, c.cache, c.block_table, c.seq_lens, 0.1, P(sink_tokens=4, local_window=8, granularity=granularity), num_pages=n_pages, with_key_range=True)
     heads = torch.arange(2, device=DEV) if granularity == "kv_head" else torch.arange(6, device=DEV) // 3
     kmin, kmax = c.cache.gather_page_bounds(c.block_table, n_pages, heads)
     want = scored_key_range(kmin, kmax, c.seq_lens, 4, 4, 8)
     assert torch.equal(key_range, want)
     assert torch.equal(key_range[2], torch.ones_like(key_range[2])) and (key_range[:2] != 1).all()
-    assert torch.equal(ub, page_scores_triton(q, c.cache, c.block_table, c.seq_lens, 0.1, 4, 8, granularity,
-                                              num_pages=n_pages))
+    assert torch.equal(ub, page_scores_triton(q, c.cache, c.block_table, c.seq_lens, 0.1, P(sink_tokens=4, local_window=8, granularity=granularity), num_pages=n_pages))
 
 
 @pytest.mark.parametrize("granularity", ["kv_head", "query_head"])
@@ -239,14 +236,14 @@ def test_rescore_query_kernel_is_the_torch_ops(granularity, num_heads, num_kv_he
     """:func:`rescore_query_triton` (one launch, from the page kernel's unreduced tiles) gives the query
     :func:`rescore_query` builds from the reduced key range: same dims kept (ties to the lower dim:
     planted equal weights), same values, the ``|q|`` fallback in a row with no scored page."""
-    from vllm_sparse.kernels.triton_select import page_scores_triton, rescore_query, rescore_query_triton
+    from vllm_sparse.kernels.triton_ranking import page_scores_triton, rescore_query, rescore_query_triton
 
     lens = [1100, 70, 9, 300]  # 9 tokens at page size 4 with sink 4 + window 8: no scored page
     c = case(lens, num_heads, num_kv_heads, head_size, 16, 4, dtype)
     q = torch.randn(len(lens), num_heads, head_size, device=DEV).to(dtype)
     q[2, :, 1::2] = -q[2, :, 0::2]  # no scored page (range 1): pairs of dims tie on Σ|q|
     n_pages = -(-max(lens) // 4)
-    args = (q, c.cache, c.block_table, c.seq_lens, 0.1, 4, 8, granularity)
+    args = (q, c.cache, c.block_table, c.seq_lens, 0.1, P(sink_tokens=4, local_window=8, granularity=granularity))
     _, key_range = page_scores_triton(*args, num_pages=n_pages, with_key_range=True)
     _, (klo, khi) = page_scores_triton(*args, num_pages=n_pages, with_key_range=True, range_tiles=True)
     assert klo.shape[2] > 1 or INTERPRETED  # several page tiles to reduce (natively)
@@ -269,7 +266,7 @@ def test_page_selection_candidate_counts(candidate_factor):
     c = case(lens, 6, 2, 64, 16, 8, F32)
     q = torch.randn(3, 6, 64, device=DEV)
     attended = torch.tensor([64, 64, 64], device=DEV)
-    kw = dict(sink_tokens=3, local_window=5, selection="page", candidate_factor=candidate_factor)
+    kw = dict(params=P(sink_tokens=3, local_window=5, selection="page", candidate_factor=candidate_factor))
     ref = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw)
     ours = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw, **FORCE)
     _assert_same_sets(ours, ref)
@@ -281,7 +278,7 @@ def test_select_topk_page_size_one_and_reference_width():
     q = torch.randn(2, 8, 64, device=DEV).half()
     attended = torch.tensor([20, 50], device=DEV)
     for selection in ("token", "page", "quest"):
-        kw = dict(sink_tokens=1, local_window=3, selection=selection, candidate_factor=1.5)
+        kw = dict(params=P(sink_tokens=1, local_window=3, selection=selection, candidate_factor=1.5))
         ref = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw)
         ours = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw, **FORCE)
         assert ours.shape == ref.shape and torch.equal(ours, ref)
@@ -292,23 +289,13 @@ def test_recent_selection_is_sinks_plus_most_recent(granularity):
     c = case([1, 30, 200], 6, 2, 64, 16, 8, F16)
     q = torch.randn(3, 6, 64, device=DEV).half()
     attended = torch.tensor([10, 6, 50], device=DEV)  # 6 < sinks + window: sinks, then the newest
-    kw = dict(sink_tokens=4, local_window=8, selection="recent", granularity=granularity)
+    kw = dict(params=P(sink_tokens=4, local_window=8, selection="recent", granularity=granularity))
     ref = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw)
     ours = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw, capacity=64, **FORCE)
     # request 0 has 1 token < sink_tokens: the reference (as of this writing) also keeps the
     # "sinks" 1..3 past the sequence; the contract is positions < seq_lens only
     assert bool((ours[0, :, 0] == 0).all()) and bool((ours[0, :, 1:] == -1).all())
     _assert_same_sets(ours[1:], ref[1:])
-
-
-def test_selection_rejects_bad_settings():
-    c = case([20], 4, 2, 64, 16, 16, F32)
-    q = torch.randn(1, 4, 64, device=DEV)
-    args = (q, c.cache, c.block_table, c.seq_lens, torch.tensor([8], device=DEV), 0.1)
-    with pytest.raises(ValueError, match="selection='block'"):
-        ops.select_topk(*args, selection="block", **FORCE)
-    with pytest.raises(ValueError, match="granularity='layer'"):
-        ops.select_topk(*args, granularity="layer", **FORCE)
 
 
 # --------------------------------------------------------------------------------------
@@ -332,9 +319,10 @@ def test_ranked_pages_kernel_is_the_torch_cut_and_compaction(window, factor):
     compacted into block tables — bit-equal. Forced (+inf) and past-the-end (-inf) pages, partial
     last pages, budgets above the context."""
     from vllm_sparse.kernels.selection import candidate_pages, page_counts, topk_rows
-    from vllm_sparse.kernels.triton_select import ranked_pages_triton
+    from vllm_sparse.kernels.triton_ranking import ranked_pages_triton
 
     ps, sink, b, s = 16, 5, 6, 3
+    params = P("quest", sink_tokens=sink, local_window=window)
     seq = torch.tensor([1, 15, 16, 300, 777, 1024], device=DEV)
     att = torch.tensor([64, 64, 1, 80, 2000, 333], device=DEV)
     n_pages = -(-1024 // ps)
@@ -356,10 +344,9 @@ def test_ranked_pages_kernel_is_the_torch_cut_and_compaction(window, factor):
         n_cand = torch.minimum(torch.ceil(attend.double() * factor).long(), num)
         t, keep = topk_rows(ub, n_cand, width)
         want = torch.where(keep, t, -1)
-    got = ranked_pages_triton(val, top, seq, att, ps, sink, window, candidate_factor=factor)
+    got = ranked_pages_triton(val, top, seq, att, ps, params, candidate_factor=factor)
     assert torch.equal(got, want)
-    tables, lens = ranked_pages_triton(val, top, seq, att, ps, sink, window, candidate_factor=factor,
-                                       block_table=bt)
+    tables, lens = ranked_pages_triton(val, top, seq, att, ps, params, candidate_factor=factor, block_table=bt)
     want_t, want_l = compact_pages(want, bt, seq, ps)
     valid = torch.arange(width, device=DEV) < (want >= 0).sum(-1, keepdim=True)
     assert torch.equal(lens, want_l) and torch.equal(tables[valid], want_t[valid])
@@ -371,7 +358,7 @@ def test_ranked_pages_kernel_is_the_torch_cut_and_compaction(window, factor):
     v2, t2 = score.topk(9, dim=-1)
     attend = page_counts(seq, count, ps, sink, window, 1.0, quest=True)
     t, keep = topk_rows(score, attend, 9)
-    assert torch.equal(ranked_pages_triton(v2, t2, seq, att, ps, sink, window, cand=cand),
+    assert torch.equal(ranked_pages_triton(v2, t2, seq, att, ps, params, cand=cand),
                        torch.where(keep, cand.gather(-1, t), -1))
 
 
@@ -403,7 +390,7 @@ def test_sparse_decode_pipeline_with_static_buffers(num_heads, num_kv_heads, dty
     c = case(lens, num_heads, num_kv_heads, 64, 16, 8, dtype)
     q = torch.randn(3, num_heads, 64, device=DEV).to(dtype)
     attended = torch.tensor([40, 40, 200], device=DEV)
-    kw = dict(sink_tokens=2, local_window=8, selection=selection, granularity=granularity)
+    kw = dict(params=P(sink_tokens=2, local_window=8, selection=selection, granularity=granularity))
     s = num_kv_heads if granularity == "kv_head" else num_heads
     idx_buf = torch.full((3, s, 80), -7, dtype=torch.int64, device=DEV)
     # the query as vLLM passes it: a view into a fused qkv tensor; an int64 block table
@@ -414,19 +401,6 @@ def test_sparse_decode_pipeline_with_static_buffers(num_heads, num_kv_heads, dty
     ref = R.sparse_decode(q.float(), c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw)
     assert bool((idx_buf != -7).all()) and bool(out.isfinite().all())
     assert rel_err(out, ref) < TOL[dtype]
-
-
-# --------------------------------------------------------------------------------------
-# whole pages over compacted block tables
-# --------------------------------------------------------------------------------------
-def test_compact_pages_orders_pages_and_counts_the_partial_one_once():
-    bt = torch.tensor([[7, 3, 9, 4], [5, 8, 1, 2]], device=DEV)
-    seq = torch.tensor([100, 64], device=DEV)  # 4 pages (the last holds 4 tokens); 2 pages, both whole
-    pages = torch.tensor([[[3, -1, 0], [2, 1, -1]], [[1, 0, -1], [-1, 1, -1]]], device=DEV)
-    tables, lens = compact_pages(pages, bt, seq, 32)
-    assert tables[0, 0, :2].tolist() == [7, 4] and tables[0, 1, :2].tolist() == [3, 9]
-    assert tables[1, 0, :2].tolist() == [5, 8] and tables[1, 1, 0].item() == 8
-    assert lens.tolist() == [[32 + 4, 64], [64, 32]]
 
 
 @pytest.mark.parametrize(
@@ -471,10 +445,10 @@ def test_sparse_decode_over_compacted_tables(num_heads, num_kv_heads, head_size,
     the tables' lengths are what the stats count (:func:`quest_attended`)."""
     lens, bs = [300, 1, 77, 160], 16
     c = case(lens, num_heads, num_kv_heads, head_size, bs, bs, dtype)
-    assert ops.compacted_route(selection, c.cache)
+    assert ops.compacted_route(P(selection), c.cache)
     q = torch.randn(len(lens), num_heads, head_size, device=DEV).to(dtype)
     attended = torch.tensor([64, 64, 40, 400], device=DEV)  # the last: budget >= context
-    kw = dict(sink_tokens=2, local_window=window, selection=selection, granularity=granularity, candidate_factor=2.0)
+    kw = dict(params=P(sink_tokens=2, local_window=window, selection=selection, granularity=granularity, candidate_factor=2.0))
     out = ops.sparse_decode(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, out=nan_like(q.shape, dtype),
                             max_seq_len=300, **kw, **FORCE)
     ref = R.sparse_decode(q.float(), c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw)
@@ -482,7 +456,7 @@ def test_sparse_decode_over_compacted_tables(num_heads, num_kv_heads, head_size,
     assert rel_err(out, ref) < TOL[dtype]
     # the index route (an index buffer asked for) gives the same output
     s = num_kv_heads if granularity == "kv_head" else num_heads
-    idx = torch.empty((len(lens), s, R.index_capacity(selection, 160, bs, 2, window)), dtype=torch.long, device=DEV)
+    idx = torch.empty((len(lens), s, P(selection=selection, sink_tokens=2, local_window=window).index_capacity(160, bs)), dtype=torch.long, device=DEV)
     by_index = ops.sparse_decode(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, indices_out=idx,
                                  max_seq_len=300, **kw, **FORCE)
     assert rel_err(out, by_index) < TOL[dtype]
@@ -490,7 +464,7 @@ def test_sparse_decode_over_compacted_tables(num_heads, num_kv_heads, head_size,
         from vllm_sparse.kernels.triton_select import select_pages_triton
 
         pages = select_pages_triton(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw,
-                                    rescore_dims=0, capacity=idx.shape[-1], max_seq_len=300)
+                                    capacity=idx.shape[-1], max_seq_len=300)
         _, tlens = compact_pages(pages, c.block_table, c.seq_lens, bs)
         want = quest_attended(c.seq_lens, attended, bs, 2, window)
         assert torch.equal(tlens.long(), want[:, None].expand_as(tlens))
@@ -524,64 +498,6 @@ class _InPlaceBatch:
         return R.sparse_decode(self.q.float(), self.c.cache, self.bt, self.seq_lens, self.attended, scale, **kw)
 
 
-@pytest.mark.parametrize("selection, rescore_dims", [("exact_pages", 0), ("exact_pages", 8), ("quest", 0)])
-def test_compacted_decode_at_fixed_sizes_takes_a_new_batch_in_place(selection, rescore_dims):
-    """The CPU-runnable half of ``test_gpu_compacted_decode_graph_replays_new_inputs``: the whole-page
-    step at sizes fixed for the largest batch (capacity, ``max_seq_len``, splits) gives the reference's
-    answer for one batch, and for another written into the same buffers (table rows swapped back,
-    other lengths and budgets, a fresh query)."""
-    bs, hq, hkv, d, dtype = 16, 6, 2, 64, F32
-    c = case([300, 77, 1], hq, hkv, d, bs, bs, dtype)
-    kw = dict(sink_tokens=2, local_window=16, selection=selection, rescore_dims=rescore_dims, candidate_factor=2.0)
-    static = dict(capacity=R.index_capacity(selection, 128, bs, 2, 16), max_seq_len=320, num_splits=2)
-    b = _InPlaceBatch(c, hq, d, dtype, [77, 250, 1], [64, 64, 64])
-    for batch in range(2):
-        if batch:  # the second batch, in place
-            b.write([300, 60, 1], [128, 40, 16])
-        b.run(d**-0.5, **kw, **static, **FORCE)
-        assert rel_err(b.out, b.reference(d**-0.5, **kw)) < TOL[dtype], batch
-
-# --------------------------------------------------------------------------------------
-# dispatch
-# --------------------------------------------------------------------------------------
-def test_cpu_tensors_take_the_reference_path_by_default():
-    c = make_case([40, 9], 4, 2, 64, 16, 8, F32)
-    q = torch.randn(2, 4, 64)
-    att = torch.tensor([12, 12])
-    ours = ops.sparse_decode(q, c.cache, c.block_table, c.seq_lens, att, 0.1, sink_tokens=2, local_window=4)
-    assert torch.equal(ours, R.sparse_decode(q, c.cache, c.block_table, c.seq_lens, att, 0.1, sink_tokens=2,
-                                             local_window=4))
-    idx = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, att, 0.1, capacity=20)
-    assert idx.shape == (2, 2, 20) and bool((idx[..., 12:] == -1).all())
-
-
-def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    c = make_case([5], 2, 2, 64, 16, 16, F32)
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        ops.write_kv(torch.randn(1, 2, 64), torch.randn(1, 2, 64), torch.tensor([5]), c.cache, force_triton=True)
-
-
-def test_ops_imports_without_triton_and_kernels_never_import_vllm():
-    root = str(Path(__file__).resolve().parents[2])
-    code = f"""
-import os, sys
-sys.path.insert(0, {root!r})  # the kernels/ directory as a top-level package: works installed or not
-sys.modules["triton"] = None  # import triton -> ImportError
-import torch
-from kernels import ops, PagedKVCache
-c = PagedKVCache.allocate(2, 16, 2, 64, 16, torch.float32)
-ops.write_kv(torch.randn(3, 2, 64), torch.randn(3, 2, 64), torch.tensor([0, 1, 2]), c)
-del sys.modules["triton"]
-os.environ["TRITON_INTERPRET"] = "1"
-from kernels import triton_kv_write, triton_paged_attn, triton_select, triton_sparse_attn
-assert not [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")], "kernels imported vllm"
-print("ok")
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
-
-
 # --------------------------------------------------------------------------------------
 # realistic shapes, GPU only
 # --------------------------------------------------------------------------------------
@@ -597,7 +513,7 @@ def test_gpu_decode_step_at_realistic_shapes(selection):
     c = case(lens, num_heads, hkv, d, 16, 16, dtype)
     q = torch.randn(4, num_heads, d, device=DEV).to(dtype)
     attended = torch.tensor([512, 724, 256, 9000], device=DEV)
-    kw = dict(sink_tokens=4, local_window=64, selection=selection)
+    kw = dict(params=P(sink_tokens=4, local_window=64, selection=selection))
     ref_idx = R.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, **kw)
     idx = ops.select_topk(q, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, **kw, capacity=2304,
                           max_seq_len=8192)
@@ -606,7 +522,7 @@ def test_gpu_decode_step_at_realistic_shapes(selection):
     assert rel_err(out, R.sparse_attention(q.float(), c.cache, c.block_table, ref_idx, d**-0.5)) < TOL[dtype]
     dense = ops.dense_decode(q, c.cache, c.block_table, c.seq_lens, d**-0.5)
     assert rel_err(dense, R.dense_decode(q.float(), c.cache, c.block_table, c.seq_lens, d**-0.5)) < TOL[dtype]
-    if ops.compacted_route(selection, c.cache):  # whole pages through compacted block tables
+    if ops.compacted_route(P(selection), c.cache):  # whole pages through compacted block tables
         fused = ops.sparse_decode(q, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, **kw, capacity=2304,
                                   max_seq_len=8192)
         assert rel_err(fused, R.sparse_decode(q.float(), c.cache, c.block_table, c.seq_lens, attended, d**-0.5,
@@ -653,14 +569,9 @@ def test_gpu_prefill_write_and_graph_capture():
         torch.cuda.synchronize()
         return torch.equal(o, eager)
 
-    assert replays_as_eager(lambda: ops.sparse_decode(
-        qd, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, out=o, indices_out=idx, max_seq_len=3072,
-        num_splits=4, sink_tokens=4, local_window=64, selection="page"))
+    assert replays_as_eager(lambda: ops.sparse_decode(qd, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, P(sink_tokens=4, local_window=64, selection="page"), out=o, indices_out=idx, max_seq_len=3072, num_splits=4))
     # and the compacted route (exact_pages, no index buffer)
-    assert replays_as_eager(lambda: ops.sparse_decode(
-        qd, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, out=o,
-        capacity=R.index_capacity("exact_pages", 300, ps, 4, 64), max_seq_len=3072, num_splits=4, sink_tokens=4,
-        local_window=64, selection="exact_pages"))
+    assert replays_as_eager(lambda: ops.sparse_decode(qd, c.cache, c.block_table, c.seq_lens, attended, d**-0.5, P(sink_tokens=4, local_window=64, selection="exact_pages"), out=o, capacity=P(selection="exact_pages", sink_tokens=4, local_window=64).index_capacity(300, ps), max_seq_len=3072, num_splits=4))
 
 
 @pytest.mark.gpu
@@ -673,8 +584,8 @@ def test_gpu_compacted_decode_graph_replays_new_inputs(selection, rescore_dims):
     step's output."""
     num_heads, hkv, d, dtype, bs = 32, 8, 128, BF16, 16
     c = case([3000, 700, 1], num_heads, hkv, d, bs, bs, dtype)
-    kw = dict(sink_tokens=4, local_window=64, selection=selection, rescore_dims=rescore_dims)
-    static = dict(capacity=R.index_capacity(selection, 512, bs, 4, 64), max_seq_len=3072, num_splits=4)
+    kw = dict(params=P(sink_tokens=4, local_window=64, selection=selection, rescore_dims=rescore_dims))
+    static = dict(capacity=P(selection=selection, sink_tokens=4, local_window=64).index_capacity(512, bs), max_seq_len=3072, num_splits=4)
     # state A, captured: rows 0 and 1 swapped, shorter lengths, a small budget
     b = _InPlaceBatch(c, num_heads, d, dtype, [700, 2500, 1], [128, 128, 128])
     b.run(d**-0.5, **kw, **static)  # compile outside the capture

@@ -179,5 +179,5 @@ def test_example_package_registers_through_its_entry_point(tmp_path, monkeypatch
         # the count ranks them; ties keep the earlier token
         assert kept(make("scissorhands", 5), TokenState(keys_along_x(X), stored=twice[0])) == [FORCED | {3, 5}]
     finally:
-        registry._REGISTRY.pop("keydiff", None)
-        registry._REGISTRY.pop("scissorhands", None)
+        registry._REGISTRY.unregister("keydiff")
+        registry._REGISTRY.unregister("scissorhands")

@@ -77,8 +77,8 @@ def forget():
     names = []
     yield names.append
     for name in names:
-        registry._REGISTRY.pop(name, None)
-        selectors._REGISTRY._entries.pop(name, None)
+        registry._REGISTRY.unregister(name)
+        selectors._REGISTRY.unregister(name)
 
 
 def test_registering_the_policy_registers_its_selector(forget):

@@ -187,8 +187,8 @@ def test_policies_name_registered_selectors():
         with pytest.raises(ValueError, match=r"policy='misnamed_for_test'.*selection='no_such_selector'; allowed"):
             SparseConfig(policy="misnamed_for_test")
     finally:
-        registry._REGISTRY.pop("scorer_only_for_test")
-        registry._REGISTRY.pop("misnamed_for_test")
+        registry._REGISTRY.unregister("scorer_only_for_test")
+        registry._REGISTRY.unregister("misnamed_for_test")
     with pytest.raises(ValueError, match=r"selection='block' is invalid; allowed: one of \[.*'dense'.*'exact_pages'"):
         SparseConfig(selection="block")
     assert SparseConfig(policy="dense").selection == "dense"

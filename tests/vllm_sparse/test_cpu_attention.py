@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from vllm_sparse.kernels import PagedKVCache
+from vllm_sparse.kernels import ranking
 from vllm_sparse.kernels import reference as R
+from vllm_sparse.kernels.selectors import SelectParams
 
 C = pytest.importorskip("vllm_sparse.cpu_attention")
+P = SelectParams.create  # the selection settings by name
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 SINK, WINDOW = 4, 16
@@ -50,9 +53,7 @@ def make_cache(lens, num_kv_heads, head_size, block_size, dtype, key_scale=None)
 
 
 def plan(cache, bt, seq, attended, num_heads):
-    return C.plan_decode(seq, attended, bt, block_size=cache.block_size, sink_tokens=SINK, local_window=WINDOW,
-                         num_heads=num_heads, num_kv_heads=cache.num_kv_heads, head_size=cache.head_size,
-                         dtype=cache.dtype, isa=C.cpu_isa(cache.block_size))
+    return C.plan_decode(seq, attended, bt, P("quest", sink_tokens=SINK, local_window=WINDOW), block_size=cache.block_size, num_heads=num_heads, num_kv_heads=cache.num_kv_heads, head_size=cache.head_size, dtype=cache.dtype, isa=C.cpu_isa(cache.block_size))
 
 
 def rel_err(x, ref):
@@ -97,11 +98,11 @@ def test_fused_quest_decode_equals_reference_float32(group, head_size):
     p = plan(cache, bt, seq, attended, hkv * group)
     out = torch.full_like(q, float("nan"))
     C.sparse_decode(q, cache, p, scale, out)
-    ref = R.sparse_decode(q, cache, bt, seq, attended, scale, SINK, WINDOW, "quest")
+    ref = R.sparse_decode(q, cache, bt, seq, attended, scale, P(sink_tokens=SINK, local_window=WINDOW, selection="quest"))
     assert rel_err(out, ref) < RTOL[torch.float32]
     # and the set really is the reference's: whole best pages, as many as Quest's rule says
     table = C.select_pages(q, cache, p)
-    idx = R.select_topk(q, cache, bt, seq, attended, scale, SINK, WINDOW, "quest")
+    idx = R.select_topk(q, cache, bt, seq, attended, scale, P(sink_tokens=SINK, local_window=WINDOW, selection="quest"))
     for r in range(len(lens)):
         for h in range(hkv):
             n_pages = -(-int(p.seq_lens[r * hkv + h]) // bs)
@@ -180,43 +181,6 @@ def test_isa_matches_the_layout():
     assert math.isclose(1 / 16, (PagedKVCache.raw_shape(1, 16, 3, 64, 16)[2] - 16) / 16)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("group", [1, 3, 8])
-def test_cpp_page_selection_equals_its_torch_twin(dtype, group):
-    lens, hkv, d, bs = [900, 17, 450, 1600], 3, 64, 16
-    cache, bt, _, _ = make_cache(lens, hkv, d, bs, dtype)
-    seq = torch.tensor(lens)
-    q = torch.randn(len(lens), hkv * group, d).to(dtype)
-    p = plan(cache, bt, seq, torch.tensor([160, 17, 300, 200]), hkv * group)
-    got, want = C.select_pages(q, cache, p), C.select_pages_reference(q, cache, p)
-    if dtype == torch.float32:
-        assert torch.equal(got, want)
-    else:  # bf16 inputs, fp32 sums in another order: near-ties may swap, nothing else
-        same = sum(len(set(a[: -(-int(n) // bs)].tolist()) & set(b[: -(-int(n) // bs)].tolist()))
-                   for a, b, n in zip(got, want, p.seq_lens))
-        assert same >= 0.95 * sum(-(-int(n) // bs) for n in p.seq_lens)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cpp_summary_update_equals_reference(dtype):
-    from vllm_sparse.kernels import cpu_ext
-
-    hkv, d, bs, ps = 2, 64, 32, 16  # two pages per block: the kernel handles any page size
-    ours = PagedKVCache.allocate(12, bs, hkv, d, ps, dtype)
-    ref = PagedKVCache.allocate(12, bs, hkv, d, ps, dtype)
-    order = torch.randperm(12)
-    for lo, hi in ((0, 37), (37, 38), (38, 200), (200, 201)):  # chunks across page and block edges, then decode
-        pos = torch.arange(lo, hi)
-        slots = torch.cat([order[pos // bs] * bs + pos % bs, torch.full((3,), -1)])  # padding slots: skipped
-        k = torch.randn(hi - lo + 3, hkv, d).to(dtype)
-        cpu_ext.load().update_page_summaries(k, slots.contiguous(), ours.slot_rows, 2 * bs * d, bs, ps)
-        R.update_page_summaries(k, slots, ref)
-        touched = order[: -(-hi // bs)]  # pages not yet written stay NaN in both
-        for a, b in ((ours.key_min, ref.key_min), (ours.key_max, ref.key_max)):
-            torch.testing.assert_close(a[touched], b[touched], rtol=0, atol=0, equal_nan=True)
-        assert not ours.key_min[order[0]].isnan().any()
-
-
 @pytest.mark.parametrize("group", [1, 3, 4])
 def test_exact_pages_fused_equals_reference_float32(group):
     """exact_pages: bound-ranked candidates rescored by their exact max q·k — same pages, same output."""
@@ -225,17 +189,15 @@ def test_exact_pages_fused_equals_reference_float32(group):
     seq = torch.tensor(lens)
     attended = torch.tensor([160, 100, 40])
     q = torch.randn(len(lens), hkv * group, d)
-    p = C.plan_decode(seq, attended, bt, block_size=bs, sink_tokens=SINK, local_window=WINDOW,
-                      num_heads=hkv * group, num_kv_heads=hkv, head_size=d, dtype=torch.float32,
-                      isa=C.cpu_isa(bs), candidate_factor=3.0)
+    p = C.plan_decode(seq, attended, bt, P("exact_pages", sink_tokens=SINK, local_window=WINDOW, candidate_factor=3.0), block_size=bs, num_heads=hkv * group, num_kv_heads=hkv, head_size=d, dtype=torch.float32, isa=C.cpu_isa(bs))
     assert bool((p.candidates >= p.count).all()) and int(p.candidates[0]) == 3 * int(p.count[0])
     out = torch.empty_like(q)
     C.sparse_decode(q, cache, p, 0.125, out)
-    ref = R.sparse_decode(q, cache, bt, seq, attended, 0.125, SINK, WINDOW, "exact_pages", candidate_factor=3.0)
+    ref = R.sparse_decode(q, cache, bt, seq, attended, 0.125, P(sink_tokens=SINK, local_window=WINDOW, selection="exact_pages", candidate_factor=3.0))
     assert rel_err(out, ref) < RTOL[torch.float32]
     # rescoring changes the choice: not the plain Quest set (on random keys the bound is loose)
-    quest = R.select_topk(q, cache, bt, seq, attended, 0.125, SINK, WINDOW, "quest")
-    exact = R.select_topk(q, cache, bt, seq, attended, 0.125, SINK, WINDOW, "exact_pages", candidate_factor=3.0)
+    quest = R.select_topk(q, cache, bt, seq, attended, 0.125, P(sink_tokens=SINK, local_window=WINDOW, selection="quest"))
+    exact = R.select_topk(q, cache, bt, seq, attended, 0.125, P(sink_tokens=SINK, local_window=WINDOW, selection="exact_pages", candidate_factor=3.0))
     assert not torch.equal(quest, exact)
 
 
@@ -251,13 +213,13 @@ def test_rescore_dims_fused_equals_reference(dtype, group):
     seq = torch.tensor(lens)
     attended = torch.tensor([256, 160])
     q = torch.randn(len(lens), hkv * group, d).to(dtype)
-    kw = dict(candidate_factor=4.0)
+    kw = dict(sink_tokens=SINK, local_window=WINDOW, candidate_factor=4.0)
     for r in (8, 16, d):
-        p = C.plan_decode(seq, attended, bt, block_size=bs, sink_tokens=SINK, local_window=WINDOW,
-                          num_heads=hkv * group, num_kv_heads=hkv, head_size=d, dtype=dtype, isa=C.cpu_isa(bs),
-                          rescore_dims=r, **kw)
+        params = P("exact_pages", rescore_dims=r, **kw)
+        p = C.plan_decode(seq, attended, bt, params, block_size=bs, num_heads=hkv * group, num_kv_heads=hkv,
+                          head_size=d, dtype=dtype, isa=C.cpu_isa(bs))
         table = C.select_pages(q, cache, p)
-        ref = R.select_topk(q, cache, bt, seq, attended, 0.125, SINK, WINDOW, "exact_pages", rescore_dims=r, **kw)
+        ref = R.select_topk(q, cache, bt, seq, attended, 0.125, params)
         # the reference's pages as one-head block ids, per (request, head)
         for b in range(len(lens)):
             for h in range(hkv):
@@ -265,8 +227,8 @@ def test_rescore_dims_fused_equals_reference(dtype, group):
                 want = bt[b, pages].long() * hkv + h  # in page order, as the table lists them
                 got = table[b * hkv + h, : int(p.count[b])].long()
                 assert torch.equal(got, want), (r, b, h)
-    exact = R.select_topk(q, cache, bt, seq, attended, 0.125, SINK, WINDOW, "exact_pages", **kw)
-    approx = R.select_topk(q, cache, bt, seq, attended, 0.125, SINK, WINDOW, "exact_pages", rescore_dims=8, **kw)
+    exact = R.select_topk(q, cache, bt, seq, attended, 0.125, P("exact_pages", **kw))
+    approx = R.select_topk(q, cache, bt, seq, attended, 0.125, P("exact_pages", rescore_dims=8, **kw))
     assert not torch.equal(exact, approx)
 
 
@@ -286,7 +248,7 @@ def table_pages(table, bt, num_kv_heads, count):
 def test_refresh_rescores_kept_pages_with_a_few_bound_ranked_ones(dtype, group):
     """A row that refreshes its kept pages (``prior``: ``reselect_candidate_factor``) picks the best
     pages among ``plan.refresh`` bound-ranked candidates plus the pages in its table row: the
-    reference's choice (:func:`R.refresh_pages`); the other rows select afresh or keep theirs.
+    reference's choice (:func:`ranking.refresh_pages`); the other rows select afresh or keep theirs.
     Refreshing with the query that chose the pages keeps them even with one candidate per page,
     where the bound alone (Quest) picks others."""
     lens, hkv, d, bs = [1500, 700, 900], 2, 64, 32
@@ -296,9 +258,7 @@ def test_refresh_rescores_kept_pages_with_a_few_bound_ranked_ones(dtype, group):
     q1 = torch.randn(len(lens), hkv * group, d).to(dtype)
 
     def mk(cf, refresh):
-        return C.plan_decode(seq, attended, bt, block_size=bs, sink_tokens=SINK, local_window=WINDOW,
-                             num_heads=hkv * group, num_kv_heads=hkv, head_size=d, dtype=dtype, isa=C.cpu_isa(bs),
-                             candidate_factor=cf, rescore_dims=12, refresh_factor=refresh)
+        return C.plan_decode(seq, attended, bt, P("exact_pages", sink_tokens=SINK, local_window=WINDOW, candidate_factor=cf, rescore_dims=12), block_size=bs, num_heads=hkv * group, num_kv_heads=hkv, head_size=d, dtype=dtype, isa=C.cpu_isa(bs), refresh_factor=refresh)
 
     p = mk(8.0, 1.5)
     assert torch.equal(p.refresh, torch.ceil(p.count * 1.5).long().minimum(p.num_pages))
@@ -310,7 +270,8 @@ def test_refresh_rescores_kept_pages_with_a_few_bound_ranked_ones(dtype, group):
     keep[1] = True
     t1 = C.select_pages(q1, cache, p, t0.clone(), keep, prior)
     fresh = C.select_pages(q1, cache, p)
-    ref = R.refresh_pages(q1, cache, bt, seq, attended, table_pages(t0, bt, hkv, p.count), SINK, WINDOW, 1.5, 12)
+    ref = ranking.refresh_pages(q1, cache, bt, seq, attended, table_pages(t0, bt, hkv, p.count),
+                                P("exact_pages", sink_tokens=SINK, local_window=WINDOW, candidate_factor=1.5, rescore_dims=12))
     for r in range(rows):
         b, h = divmod(r, hkv)
         n = int(p.count[b])
@@ -328,26 +289,26 @@ def test_refresh_rescores_kept_pages_with_a_few_bound_ranked_ones(dtype, group):
 
 
 def test_window_of_one_token_keeps_the_partial_page_last():
-    """``local_window=0`` is run as 1 for whole pages (``SparseConfig.decode_window``): the page being
+    """``local_window=0`` is run as 1 for whole pages (``SparseConfig.select_params``): the page being
     written is always attended, so each compacted table ends with the request's partial page and the
     op's lengths hold. ``plan_decode`` refuses 0, where a head could skip that page and the op would
     cut its last full page short."""
     from vllm_sparse.config import SparseConfig
 
-    assert SparseConfig(local_window=0).decode_window == 1
-    assert SparseConfig(local_window=0, selection="token").decode_window == 0
+    assert SparseConfig(local_window=0).select_params.local_window == 1
+    assert SparseConfig(local_window=0, selection="token").select_params.local_window == 0
     lens, hkv, g, d, bs = [1000, 513, 260], 2, 2, 64, 16
     cache, bt, _, _ = make_cache(lens, hkv, d, bs, torch.float32)
     seq, attended = torch.tensor(lens), torch.tensor([200, 100, 64])
     q = torch.randn(len(lens), hkv * g, d)
-    kw = dict(block_size=bs, sink_tokens=SINK, num_heads=hkv * g, num_kv_heads=hkv, head_size=d,
-              dtype=torch.float32, isa=C.cpu_isa(bs))
+    kw = dict(block_size=bs, num_heads=hkv * g, num_kv_heads=hkv, head_size=d, dtype=torch.float32,
+              isa=C.cpu_isa(bs))
     with pytest.raises(ValueError, match="local_window >= 1"):
-        C.plan_decode(seq, attended, bt, local_window=0, **kw)
-    p = C.plan_decode(seq, attended, bt, local_window=1, **kw)
+        C.plan_decode(seq, attended, bt, P("quest", sink_tokens=SINK, local_window=0), **kw)
+    p = C.plan_decode(seq, attended, bt, P("quest", sink_tokens=SINK, local_window=1), **kw)
     out = torch.empty_like(q)
     C.sparse_decode(q, cache, p, 0.125, out)
-    ref = R.sparse_decode(q, cache, bt, seq, attended, 0.125, SINK, 1, "quest")
+    ref = R.sparse_decode(q, cache, bt, seq, attended, 0.125, P(sink_tokens=SINK, local_window=1, selection="quest"))
     assert rel_err(out, ref) < RTOL[torch.float32]
 
 
@@ -374,9 +335,7 @@ def test_cpp_selection_reads_the_amx_packing(group, head_size):
     seq, attended = torch.tensor(lens), torch.tensor([256, 160, 70])
     q = torch.randn(len(lens), hkv * group, head_size).bfloat16()
     for r in (8, 13, head_size):
-        p = C.plan_decode(seq, attended, bt, block_size=bs, sink_tokens=SINK, local_window=WINDOW,
-                          num_heads=hkv * group, num_kv_heads=hkv, head_size=head_size, dtype=torch.bfloat16,
-                          isa="vec", candidate_factor=4.0, rescore_dims=r)
+        p = C.plan_decode(seq, attended, bt, P("exact_pages", sink_tokens=SINK, local_window=WINDOW, candidate_factor=4.0, rescore_dims=r), block_size=bs, num_heads=hkv * group, num_kv_heads=hkv, head_size=head_size, dtype=torch.bfloat16, isa="vec")
         assert torch.equal(C.select_pages(q, packed, p), C.select_pages(q, cache, p)), r
 
 
@@ -397,8 +356,7 @@ def test_amx_full_budget_sums_like_stock_only_without_kv_split(monkeypatch):
     outs = {}
     for split in (False, True):
         monkeypatch.setattr(envs, "VLLM_CPU_ATTN_SPLIT_KV", split)
-        p = C.plan_decode(seq, seq.clone(), bt, block_size=bs, sink_tokens=SINK, local_window=WINDOW,
-                          num_heads=hkv * group, num_kv_heads=hkv, head_size=d, dtype=torch.bfloat16, isa="amx")
+        p = C.plan_decode(seq, seq.clone(), bt, P("quest", sink_tokens=SINK, local_window=WINDOW), block_size=bs, num_heads=hkv * group, num_kv_heads=hkv, head_size=d, dtype=torch.bfloat16, isa="amx")
         sparse, dense = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
         C.sparse_decode(q, packed, p, 0.125, sparse)
         md = C.scheduler_metadata(seq.int(), qsl, hkv * group, hkv, d, torch.bfloat16, "amx")
@@ -438,9 +396,7 @@ def test_amx_fused_decode_and_prefill_equal_reference(group):
     packed = amx_copy(cache)
     seq = torch.tensor(lens)
     q = torch.randn(len(lens), hkv * group, d).bfloat16()
-    p = C.plan_decode(seq, torch.tensor([256, 333, 40]), bt, block_size=bs, sink_tokens=SINK, local_window=WINDOW,
-                      num_heads=hkv * group, num_kv_heads=hkv, head_size=d, dtype=torch.bfloat16, isa="amx",
-                      candidate_factor=4.0, rescore_dims=12)
+    p = C.plan_decode(seq, torch.tensor([256, 333, 40]), bt, P("exact_pages", sink_tokens=SINK, local_window=WINDOW, candidate_factor=4.0, rescore_dims=12), block_size=bs, num_heads=hkv * group, num_kv_heads=hkv, head_size=d, dtype=torch.bfloat16, isa="amx")
     out = torch.full_like(q, float("nan"))
     C.sparse_decode(q, packed, p, 0.125, out)
     table = C.select_pages(q, packed, p)
@@ -481,50 +437,50 @@ def test_reselect_every_keeps_each_requests_pages_until_it_must_select():
         out = torch.empty_like(q)
         kept = C.sparse_decode(q, cache, p, 0.125, out, prev_table, similarity)
         fresh = C.select_pages(q, cache, p)
-        ref = naive_pages_attention(q, [keys[i] for i in order], [values[i] for i in order], kept[1], p.seq_lens, hkv,
+        ref = naive_pages_attention(q, [keys[i] for i in order], [values[i] for i in order], kept.table, p.seq_lens, hkv,
                                     BlockPositions(bt[order], seq[order].tolist(), bs), 0.125)
         assert rel_err(out, ref) < RTOL[torch.float32]  # it attends exactly the table it returns
         return p, state, kept, fresh
 
     seq = torch.tensor([999, 512, 259])
     p0, s0, t0, f0 = step(seq, [0, 1, 2], None, None)
-    assert p0.reuse is None and torch.equal(t0[1], f0)  # first step: everyone selects
+    assert p0.reuse is None and torch.equal(t0.table, f0)  # first step: everyone selects
     # next step, batch reordered; request 1 (512 -> 513 tokens) starts a new page: its heads keep
     # their pages and attend the new one as well, one page beyond the budget
     seq1 = seq + 1
     p1, s1, t1, f1 = step(seq1, [2, 0, 1], s0, t0)
-    src, rows_from, keep, prev_uid, grown = p1.reuse
-    assert src.tolist() == [2, 0, 1] and prev_uid == p0.uid
-    assert rows_from.tolist() == [4, 5, 0, 1, 2, 3] and keep.all()
-    assert grown[0].any(1).tolist() == [False] * 4 + [True] * 2 and p1.extra.tolist() == [0, 0, 1]
+    r1 = p1.reuse
+    assert r1.src.tolist() == [2, 0, 1] and r1.prev_uid == p0.uid
+    assert r1.rows.tolist() == [4, 5, 0, 1, 2, 3] and r1.keep.all()
+    assert r1.grown.mask.any(1).tolist() == [False] * 4 + [True] * 2 and p1.extra.tolist() == [0, 0, 1]
     n0 = int(p0.count[1])
     assert int(p1.count[2]) == n0 + 1 and p1.width == max(p0.width, n0 + 1)
     assert int(p1.seq_lens[4]) == int(p0.seq_lens[2]) + 1 and p1.attended_tokens == int(p1.seq_lens.sum()) // hkv
     rows = lambda t, i: t.view(-1, hkv, t.shape[1])[i]  # noqa: E731
-    assert torch.equal(rows(t1[1], 0)[:, : p0.width], rows(t0[1], 2)) and torch.equal(rows(t1[1], 1)[:, : p0.width],
-                                                                                      rows(t0[1], 0))
+    assert torch.equal(rows(t1.table, 0)[:, : p0.width], rows(t0.table, 2)) and torch.equal(rows(t1.table, 1)[:, : p0.width],
+                                                                                      rows(t0.table, 0))
     new_page = bt[1, 32].item() * hkv + torch.arange(hkv)
-    assert torch.equal(rows(t1[1], 2)[:, :n0], rows(t0[1], 1)[:, :n0])
-    assert (rows(t1[1], 2)[:, n0:] == new_page[:, None]).all()
-    assert not torch.equal(t1[1], f1)  # the kept rows are not what these queries would pick
+    assert torch.equal(rows(t1.table, 2)[:, :n0], rows(t0.table, 1)[:, :n0])
+    assert (rows(t1.table, 2)[:, n0:] == new_page[:, None]).all()
+    assert not torch.equal(t1.table, f1)  # the kept rows are not what these queries would pick
     # a table of another step is never reused
-    p_stale, _, t_stale, f_stale = step(seq1, [2, 0, 1], s0, (t0[0] - 1, t0[1], None))
-    assert torch.equal(t_stale[1], f_stale)
+    p_stale, _, t_stale, f_stale = step(seq1, [2, 0, 1], s0, C.KeptSelection(t0.uid - 1, t0.table, None))
+    assert torch.equal(t_stale.table, f_stale)
     # third step: with every=3 everyone keeps, request 1 its grown selection (no page added again)
     p2, s2, t2, f2 = step(seq1 + 1, [2, 0, 1], s1, t1)
-    assert p2.reuse[0].tolist() == [0, 1, 2] and s2.age.tolist() == [2, 2, 2] and p2.extra.tolist() == [0, 0, 1]
-    assert p2.reuse[4] is None and torch.equal(t2[1], t1[1][:, : p2.width])
+    assert p2.reuse.src.tolist() == [0, 1, 2] and s2.age.tolist() == [2, 2, 2] and p2.extra.tolist() == [0, 0, 1]
+    assert p2.reuse.grown is None and torch.equal(t2.table, t1.table[:, : p2.width])
     # with every=2 instead everyone selects again, request 1 back at its budget's count
     p2b, s2b, t2b, f2b = step(seq1 + 1, [2, 0, 1], s1, t1, every=2)
-    assert p2b.reuse is None and p2b.extra is None and torch.equal(t2b[1], f2b)
+    assert p2b.reuse is None and p2b.extra is None and torch.equal(t2b.table, f2b)
     assert s2b.age.tolist() == [0, 0, 0] and s2b.extra.tolist() == [0, 0, 0] and int(p2b.count[2]) == n0
     # instead: request 1 gains a second new page (513 -> 529 tokens) and request 2's budget grows:
     # both select afresh, the grown request back at its budget's count
     grow_budget = attended + torch.tensor([0, 0, 64])
     p3, s3, t3, f3 = step(torch.tensor([1000, 529, 260]), [2, 0, 1], s1, t1, budget=grow_budget)
-    assert p3.reuse[0].tolist() == [-1, 1, -1] and p3.extra is None and s3.extra.tolist() == [0, 0, 0]
-    assert torch.equal(rows(t3[1], 2), rows(f3, 2)) and torch.equal(rows(t3[1], 0), rows(f3, 0))
-    assert torch.equal(rows(t3[1], 1)[:, : p0.width], rows(t0[1], 0))
+    assert p3.reuse.src.tolist() == [-1, 1, -1] and p3.extra is None and s3.extra.tolist() == [0, 0, 0]
+    assert torch.equal(rows(t3.table, 2), rows(f3, 2)) and torch.equal(rows(t3.table, 0), rows(f3, 0))
+    assert torch.equal(rows(t3.table, 1)[:, : p0.width], rows(t0.table, 0))
 
 
 def test_reselect_similarity_reselects_the_heads_whose_query_moved():
@@ -552,7 +508,7 @@ def test_reselect_similarity_reselects_the_heads_whose_query_moved():
         return p, new_state, kept, out, C.select_pages(q, cache, p)
 
     p0, s0, k0, _, f0 = step(seq, q0, None, None)
-    assert torch.equal(k0[1], f0) and torch.allclose(k0[2], unit(flat0))
+    assert torch.equal(k0.table, f0) and torch.allclose(k0.ref_queries, unit(flat0))
     # step 1: row 0 turns 20 degrees (cos 0.94: kept); rows 1 and 2 turn to unrelated queries
     q1 = q0 + 0.01 * torch.randn_like(q0)
     flat1 = q1.view(2 * hkv, g * d)
@@ -561,65 +517,17 @@ def test_reselect_similarity_reselects_the_heads_whose_query_moved():
     p1, s1, k1, out1, f1 = step(seq + 1, q1, s0, k0)
     moved = [False, True, True, False]
     for r in range(4):
-        assert torch.equal(k1[1][r], f1[r] if moved[r] else k0[1][r]), r
-        assert torch.allclose(k1[2][r], unit(flat1[r]) if moved[r] else k0[2][r]), r
-    assert any(not torch.equal(k0[1][r], f1[r]) for r in (1, 2))  # the moved heads really choose anew
-    ref = naive_pages_attention(q1, keys, values, k1[1], p1.seq_lens, hkv, BlockPositions(bt, (seq + 1).tolist(), bs),
+        assert torch.equal(k1.table[r], f1[r] if moved[r] else k0.table[r]), r
+        assert torch.allclose(k1.ref_queries[r], unit(flat1[r]) if moved[r] else k0.ref_queries[r]), r
+    assert any(not torch.equal(k0.table[r], f1[r]) for r in (1, 2))  # the moved heads really choose anew
+    ref = naive_pages_attention(q1, keys, values, k1.table, p1.seq_lens, hkv, BlockPositions(bt, (seq + 1).tolist(), bs),
                                 0.125)
     assert rel_err(out1, ref) < RTOL[torch.float32]
     # without the gate every row keeps its pages
     k1_all = C.sparse_decode(q1, cache, p1, 0.125, torch.empty_like(q1), k0, 0.0)
-    assert torch.equal(k1_all[1], k0[1]) and k1_all[2] is None
+    assert torch.equal(k1_all.table, k0.table) and k1_all.ref_queries is None
     # step 2: row 0 turns on to 40 degrees: 20 from step 1's query, 40 from the one it selected with
     q2 = q1.clone()
     q2.view(2 * hkv, g * d)[0] = turned(40)
     _, _, k2, _, f2 = step(seq + 2, q2, s1, k1)
-    assert torch.equal(k2[1][0], f2[0]) and torch.equal(k2[1][3], k0[1][3])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("prev_width, width, grown, gate, refresh",
-                         [(7, 12, True, True, True), (12, 7, False, True, False), (9, 9, True, False, False),
-                          (9, 9, False, True, True)])
-def test_cpp_reuse_rows_equals_its_torch_twin(dtype, prev_width, width, grown, gate, refresh):
-    """The C++ ``reuse_rows`` (one call per layer) against the torch ops :func:`select_or_reuse` ran:
-    last step's rows gathered and padded to the width (repeating their last entry) or cut to it,
-    the grown rows' new page, the ``reselect_similarity`` gate with its refresh marks and the kept
-    rows' reference queries. Rows within float rounding of the threshold may go either way."""
-    from vllm_sparse.kernels import cpu_ext
-
-    b, h, g, d, thr = 6, 3, 3, 64, 0.9
-    n = b * h
-    q = torch.randn(b, h * g, d).to(dtype)
-    q_wide = torch.randn(b, h * g, 2 * d).to(dtype)[..., :d]  # strided heads, as a view of a qkv split would be
-    q_wide.copy_(q)
-    prev_table = torch.randint(0, 1000, (n + 3, prev_width), dtype=torch.int32)
-    rows = torch.randint(0, n + 3, (n,))
-    keep = torch.rand(n) < 0.7
-    at = torch.rand(n, width) < 0.2 if grown else None
-    new = torch.randint(0, 1000, (n,), dtype=torch.int32) if grown else None
-    unit = lambda x: torch.nn.functional.normalize(x, dim=1)  # noqa: E731
-    flat = unit(q.float().reshape(n, g * d))
-    rows = torch.randperm(n + 3)[:n]  # distinct: each row's reference at a chosen cosine to its query
-    cos = torch.empty(n).uniform_(0.6, 1.0)  # both sides of the 0.9 threshold
-    other = unit(torch.randn(n, g * d))
-    other = unit(other - (other * flat).sum(1, keepdim=True) * flat)
-    prev_ref = unit(torch.randn(n + 3, g * d))
-    prev_ref[rows] = cos[:, None] * flat + (1 - cos[:, None] ** 2).sqrt() * other
-    sim = thr if gate else 0.0
-    want = C.reuse_rows_reference(q, h, prev_table, rows, keep, width, (at, new[:, None]) if grown else None,
-                                  prev_ref, sim, refresh)
-    for query in (q, q_wide):
-        got = cpu_ext.load().reuse_rows(query, h, prev_table, rows, keep, width, at, new, prev_ref, sim, refresh)
-        assert torch.equal(got[0], want[0])
-        if not gate:
-            assert torch.equal(got[1], keep) and got[2].numel() == 0 and got[3].numel() == 0 and want[3] is None
-            continue
-        dots = (flat * prev_ref[rows]).sum(1)
-        sure = (dots - thr).abs() > 1e-5
-        assert torch.equal(got[1][sure], want[1][sure]) and bool((want[1] != keep).any())  # the gate bites
-        if refresh:
-            assert torch.equal(got[2][sure], want[2][sure]) and bool(want[2].any())
-        else:
-            assert got[2].numel() == 0 and want[2] is None
-        torch.testing.assert_close(got[3][sure], want[3][sure], rtol=1e-6, atol=1e-6)
+    assert torch.equal(k2.table[0], f2[0]) and torch.equal(k2.table[3], k0.table[3])

@@ -521,8 +521,8 @@ def test_third_party_eviction_policy_frees_blocks_in_vllm(tiny_llama_dir, tmp_pa
             del llm, pool
         gc.collect()
     finally:
-        registry._REGISTRY.pop("scissorhands", None)
-        registry._REGISTRY.pop("keydiff", None)
+        registry._REGISTRY.unregister("scissorhands")
+        registry._REGISTRY.unregister("keydiff")
     assert len(outs[0].token_ids) == 16 and outs[0].text.strip()
     assert 80 - 1 - min(low) < 60  # 4,000 tokens would need 125 blocks: the middle was freed as it went
     # its state was updated in 2 layers × (8 prefill chunks + 15 decode steps); its score ranked the

@@ -20,7 +20,8 @@ tu.triton, tu.tl, tu.tldevice = triton, tl, tldevice
 from paged_case import make_case
 from vllm_sparse.gpu_attention import unified_table_decode
 from vllm_sparse.kernels import reference as R
-from vllm_sparse.kernels.selection import compact_pages, index_capacity
+from vllm_sparse.kernels.selection import compact_pages
+from vllm_sparse.kernels.selectors import SelectParams
 from vllm_sparse.kernels.triton_select import select_pages_triton
 
 # (bf16: the interpreter computes bf16 math wrongly, so our own kernels upcast there; vLLM's do not)
@@ -30,16 +31,14 @@ for group, dtype, tol in ((1, torch.float32, 1e-5), (3, torch.float32, 1e-5), (4
     c = make_case(lens, hkv * group, hkv, d, bs, bs, dtype)
     q = torch.randn(len(lens), hkv * group, d).to(dtype)
     attended = torch.tensor([64, 40, 400, 1])
-    kw = dict(sink_tokens=2, local_window=8, selection="exact_pages", granularity="kv_head", candidate_factor=2.0,
-              rescore_dims=0)
-    cap = index_capacity("exact_pages", 160, bs, 2, 8)
-    pages = select_pages_triton(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw, capacity=cap,
+    params = SelectParams.create("exact_pages", "kv_head", sink_tokens=2, local_window=8, candidate_factor=2.0)
+    cap = params.index_capacity(160, bs)
+    pages = select_pages_triton(q, c.cache, c.block_table, c.seq_lens, attended, 0.125, params, capacity=cap,
                                 max_seq_len=300)
     tables, lens_t = compact_pages(pages, c.block_table, c.seq_lens, bs)
     out = unified_table_decode(q, c.cache, tables, lens_t, 0.125, torch.full_like(q, float("nan")),
                                tables.shape[-1] * bs)
-    kw.pop("rescore_dims")
-    ref = R.sparse_decode(q.float(), c.cache, c.block_table, c.seq_lens, attended, 0.125, **kw)
+    ref = R.sparse_decode(q.float(), c.cache, c.block_table, c.seq_lens, attended, 0.125, params)
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     print(group, dtype, err)
     assert torch.isfinite(out).all() and err < tol, (group, dtype, err)

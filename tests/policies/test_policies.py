@@ -129,55 +129,40 @@ def test_adakv_moves_budget_between_heads_and_keeps_the_total():
     assert got[0, 4] and got[0, [0, 10, 11]].all()
 
 
-def test_example_package_registers_through_its_entry_point(tmp_path, monkeypatch):
+def test_example_package_registers_through_its_entry_point(example_package):
     """pip-install examples/third_party_policy into a folder, put it on the path: the registry finds
     `keydiff` and `scissorhands` by their entry points; keydiff's scorer keeps the keys least like
     the average key and its decode selector, built from that score, is registered with it;
     scissorhands counts, per token, the queries that paid it at least a uniform share."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from vllm_sparse.policies import registry
 
-    pkg = Path(__file__).resolve().parents[2] / "examples" / "third_party_policy"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(tmp_path), str(pkg)], check=True)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import importlib
-
-    importlib.invalidate_caches()
     assert "keydiff" not in available_policies()
     registry.reload_entry_points()
-    try:
-        assert "keydiff" in available_policies()
-        cls = get_policy_class("keydiff")
-        keys = torch.ones(N, 1, 2)  # every key alike but two
-        keys[4] = torch.tensor([1.0, -1.0])
-        keys[7] = torch.tensor([-1.0, 0.5])
-        assert kept(cls(budget=FixedKPolicy(budget_tokens=5), sink_tokens=1, local_window=2),
-                    TokenState(keys)) == [FORCED | {4, 7}]
-        from vllm_sparse.config import SparseConfig, evicting_policies
-        from vllm_sparse.kernels.selectors import available_selectors, get_selector
+    assert "keydiff" in available_policies()
+    cls = get_policy_class("keydiff")
+    keys = torch.ones(N, 1, 2)  # every key alike but two
+    keys[4] = torch.tensor([1.0, -1.0])
+    keys[7] = torch.tensor([-1.0, 0.5])
+    assert kept(cls(budget=FixedKPolicy(budget_tokens=5), sink_tokens=1, local_window=2),
+                TokenState(keys)) == [FORCED | {4, 7}]
+    from vllm_sparse.config import SparseConfig, evicting_policies
+    from vllm_sparse.kernels.selectors import available_selectors, get_selector
 
-        # registering the policy registered the selector built from its score, which runs it inside vLLM
-        assert "keydiff" in available_selectors()
-        assert SparseConfig(policy="keydiff").selection == "keydiff"
-        assert get_selector("keydiff").policy_class is cls
+    # registering the policy registered the selector built from its score, which runs it inside vLLM
+    assert "keydiff" in available_selectors()
+    assert SparseConfig(policy="keydiff").selection == "keydiff"
+    assert get_selector("keydiff").policy_class is cls
 
-        sc = get_policy_class("scissorhands")
-        assert sc.frees_blocks and sc.evicts_by_score and sc.keeps_token_state
-        assert "scissorhands" in evicting_policies()
-        # one decode query q = (1, 0) over the 12 keys along x: tokens 3, 8 and 5 (x = 9, 8, 7) draw
-        # at least 1/12 of its attention each (e^7 / Σ e^x = 0.086), the others less
-        q = torch.tensor([[1.0, 0.0]])
-        step = TokenState(keys_along_x(X), scale=1.0).step(q[None])
-        once = sc().update_state(torch.zeros(1, 1, N), step)
-        assert torch.nonzero(once[0, 0]).flatten().tolist() == [3, 5, 8]
-        twice = sc().update_state(once, step)
-        assert torch.equal(twice, 2 * once)
-        # the count ranks them; ties keep the earlier token
-        assert kept(make("scissorhands", 5), TokenState(keys_along_x(X), stored=twice[0])) == [FORCED | {3, 5}]
-    finally:
-        registry._REGISTRY.unregister("keydiff")
-        registry._REGISTRY.unregister("scissorhands")
+    sc = get_policy_class("scissorhands")
+    assert sc.frees_blocks and sc.evicts_by_score and sc.keeps_token_state
+    assert "scissorhands" in evicting_policies()
+    # one decode query q = (1, 0) over the 12 keys along x: tokens 3, 8 and 5 (x = 9, 8, 7) draw
+    # at least 1/12 of its attention each (e^7 / Σ e^x = 0.086), the others less
+    q = torch.tensor([[1.0, 0.0]])
+    step = TokenState(keys_along_x(X), scale=1.0).step(q[None])
+    once = sc().update_state(torch.zeros(1, 1, N), step)
+    assert torch.nonzero(once[0, 0]).flatten().tolist() == [3, 5, 8]
+    twice = sc().update_state(once, step)
+    assert torch.equal(twice, 2 * once)
+    # the count ranks them; ties keep the earlier token
+    assert kept(make("scissorhands", 5), TokenState(keys_along_x(X), stored=twice[0])) == [FORCED | {3, 5}]

@@ -121,36 +121,24 @@ def test_dense_layers_and_quest_run_in_vllm(tiny_llama_dir, stock_outputs):
     assert outs == stock_outputs
 
 
-def test_third_party_policy_with_its_own_selector_runs_in_vllm(tiny_llama_dir, stock_outputs, tmp_path,
-                                                               monkeypatch):
+def test_third_party_policy_with_its_own_selector_runs_in_vllm(tiny_llama_dir, stock_outputs, example_package):
     """examples/third_party_policy, pip-installed: `policy: "keydiff"` decodes through the selector
     its one file registers — sparsely at a small budget, and token-identical to stock when the
     budget covers the context (forced through the sparse path)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from vllm_sparse.kernels.selectors import available_selectors
     from vllm_sparse.policies import registry
 
-    pkg = Path(__file__).resolve().parents[2] / "examples" / "third_party_policy"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(tmp_path), str(pkg)], check=True)
-    monkeypatch.syspath_prepend(str(tmp_path))
     registry.reload_entry_points()
-    try:
-        assert "keydiff" in available_selectors()
-        before = stats.snapshot()
-        settings = {"policy": "keydiff", "dense_below": 0, "min_budget": 68, "k": 1.0, "alpha": 0.5}
-        outs = generate_once(tiny_llama_dir, PROMPTS, sparse=settings)  # no engine handle outlives it
-        after = stats.snapshot()
-        assert all(len(o.token_ids) == 16 for o in outs)
-        attended = after["attended_tokens"] - before["attended_tokens"]
-        assert 0 < attended < 0.5 * (after["context_tokens"] - before["context_tokens"])
-        full = {"policy": "keydiff", "alpha": 1.0, "k": 1.0, "dense_below": 0, "force_sparse": True}
-        assert [o.token_ids for o in generate_once(tiny_llama_dir, PROMPTS, sparse=full)] == stock_outputs
-    finally:
-        registry._REGISTRY.unregister("keydiff")
+    assert "keydiff" in available_selectors()
+    before = stats.snapshot()
+    settings = {"policy": "keydiff", "dense_below": 0, "min_budget": 68, "k": 1.0, "alpha": 0.5}
+    outs = generate_once(tiny_llama_dir, PROMPTS, sparse=settings)  # no engine handle outlives it
+    after = stats.snapshot()
+    assert all(len(o.token_ids) == 16 for o in outs)
+    attended = after["attended_tokens"] - before["attended_tokens"]
+    assert 0 < attended < 0.5 * (after["context_tokens"] - before["context_tokens"])
+    full = {"policy": "keydiff", "alpha": 1.0, "k": 1.0, "dense_below": 0, "force_sparse": True}
+    assert [o.token_ids for o in generate_once(tiny_llama_dir, PROMPTS, sparse=full)] == stock_outputs
 
 
 @pytest.mark.slow

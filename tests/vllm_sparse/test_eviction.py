@@ -473,56 +473,44 @@ def test_snapkv_state_is_the_chunks_pooled_window_votes_and_decode_leaves_it():
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_third_party_eviction_policy_frees_blocks_in_vllm(tiny_llama_dir, tmp_path, monkeypatch):
+def test_third_party_eviction_policy_frees_blocks_in_vllm(tiny_llama_dir, example_package, monkeypatch):
     """examples/third_party_policy, pip-installed: `evict: "scissorhands"`, a policy from a
     third-party file, runs inside vLLM — the workers call its update_state every step and its score
     at every merge — and frees the middle of a 4,000-token prompt in an 80-block pool, as the
     built-in policies do (test_prompt_longer_than_the_pool_completes)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from vllm_sparse.policies import get_policy_class, registry
 
-    pkg = Path(__file__).resolve().parents[2] / "examples" / "third_party_policy"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(tmp_path), str(pkg)], check=True)
-    monkeypatch.syspath_prepend(str(tmp_path))
     registry.reload_entry_points()
-    try:
-        cls = get_policy_class("scissorhands")
-        assert cls.__module__ == "vllm_sparse_keydiff.scissorhands"
-        calls = {"update_state": 0, "score": 0}
+    cls = get_policy_class("scissorhands")
+    assert cls.__module__ == "vllm_sparse_keydiff.scissorhands"
+    calls = {"update_state": 0, "score": 0}
 
-        def counted(name):
-            method = getattr(cls, name)
+    def counted(name):
+        method = getattr(cls, name)
 
-            def run(self, *args):
-                calls[name] += 1
-                return method(self, *args)
+        def run(self, *args):
+            calls[name] += 1
+            return method(self, *args)
 
-            return run
+        return run
 
-        for name in calls:
-            monkeypatch.setattr(cls, name, counted(name))
-        prompt = {"prompt_token_ids": essay_ids(tiny_llama_dir, 4000)}
-        common = dict(max_num_batched_tokens=512, num_gpu_blocks_override=80, enable_prefix_caching=False)
-        with make_llm(tiny_llama_dir, sparse={"evict": "scissorhands", "evict_args": {"keep": 1024}}, **common) as llm:
-            pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
-            low, get_new = [pool.get_num_free_blocks()], pool.get_new_blocks
+    for name in calls:
+        monkeypatch.setattr(cls, name, counted(name))
+    prompt = {"prompt_token_ids": essay_ids(tiny_llama_dir, 4000)}
+    common = dict(max_num_batched_tokens=512, num_gpu_blocks_override=80, enable_prefix_caching=False)
+    with make_llm(tiny_llama_dir, sparse={"evict": "scissorhands", "evict_args": {"keep": 1024}}, **common) as llm:
+        pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+        low, get_new = [pool.get_num_free_blocks()], pool.get_new_blocks
 
-            def tracked(n, *a, **k):
-                out = get_new(n, *a, **k)
-                low.append(pool.get_num_free_blocks())
-                return out
+        def tracked(n, *a, **k):
+            out = get_new(n, *a, **k)
+            low.append(pool.get_num_free_blocks())
+            return out
 
-            pool.get_new_blocks = tracked
-            outs = greedy(llm, [prompt], max_tokens=16)
-            del llm, pool
-        gc.collect()
-    finally:
-        registry._REGISTRY.unregister("scissorhands")
-        registry._REGISTRY.unregister("keydiff")
+        pool.get_new_blocks = tracked
+        outs = greedy(llm, [prompt], max_tokens=16)
+        del llm, pool
+    gc.collect()
     assert len(outs[0].token_ids) == 16 and outs[0].text.strip()
     assert 80 - 1 - min(low) < 60  # 4,000 tokens would need 125 blocks: the middle was freed as it went
     # its state was updated in 2 layers × (8 prefill chunks + 15 decode steps); its score ranked the

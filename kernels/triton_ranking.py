@@ -105,7 +105,7 @@ def _page_score_kernel(
     kv_mask = valid[:, None] & d_mask[None, :]
     kmin = load_rows(kmin_ptr, blk, off, kvh, d, kv_mask, stride_nb, stride_np, stride_nh, stride_nd)
     kmax = load_rows(kmax_ptr, blk, off, kvh, d, kv_mask, stride_xb, stride_xp, stride_xh, stride_xd)
-    first_window_page = tl.maximum(n - local_window, 0) // PAGE_SIZE
+    first_window_page = tl.maximum(n - local_window, 0) // PAGE_SIZE  # selection.forced_page_range's rule
     forced = valid & ((p < sink_pages) | ((p >= first_window_page) & (local_window > 0)))
     if STORE_RANGE and not IEEE:  # before the tensor-core dots: fewer registers live (sm_90: 127 vs 216)
         _store_key_range(klo_ptr, khi_ptr, kmin, kmax, valid & (forced == 0), d, b, kvh, BLOCK_D)
@@ -120,7 +120,7 @@ def _page_score_kernel(
         kmin = kmin.to(tl.float32)
         kmax = kmax.to(tl.float32)
         q = q.to(tl.float32)
-    # sum_d max(q_d·min_d, q_d·max_d) = q⁺·max + q⁻·min   (max >= min element-wise)
+    # Quest's bound (ranking.quest_bound): sum_d max(q_d·min_d, q_d·max_d) = q⁺·max + q⁻·min
     q_pos = tl.maximum(q, 0.0).to(q.dtype)
     q_neg = tl.minimum(q, 0.0).to(q.dtype)
     ub = (dot(q_pos, tl.trans(kmax), IEEE) + dot(q_neg, tl.trans(kmin), IEEE)) * scale  # [BLOCK_G, TILE_P]
@@ -281,7 +281,7 @@ def _ranked_pages_kernel(
         hi = tl.maximum(seq - local_window, 0) // PAGE_SIZE
     else:
         hi = num_pages
-    n_forced = lo + (num_pages - hi) - tl.maximum(lo - hi, 0)
+    n_forced = lo + (num_pages - hi) - tl.maximum(lo - hi, 0)  # selection.page_counts' rule
     n = tl.minimum(tl.maximum((count + PAGE_SIZE - 1) // PAGE_SIZE, n_forced), num_pages)
     if USE_FACTOR:
         f = tl.load(factor_ptr)

@@ -190,7 +190,6 @@ def _stop_ray() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
-    return code
 
 
 if __name__ == "__main__":

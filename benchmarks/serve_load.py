@@ -40,6 +40,7 @@ import argparse
 import concurrent.futures as cf
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -246,14 +247,20 @@ class Req:
     max_tokens: int
 
 
-def essay_prompts(model: str, lengths: list[int], seed: int = 0) -> list[str]:
-    """Essay text of about each of ``lengths`` tokens (the model's tokenizer), from different places."""
+@functools.lru_cache(maxsize=2)
+def _essays(model: str):
+    """``model``'s tokenizer and the bundled essays in its tokens (a few seconds: once per model)."""
     from transformers import AutoTokenizer
 
     from vllm_sparse.assets import data
 
     tok = AutoTokenizer.from_pretrained(model)
-    ids = tok.encode(data.essays_text(), add_special_tokens=False)
+    return tok, tok.encode(data.essays_text(), add_special_tokens=False)
+
+
+def essay_prompts(model: str, lengths: list[int], seed: int = 0) -> list[str]:
+    """Essay text of about each of ``lengths`` tokens (the model's tokenizer), from different places."""
+    tok, ids = _essays(str(model))
     rng = random.Random(seed)
     return [tok.decode(ids[(s := rng.randrange(len(ids) - n)):s + n]) for n in lengths]
 

@@ -585,6 +585,7 @@ def main(argv=None) -> int:
             print(f"  vllm-sparse serve {model} {' '.join(second)}")
         return 0
     print(plan, flush=True)
+    commit = git_commit()  # the code that runs: read before the first server starts
     a.out.mkdir(parents=True, exist_ok=True)
     lengths = spread(a.requests, *a.prompt_tokens)
     prompts = essay_prompts(model, lengths)
@@ -623,7 +624,7 @@ def main(argv=None) -> int:
     machine = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                     if ln.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown"
     result = dict(ok=ok, machine=machine, cpus=os.cpu_count(), date=datetime.date.today().isoformat(),
-                  commit=git_commit(), model=model, dtype=a.dtype, sparse=sparse, evict=evict,
+                  commit=commit, model=model, dtype=a.dtype, sparse=sparse, evict=evict,
                   argv=sys.argv[1:] if argv is None else list(argv), rows=rows)
     text = json.dumps(result, indent=2)  # number lists (the series' points) on one line each
     text = re.sub(r"\[\s+([-\d.e, \n]+?)\s+\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]", text)

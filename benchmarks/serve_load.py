@@ -572,7 +572,7 @@ def main(argv=None) -> int:
         from vllm_sparse.assets.models import model_path
 
         model = str(model_path("smollm2"))
-    name = "model"
+    name = Path(model).name or "model"  # the served model name
     first = server_args(name, a.max_model_len, a.dtype, sparse, [])
     second = server_args(name, a.max_model_len, a.dtype, evict, evict_args(a.evict_pool_blocks))
     plan = (f"serve_load: {a.scenarios}; mixed {a.requests} requests of {a.prompt_tokens[0]}-{a.prompt_tokens[1]} "

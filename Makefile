@@ -65,12 +65,14 @@ test: assets lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The CPU benchmark suite (docs/RESULTS.md): long-context quality on a reduced grid, throughput and
-# latency through `vllm bench` (dense vs sparse), and the paper's approximation-error experiment.
-# About 30 minutes on a 2-core machine; BENCH_ARGS=--dry-run checks every setting and prints the plan.
+# latency through `vllm bench` (dense vs sparse), the paper's approximation-error experiment, and the
+# server under load and faults (serve_load.py, ~25 min). About 55 minutes on a 2-core machine;
+# BENCH_ARGS=--dry-run checks every setting and prints the plan.
 bench: assets
 	$(PY) benchmarks/quality.py --quick --out $(BENCH_OUT) $(BENCH_ARGS)
 	$(PY) benchmarks/throughput.py --quick --out $(BENCH_OUT) $(BENCH_ARGS)
 	$(PY) benchmarks/approx_error.py --no-progress --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(PY) benchmarks/serve_load.py --out $(BENCH_OUT) $(BENCH_ARGS)
 
 # The main job: OpenAI-compatible server, default model, sparse attention on.
 serve: assets

@@ -8,13 +8,16 @@ the CUDA path free of host syncs, so a decode step can be captured in a CUDA gra
 
 Triton is imported lazily, on the first CUDA (or forced) call: importing this module needs
 neither Triton nor a GPU. For tests without a GPU, CPU tensors take the Triton kernels
-through the interpreter when ``TRITON_INTERPRET=1`` is set before the first call *and*
-``force_triton=True`` is passed (or :data:`FORCE_TRITON` is set).
+through the interpreter when a call passes ``force_triton=True`` and ``TRITON_INTERPRET=1`` was
+set before the kernel modules were first imported (:func:`uses_triton` refuses it otherwise).
+The vLLM backend's CUDA route passes ``force_triton=True`` to every op, so its test-only CPU
+emulation (``VLLM_SPARSE_EMULATE_CUDA=1``, ``vllm_sparse.backend``) runs the same calls.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -23,7 +26,6 @@ from .layout import PagedKVCache
 from .selectors import SelectParams
 
 __all__ = [
-    "FORCE_TRITON",
     "uses_triton",
     "write_kv",
     "paged_attention",
@@ -34,21 +36,28 @@ __all__ = [
     "sparse_decode",
 ]
 
-#: Route CPU tensors to the Triton kernels (needs ``TRITON_INTERPRET=1``). Tests only.
-FORCE_TRITON = False
-
-
 def uses_triton(tensor: torch.Tensor, force_triton: bool | None = None) -> bool:
-    """Whether an op on ``tensor`` runs the Triton kernels (``True`` for CUDA tensors)."""
+    """Whether an op on ``tensor`` runs the Triton kernels: always for CUDA tensors; for CPU tensors
+    only with ``force_triton=True`` (tests), through the Triton interpreter.
+
+    Raises:
+        ValueError: ``force_triton=True`` on CPU tensors without the interpreter — ``TRITON_INTERPRET``
+            is not ``1``, or the kernel modules were imported (their kernels decorated) before it was set.
+    """
     if tensor.is_cuda:
         return True
-    force = FORCE_TRITON if force_triton is None else force_triton
-    if not force:
+    if not force_triton:
         return False
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(
-            "force_triton=True on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-            "before the first kernel call"
+            f"force_triton=True on CPU tensors needs the Triton interpreter: TRITON_INTERPRET="
+            f"{os.environ.get('TRITON_INTERPRET')!r}; set TRITON_INTERPRET=1 before the kernels are imported"
+        )
+    common = sys.modules.get(f"{__package__}.triton_common")
+    if common is not None and not common.INTERPRET:
+        raise ValueError(
+            "force_triton=True on CPU tensors: the Triton kernels were imported before TRITON_INTERPRET=1 was "
+            "set, so they were compiled for a GPU; set it before the first import of the kernel modules"
         )
     return True
 

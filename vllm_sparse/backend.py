@@ -19,12 +19,23 @@ own CPU paged-attention op (:mod:`vllm_sparse.cpu_attention`): prefill over the 
 tables, whole-page decode (the ``exact_pages`` and ``quest`` selectors) over compacted per-head
 block tables of the selected pages. The other selectors (``token``, ``page``, ``recent``,
 third-party ones: :mod:`vllm_sparse.kernels.selectors`) and ``granularity="query_head"`` run
-the torch reference on CPU. CUDA tensors take the Triton kernels (:mod:`vllm_sparse.kernels.ops`).
+the torch reference on CPU. CUDA tensors take the Triton kernels (:mod:`vllm_sparse.kernels.ops`):
+the *CUDA route* — the builder plans no CPU metadata, the cache is the plugin's own layout (keys
+``[block_size, head_size]`` rows) and every layer runs :meth:`SparseAttentionImpl._forward_cuda`.
+
+Test-only switch: ``VLLM_SPARSE_EMULATE_CUDA=1`` makes an engine on the CPU platform take the CUDA
+route on its CPU tensors, with the Triton kernels run by the Triton interpreter — so the CUDA route's
+code runs inside real vLLM on a machine without a GPU (``tests/vllm_sparse/test_cuda_route.py``).
+It needs ``TRITON_INTERPRET=1`` set before the kernels are imported (a ``ValueError`` otherwise), is
+read once by the builder's and the layers' constructors, is ignored on a GPU (the route is the
+CUDA one anyway), and is far too slow for anything but tests: never set it to serve.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import ClassVar
@@ -65,6 +76,36 @@ def _score_rows(config: SparseConfig, head_size: int, dtype: torch.dtype, block_
     if not get_policy_class(config.evict).keeps_token_state:
         return 0
     return score_states(block_size, head_size, dtype)
+
+
+#: the test-only switch of the module docstring: the CUDA route on the CPU platform, under the Triton interpreter
+EMULATE_CUDA_ENV = "VLLM_SPARSE_EMULATE_CUDA"
+
+
+def cuda_route(on_cpu: bool) -> bool:
+    """Whether this engine's attention takes the CUDA route: on a GPU always; on the CPU platform only
+    under the test-only switch ``VLLM_SPARSE_EMULATE_CUDA=1`` (module docstring), which needs
+    ``TRITON_INTERPRET=1``. Read once, when the builder and the layers are built.
+
+    Raises:
+        ValueError: the switch holds a value other than ``0``/``1``, or is set without the interpreter.
+    """
+    value = os.environ.get(EMULATE_CUDA_ENV, "0")
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{EMULATE_CUDA_ENV}={value!r}: allowed are 1 (tests only: the CUDA route emulated "
+                         "on CPU tensors) and 0 or unset")
+    if value != "1":
+        return not on_cpu
+    if not on_cpu:
+        logger.warning_once("vllm-sparse: %s=1 is ignored on a GPU (its route is the CUDA one)", EMULATE_CUDA_ENV)
+        return True
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"{EMULATE_CUDA_ENV}=1 (tests only: the CUDA route on CPU tensors) runs the Triton kernels "
+                         f"in the Triton interpreter and needs TRITON_INTERPRET=1 set before they are imported; got "
+                         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}")
+    logger.warning_once("vllm-sparse: %s=1: the CUDA route on CPU tensors through the Triton interpreter "
+                        "(a test-only switch; very slow)", EMULATE_CUDA_ENV)
+    return True
 
 
 def _sparse_config(vllm_config: VllmConfig | None = None) -> SparseConfig:
@@ -194,7 +235,7 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
         self.spec = kv_cache_spec
         self.num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
         self.dtype = kv_cache_spec.dtype
-        self.cpu = device.type == "cpu"
+        self.cpu = not cuda_route(device.type == "cpu")  # the CPU route (vLLM's CPU op, the fused decode)
         self.isa = _cpu_isa(self.config, kv_cache_spec.block_size, self.dtype, kv_cache_spec.head_size) if self.cpu else None
         if self.cpu:
             logger.info_once("vllm-sparse: vLLM's CPU attention kernels with ISA %s (%s K/V layout)", self.isa,
@@ -337,8 +378,9 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         self.config = _sparse_config()
         from vllm.platforms import current_platform
 
-        self.cpu = current_platform.is_cpu()
-        if self.cpu:
+        on_cpu = current_platform.is_cpu()
+        self.cpu = not cuda_route(on_cpu)  # the CPU route: vLLM's CPU key layout and op
+        if on_cpu:
             tune_malloc()
         self._views: tuple[int, PagedKVCache] | None = None
         self._dense_layer: bool | None = None  # below dense_layers (known at the first forward)
@@ -353,7 +395,8 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         return self._dense_layer
 
     def _cache(self, kv_cache: torch.Tensor) -> PagedKVCache:
-        """Strided views of this layer's cache (built once per cache tensor); CPU: vLLM's CPU key layout."""
+        """Strided views of this layer's cache (built once per cache tensor); the CPU route: vLLM's CPU key
+        layout; the CUDA route: the plugin's own (:mod:`vllm_sparse.kernels.layout`)."""
         key = kv_cache.data_ptr()
         if self._views is None or self._views[0] != key:
             rows = _score_rows(self.config, self.head_size, kv_cache.dtype, self.config.page_size)  # block = page
@@ -372,7 +415,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         if self.cpu:
             cpu_attention.write_kv(key, value, slot_mapping, cache)
         else:
-            ops.write_kv(key, value, slot_mapping, cache)
+            ops.write_kv(key, value, slot_mapping, cache, force_triton=True)
         if cache.token_scores is not None:  # the eviction policy's per-token state: new tokens start anew
             from vllm_sparse.eviction import reset_scores
 
@@ -416,26 +459,30 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         """Scored eviction: keep the best of the blocks leaving the window in the kept region (after this layer's attention)."""
         from vllm_sparse.eviction import merge_into_region
 
-        write = cpu_attention.write_kv if self.cpu else ops.write_kv
+        write = cpu_attention.write_kv if self.cpu else functools.partial(ops.write_kv, force_triton=True)
         merge_into_region(cache, plan, self.config.eviction_rule(cache.block_size), self._evict_policy, write)
 
     def _forward_cuda(self, query: torch.Tensor, cache: PagedKVCache, md: SparseAttentionMetadata,
                       output: torch.Tensor, dense_layer: bool) -> torch.Tensor:
+        """The Triton kernels: sparse (or dense) decode for the decodes, dense causal attention for the rest.
+        ``force_triton``: the same kernels on CPU tensors under the test-only switch (module docstring)."""
         cfg = self.config
         nd, ndt, n = md.num_decodes, md.num_decode_tokens, md.num_actual_tokens
         if nd:
             q = query[:ndt]
             seq, bt = md.seq_lens[:nd], md.block_table[:nd]
             if md.decode_is_dense or dense_layer:
-                output[:ndt] = ops.dense_decode(q, cache, bt, seq, self.scale, max_seq_len=md.max_seq_len)
+                output[:ndt] = ops.dense_decode(q, cache, bt, seq, self.scale, max_seq_len=md.max_seq_len,
+                                                force_triton=True)
             else:
                 output[:ndt] = ops.sparse_decode(q, cache, bt, seq, md.decode_attended, self.scale, cfg.select_params,
-                                                 capacity=md.decode_capacity, max_seq_len=md.max_seq_len)
+                                                 capacity=md.decode_capacity, max_seq_len=md.max_seq_len,
+                                                 force_triton=True)
         if n > ndt:
             qsl = md.query_start_loc[nd:] - ndt
             output[ndt:n] = ops.paged_attention(query[ndt:n], cache, md.block_table[nd:], md.seq_lens[nd:],
                                                 qsl, self.scale, max_query_len=md.max_query_len,
-                                                max_seq_len=md.max_seq_len)
+                                                max_seq_len=md.max_seq_len, force_triton=True)
         return output
 
     def _forward_cpu(self, layer: AttentionLayer, query: torch.Tensor, cache: PagedKVCache, md: SparseAttentionMetadata,

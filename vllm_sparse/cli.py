@@ -134,27 +134,35 @@ def ray_serve(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    stop, serving = threading.Event(), threading.Event()
+    stop, starting = threading.Event(), threading.Event()
+    starting.set()
 
-    def on_signal(*_):  # while starting, interrupt serve.run; once serving, end the wait below
+    def on_signal(*_):  # while starting, interrupt serve.run; afterwards, end the wait below
         stop.set()
-        if not serving.is_set():
+        if starting.is_set():
+            starting.clear()  # once: a second signal must not cut the clean-up short
             raise KeyboardInterrupt
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    def take_signals():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, private cluster
-    ray.init(address=args.ray_address, include_dashboard=False)
-    info = ray.get_runtime_context().gcs_address
     code = 0
+    take_signals()
     try:
+        ray.init(address=args.ray_address, include_dashboard=False)
+        # ray.init sets its own SIGTERM handler, `sys.exit(15)` (ray/_private/worker.py): it would
+        # unwind this function wherever it stands and skip the ordered stop below.
+        take_signals()
+        info = ray.get_runtime_context().gcs_address
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(openai_app(config), name="vllm-sparse", route_prefix="/", blocking=False)
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         replicas = f"autoscaling {autoscaling}" if autoscaling else f"{args.num_replicas} replicas"
         print(f"vllm-sparse ray-serve: serving {name} at http://{shown}:{args.port}/v1 ({replicas}, "
               f"tensor parallel {tp}; Ray at {info})", flush=True)
-        serving.set()
+        starting.clear()
         while not stop.wait(1.0):
             pass
     except KeyboardInterrupt:
@@ -164,13 +172,24 @@ def ray_serve(argv: list[str] | None = None) -> int:
             print(f"vllm-sparse ray-serve: error: {type(e).__name__}: {e}", file=sys.stderr)
             code = 1
     finally:
+        starting.clear()
         print("vllm-sparse ray-serve: shutting down", flush=True)
-        try:
-            serve.delete("vllm-sparse")
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        _stop_ray()
     return code
+
+
+def _stop_ray() -> None:
+    """Replicas first (their engines stop with them), then Serve's controller and proxy, then Ray."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    try:
+        serve.delete("vllm-sparse")
+        serve.shutdown()
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -220,8 +220,8 @@ def merge_into_region(cache, plan: MergePlan, rule: EvictionRule, policy, write)
 
     s, r, bs = rule.sink_blocks, rule.region_blocks, rule.block_size
     h = cache.num_kv_heads
-    heads = torch.arange(h)
-    offsets = torch.arange(bs)
+    heads = torch.arange(h, device=cache.device)
+    offsets = torch.arange(bs, device=cache.device)
     stateful = policy.keeps_token_state
     for b, lo, hi in plan.rows:
         row = plan.block_table[b].long()

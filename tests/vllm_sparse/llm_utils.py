@@ -6,15 +6,18 @@ import contextlib
 import gc
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
-import requests
-
 from vllm_sparse.cpu_tuning import model_dtype
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_scripts import load_script  # noqa: E402
+
+#: benchmarks/serve_load.py: the server under load and faults (its small sizes run in test_server.py)
+serve_load = load_script("serve_load")
+free_port = serve_load.free_port
 
 # SmolLM2 is a bf16 model; a CPU without bf16 arithmetic (AVX2 only) runs bf16 ~100x slower than
 # float32 (vllm_sparse.cpu_tuning), so the tests run it in float32 there.
@@ -78,51 +81,19 @@ def essay_ids(model, n, start=0) -> list[int]:
     return ids[start:start + n]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(model, *args, timeout=240, log_path=None):
-    """``vllm-sparse serve MODEL ARGS`` (``--dtype DTYPE`` unless given) on 127.0.0.1; yields
-    ``(base_url, process)``; SIGTERM on exit."""
-    port = free_port()
+    """``vllm-sparse serve MODEL ARGS`` (``--dtype DTYPE`` unless given; 2 GiB of KV cache unless
+    ``VLLM_CPU_KVCACHE_SPACE`` says) on 127.0.0.1, by ``benchmarks/serve_load.py``'s ``serve``; yields
+    ``(base_url, process)``; SIGTERM on exit unless the test stopped it."""
     if "--dtype" not in args:
         args = (*args, "--dtype", DTYPE)
-    exe = Path(sys.executable).with_name("vllm-sparse")
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    log = open(log_path or os.devnull, "w")
-    proc = subprocess.Popen([str(exe), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            raise TimeoutError(f"server not ready in {timeout} s")
-        yield base, proc
-    finally:
-        proc.needed_kill = False  # clean shutdown: SIGTERM alone stops the server within 30 s
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.needed_kill = True
-                proc.kill()
-                proc.wait()
-        log.close()
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    with contextlib.ExitStack() as stack:
+        if log_path is None:
+            log_path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "server.log"
+        with serve_load.serve(str(model), list(args), Path(log_path), timeout=timeout, env=env) as (base, proc):
+            yield base, proc
 
 
 def sparse_json(**settings) -> str:

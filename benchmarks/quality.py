@@ -35,7 +35,7 @@ multi-answer task even densely, so those tasks' answer fractions carry the compa
 For every setting — ``dense`` (vLLM's stock backend, no ``attention_backend``) and the plugin's
 ``ntopk`` at several (α, k), and ``topk`` / ``quest`` / ``streaming`` (selection) /
 ``streaming-evict`` / ``snapkv-evict`` / ``h2o-evict`` at the *same average budget* as the
-default ``ntopk`` (k=8, α=0.5) over this run's prompts (``benchmarks/policies.py::settings_for``)
+default ``ntopk`` (k=12, α=0.5) over this run's prompts (``benchmarks/policies.py::settings_for``)
 — one in-process ``vllm.LLM`` (greedy, bf16, ``enforce_eager``, 8192 tokens, prefix caching off;
 prefill in 512-token chunks with eviction, whole prompts otherwise: :func:`chunk_for`)
 generates every task's prompts in one call. The attended fraction is the
@@ -49,7 +49,7 @@ Prints an accuracy table (task × setting), writes ``quality.json``, ``quality_t
 
     python benchmarks/quality.py                                      # full grid, all settings, into benchmarks/out
     python benchmarks/quality.py --out /tmp/q --quick                 # reduced grid: 6.3 min on 2 cores
-    python benchmarks/quality.py --out /tmp/q --policies dense ntopk-a0.5-k8 'mine={"k": 4}'
+    python benchmarks/quality.py --out /tmp/q --policies dense ntopk-a0.5-k12 'mine={"k": 4}'
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ TASKS = ("single", "multi_needle", "multi_key", "multi_value", "multi_query", "v
 LENGTHS = (1024, 2048, 4096, 7500)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 QUICK = dict(lengths=(2048, 4096), depths=(0.0, 0.5, 1.0), task_lengths=(3072,), per_length=1,
-             policies=("dense", "ntopk-a0.5-k8", "topk", "streaming-evict"))
-NTOPK = ((0.5, 8.0), (0.5, 4.0), (0.6, 4.0), (0.4, 16.0))  # (alpha, k); the first is the plugin default
+             policies=("dense", "ntopk-a0.5-k12", "topk", "streaming-evict"))
+NTOPK = ((0.5, 12.0), (0.5, 8.0), (0.5, 4.0), (0.6, 4.0), (0.4, 16.0))  # (alpha, k); the first is the plugin default
 BUDGETED = ("topk", "quest", "streaming", "streaming-evict", "snapkv-evict", "h2o-evict")
 DEFAULT_POLICIES = ("dense", *(f"ntopk-a{a:g}-k{k:g}" for a, k in NTOPK), *BUDGETED)
 MAX_TOKENS = dict(single=12, multi_key=12, multi_needle=28, multi_value=28, multi_query=20, vt=32)
@@ -273,13 +273,14 @@ def _bench(name: str):
     return sys.modules[key]
 
 
-def average_budget(cases, alpha=0.5, k=8.0) -> int:
-    """Mean over the cases' prompt lengths of the ``ntopk`` budget at (α, k) (the plugin's rule)."""
+def average_budget(cases, alpha: float | None = None, k: float | None = None) -> int:
+    """Mean over the cases' prompt lengths of the ``ntopk`` budget at (α, k) (the plugin's rule;
+    by default the plugin's default α and k)."""
     from vllm_sparse.config import SparseConfig
     from vllm_sparse.policies.budget import n_alpha_budget
 
-    cfg = SparseConfig(alpha=alpha, k=k)
-    b = [n_alpha_budget(c.context_tokens, k, alpha, cfg.min_budget, cfg.max_budget) for c in cases]
+    cfg = SparseConfig(**{key: v for key, v in dict(alpha=alpha, k=k).items() if v is not None})
+    b = [n_alpha_budget(c.context_tokens, cfg.k, cfg.alpha, cfg.min_budget, cfg.max_budget) for c in cases]
     return round(sum(b) / len(b))
 
 
@@ -444,7 +445,7 @@ def main(argv=None) -> dict:
                   args.tasks)
     budget = average_budget(cases)
     print(f"{len(cases)} cases built in {time.perf_counter() - t0:.0f} s; budget of the budgeted policies: "
-          f"{budget} tokens (mean ntopk k=8, alpha=0.5 budget over the prompts)", flush=True)
+          f"{budget} tokens (mean ntopk k=12, alpha=0.5 budget over the prompts)", flush=True)
     plan = [(name.partition("=")[0], settings_of(name, budget)) for name in pick("policies")]
     from vllm_sparse.config import SparseConfig
 

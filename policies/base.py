@@ -64,7 +64,7 @@ class NAlphaPolicy(BudgetPolicy):
 
     name: ClassVar[str] = "n_alpha"
     settings_keys: ClassVar[tuple[str, ...]] = ("k", "alpha", "min_budget", "max_budget")
-    k: float = 8.0
+    k: float = 12.0
     alpha: float = 0.5
     min_budget: int = 128
     max_budget: int | None = None

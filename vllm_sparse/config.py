@@ -18,7 +18,7 @@ policy         ntopk     the selection policy (``vllm_sparse.policies``): ``ntop
 policy_args    {}        extra arguments of the policy (``budget_tokens``: a fixed budget;
                          ``allocator``: ``"adakv"``; the policy's own fields)
 alpha          0.5       exponent α of k·n^α, 0 < α ≤ 1
-k              8.0       coefficient k of k·n^α, > 0
+k              12.0      coefficient k of k·n^α, > 0
 min_budget     128       lower clamp of the budget, ≥ sink_tokens + local_window
 max_budget     None      upper clamp of the budget (None: no clamp)
 sink_tokens    4         first tokens always attended (inside the budget)
@@ -139,7 +139,7 @@ class SparseConfig:
     policy: str = "ntopk"
     policy_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     alpha: float = 0.5
-    k: float = 8.0
+    k: float = 12.0
     min_budget: int = 128
     max_budget: int | None = None
     sink_tokens: int = 4

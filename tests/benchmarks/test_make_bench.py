@@ -18,7 +18,7 @@ def test_make_bench_dry_run_plans_every_benchmark(tmp_path):
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
-    assert "quality: " in out and "'single': 6" in out and "ntopk-a0.5-k8=" in out
+    assert "quality: " in out and "'single': 6" in out and "ntopk-a0.5-k12=" in out
     assert "throughput: 4 runs" in out and "--attention-backend CUSTOM" in out
     assert "approx_error: lengths [512," in out
     assert not any(tmp_path.iterdir())  # a dry run writes nothing

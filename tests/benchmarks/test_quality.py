@@ -175,8 +175,9 @@ def test_summary_and_settings():
 
     for name in q.DEFAULT_POLICIES[1:]:  # every catalogue setting is valid
         SparseConfig.from_dict(q.settings_of(name, 400))
-    # the average budget: k * sqrt(n) at 4096 = 512, at 1024 clamped by nothing (256)
-    assert q.average_budget([q.Case(**{**cases[0].__dict__, "context_tokens": n}) for n in (1024, 4096)]) == 384
+    # the average budget at the default k = 12: k * sqrt(n) at 4096 = 768, at 1024 clamped by nothing (384)
+    two = [q.Case(**{**cases[0].__dict__, "context_tokens": n}) for n in (1024, 4096)]
+    assert q.average_budget(two) == 576 and q.average_budget(two, k=8.0) == 384
 
 
 @pytest.mark.slow

@@ -110,10 +110,10 @@ def test_config_is_frozen():
 
 def test_attended_dense_below_and_policies():
     n = torch.tensor([1, 100, 1023, 1024, 4096, 100_000])
-    cfg = SparseConfig()  # k=8, alpha=0.5, min 128, dense below 1024
+    cfg = SparseConfig()  # k=12, alpha=0.5, min 128, dense below 1024
     att = cfg.attended(n)
     assert att[:3].tolist() == [1, 100, 1023]  # dense below the threshold
-    assert att[3] == 256 and att[4] == 512 and att[5] == 2530  # ceil(8 * sqrt(n))
+    assert att[3] == 384 and att[4] == 768 and att[5] == 3795  # ceil(12 * sqrt(n))
     dense = SparseConfig(policy="dense").attended(n)
     assert torch.equal(dense, n)
     fixed = SparseConfig(policy="fixed_k", policy_args={"budget_tokens": 300}, dense_below=0).attended(n)

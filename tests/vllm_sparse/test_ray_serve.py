@@ -94,7 +94,7 @@ def test_serve_yaml_example_builds(tmp_path):
     assert entry["import_path"] == "vllm_sparse.serve:app_builder"
     cfg = llm_config("/m", **{k: v for k, v in entry["args"].items() if k not in ("model", "sparse")},
                      sparse=entry["args"]["sparse"])
-    assert cfg.engine_kwargs["additional_config"]["vllm_sparse"] == {"alpha": 0.5, "k": 8}
+    assert cfg.engine_kwargs["additional_config"]["vllm_sparse"] == {"alpha": 0.5, "k": 12}
 
 
 def test_autoscaling_instead_of_a_fixed_count():

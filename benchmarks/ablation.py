@@ -118,7 +118,10 @@ def apply_settings(worker, settings: dict) -> str:
     return f"{builders} builders, {layers} layers"
 
 
-def run(model: str, cases, settings: dict[str, dict], group: int, dtype: str, page_size: int) -> dict:
+def run(model: str, cases, settings: dict[str, dict], group: int, dtype: str, page_size: int,
+        after_group=None) -> dict:
+    """Every case under every setting; ``after_group(done, rows)`` after each group (``done`` cases
+    finished, ``rows`` their outputs so far), e.g. to keep what a long run has measured."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -156,10 +159,21 @@ def run(model: str, cases, settings: dict[str, dict], group: int, dtype: str, pa
                 row["outputs"][i] = r.outputs[0].text
         print(f"  {idx[-1] + 1}/{len(cases)} cases, {time.perf_counter() - t0:.0f} s "
               f"(priming prefill {prefill_s:.0f} s)", flush=True)
+        if after_group is not None and idx[-1] + 1 < len(cases):
+            after_group(idx[-1] + 1, _scored(out, cases[:idx[-1] + 1]))
+    return dict(rows=_scored(out, cases), prefill_s=prefill_s, wall_s=time.perf_counter() - t0)
+
+
+def _scored(out: dict, cases) -> dict:
+    """The rows of the first ``len(cases)`` cases, scored, with their attended fraction."""
+    q, n = _sibling("quality"), len(cases)
+    rows = {}
     for name, row in out.items():
-        row["scores"] = [q.score(c, x) for c, x in zip(cases, row["outputs"])]
-        row["attended_fraction"] = row.pop("attended") / row["context"] if row["context"] else 1.0
-    return dict(rows=out, prefill_s=prefill_s, wall_s=time.perf_counter() - t0)
+        outputs = row["outputs"][:n]
+        rows[name] = dict(outputs=outputs, scores=[q.score(c, x) for c, x in zip(cases, outputs)],
+                          attended_fraction=row["attended"] / row["context"] if row["context"] else 1.0,
+                          context=row["context"], decode_s=row["decode_s"])
+    return rows
 
 
 def compare(cases, rows: dict, reference: str) -> list[dict]:
@@ -266,22 +280,30 @@ def main(argv=None) -> dict:
     model = args.model or str(prepare_model("smollm2"))
     cases = build_cases(AutoTokenizer.from_pretrained(model), args.tasks, args.lengths, args.samples, seed)
     print(f"{len(cases)} cases × {len(settings)} settings: {list(settings)}", flush=True)
-    res = run(model, cases, settings, args.group, args.dtype, args.page_size)
-    text = format_tables(cases, res["rows"], REFERENCE)
-    print("\n" + text)
-    q = _sibling("quality")
+    q, t0 = _sibling("quality"), time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    result = dict(meta=dict(seed=seed, model=model, dtype=args.dtype, page_size=args.page_size, group=args.group,
-                            samples=args.samples, reference=REFERENCE, settings=settings, prefill_s=res["prefill_s"],
-                            wall_s=res["wall_s"], cpus=os.cpu_count(), machine=q._cpu_model(),
-                            commit=commit),
-                  cells=compare(cases, res["rows"], REFERENCE), summary=summary(cases, res["rows"], REFERENCE),
-                  cases=[dict(task=c.task, length=c.length, tokens=c.context_tokens, answers=c.answers,
-                              depths=c.actual_depths) for c in cases],
-                  rows=res["rows"])
-    (args.out / "ablation.json").write_text(json.dumps(result, indent=2))
+    meta = dict(seed=seed, model=model, dtype=args.dtype, page_size=args.page_size, group=args.group,
+                samples=args.samples, reference=REFERENCE, settings=settings, cpus=os.cpu_count(),
+                machine=q._cpu_model(), commit=commit)
+
+    def result(done: int, rows: dict, **extra) -> dict:
+        return dict(meta={**meta, **extra, "cases_done": done, "cases_planned": len(cases)},
+                    cells=compare(cases[:done], rows, REFERENCE), summary=summary(cases[:done], rows, REFERENCE),
+                    cases=[dict(task=c.task, length=c.length, tokens=c.context_tokens, answers=c.answers,
+                                depths=c.actual_depths) for c in cases[:done]],
+                    rows=rows)
+
+    def keep(done: int, rows: dict) -> None:  # what a run stopped early has measured
+        (args.out / "ablation.partial.json").write_text(
+            json.dumps(result(done, rows, wall_s=time.perf_counter() - t0), indent=2))
+
+    res = run(model, cases, settings, args.group, args.dtype, args.page_size, after_group=keep)
+    print("\n" + format_tables(cases, res["rows"], REFERENCE))
+    out = result(len(cases), res["rows"], prefill_s=res["prefill_s"], wall_s=res["wall_s"])
+    (args.out / "ablation.json").write_text(json.dumps(out, indent=2))
+    (args.out / "ablation.partial.json").unlink(missing_ok=True)
     print(f"wrote {args.out / 'ablation.json'}")
-    return result
+    return out
 
 
 if __name__ == "__main__":

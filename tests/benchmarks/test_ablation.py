@@ -57,11 +57,17 @@ def test_a_switched_engine_decodes_like_one_started_with_the_setting(smollm2_dir
     from vllm_sparse.cpu_tuning import model_dtype
 
     model, dtype, sparse = str(smollm2_dir), model_dtype(), {}  # the defaults: pages reused across steps
-    both = a.run(model, cases, {"dense": {"policy": "dense"}, "sparse": sparse}, 2, dtype, 32)["rows"]
+    kept = []
+    both = a.run(model, cases, {"dense": {"policy": "dense"}, "sparse": sparse}, 1, dtype, 32,
+                 after_group=lambda done, rows: kept.append((done, rows)))["rows"]
     alone = a.run(model, cases, {"sparse": sparse}, 2, dtype, 32)["rows"]
     assert both["dense"]["attended_fraction"] == 1.0
     assert 0.1 < both["sparse"]["attended_fraction"] < 0.5
     assert both["sparse"]["attended_fraction"] == pytest.approx(alone["sparse"]["attended_fraction"])
     assert both["sparse"]["outputs"] == alone["sparse"]["outputs"]
     assert all(isinstance(t, str) and t for t in both["dense"]["outputs"])
+    # one group of one case, then the last: what was measured after the first is kept
+    ((done, rows),) = kept
+    assert done == 1 and rows["sparse"]["outputs"] == both["sparse"]["outputs"][:1]
+    assert len(rows["dense"]["scores"]) == 1
 

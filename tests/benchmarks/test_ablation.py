@@ -60,7 +60,8 @@ def test_a_switched_engine_decodes_like_one_started_with_the_setting(smollm2_dir
     kept = []
     both = a.run(model, cases, {"dense": {"policy": "dense"}, "sparse": sparse}, 1, dtype, 32,
                  after_group=lambda done, rows: kept.append((done, rows)))["rows"]
-    alone = a.run(model, cases, {"sparse": sparse}, 2, dtype, 32)["rows"]
+    # the same groups (batch shapes change float rounding, and greedy continuations with it)
+    alone = a.run(model, cases, {"sparse": sparse}, 1, dtype, 32)["rows"]
     assert both["dense"]["attended_fraction"] == 1.0
     assert 0.1 < both["sparse"]["attended_fraction"] < 0.5
     assert both["sparse"]["attended_fraction"] == pytest.approx(alone["sparse"]["attended_fraction"])

@@ -61,12 +61,12 @@ SETTINGS = {
 
 
 def _sibling(name: str):
-    key = f"_bench_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        sys.modules[key] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[key])
-    return sys.modules[key]
+    """A sibling script: ``quality`` imported once by path, the others through its loader."""
+    if "_bench_quality" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_bench_quality", Path(__file__).with_name("quality.py"))
+        sys.modules["_bench_quality"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["_bench_quality"])
+    return sys.modules["_bench_quality"] if name == "quality" else sys.modules["_bench_quality"]._bench(name)
 
 
 def build_cases(tok, tasks, lengths, samples: int, seed: int):

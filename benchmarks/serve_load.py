@@ -77,9 +77,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(model: str, args: list[str], log_path: Path, timeout: float = 600, env: dict | None = None):
-    """``vllm-sparse serve MODEL ARGS`` on 127.0.0.1 in its own session; yields ``(base_url, process)``.
+    """``vllm-sparse serve MODEL ARGS`` on 127.0.0.1 in its own process group (setsid); yields ``(base_url, process)``.
 
-    Leaving the block stops it with SIGTERM if it still runs (SIGKILL to its session after 60 s)."""
+    Leaving the block stops it with SIGTERM if it still runs (SIGKILL to its process group after 60 s)."""
     import requests
 
     port = free_port()
@@ -113,7 +113,7 @@ def serve(model: str, args: list[str], log_path: Path, timeout: float = 600, env
 
 
 def process_tree(pid: int) -> set[int]:
-    """``pid`` and its descendants, plus every process of its session if it leads one."""
+    """``pid`` and its descendants, plus every process of its process group (setsid) if it leads one."""
     import psutil
 
     try:

@@ -294,7 +294,7 @@ def test_killed_replica_is_replaced_and_the_service_keeps_answering(cluster):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_sigterm_stops_everything(cluster):
-    """SIGTERM, as a service manager sends it: exit 0, no abort, and nothing left of the session
+    """SIGTERM, as a service manager sends it: exit 0, no abort, and nothing left of the Ray cluster
     (replicas, their engines, Ray's GCS, raylet, DashboardAgent, RuntimeEnvAgent). It used to exit
     134: ray.init's own SIGTERM handler (`sys.exit(15)`) replaced ours and cut the stop short."""
     proc, pids = cluster["proc"], set(cluster["engine_pids"])

@@ -116,6 +116,24 @@ def test_tiny_llama_builds_fast_loads_and_is_deterministic(tmp_path, smollm2_dir
     assert logits.shape == (1, ids.shape[1], 49152) and torch.isfinite(logits).all()
 
 
+def test_smollm2_32k_is_smollm2_with_yarn_x4(tmp_path, smollm2_dir):
+    """Same weights and tokenizer, 32,768 positions by YaRN x4 over the 8,192 trained ones; transformers
+    reads the scaling, and the model still answers (smoke generation)."""
+    from transformers import AutoConfig
+
+    (tmp_path / "smollm2").symlink_to(smollm2_dir, target_is_directory=True)
+    d = models.prepare_model("smollm2-32k", tmp_path, check=True)
+    assert models.verify(d, "smollm2-32k") and not models.verify(d, "smollm2")
+    for f in ("model.safetensors", "tokenizer.json"):
+        assert models._sha256(d / f) == models._sha256(smollm2_dir / f)
+    base, cfg = AutoConfig.from_pretrained(str(smollm2_dir)), AutoConfig.from_pretrained(str(d))
+    assert (base.max_position_embeddings, cfg.max_position_embeddings) == (8192, 32768)
+    rope = cfg.rope_parameters
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0, rope
+    assert rope["original_max_position_embeddings"] == 8192 and rope["rope_theta"] == base.rope_parameters["rope_theta"]
+    assert json.loads((d / "tokenizer_config.json").read_text())["model_max_length"] == 32768
+
+
 def test_corrupted_directory_is_rebuilt(tmp_path, smollm2_dir):
     d, _ = _fresh_tiny(tmp_path, smollm2_dir)
     (d / "config.json").write_text("{}")

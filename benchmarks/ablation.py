@@ -111,7 +111,7 @@ def apply_settings(worker, settings: dict) -> str:
     for layer in vllm_config.compilation_config.static_forward_context.values():
         impl = getattr(layer, "impl", None)
         if isinstance(impl, SparseAttentionImpl):
-            impl.config, impl._evict_policy, impl._dense_layer = new, new.evict_policy, None
+            impl.reconfigure(new)
             layers += 1
     if not builders or not layers:
         raise RuntimeError(f"no sparse attention found in this engine (builders {builders}, layers {layers})")

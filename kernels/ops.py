@@ -265,11 +265,15 @@ def sparse_decode(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     force_triton: bool | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`select_topk` then :func:`sparse_attention` (:func:`.reference.sparse_decode`).
 
     Args: as :func:`select_topk` and :func:`sparse_attention`; ``indices_out`` is the
-    ``[B, S, capacity]`` index buffer (filled on both paths when given).
+    ``[B, S, capacity]`` index buffer (filled on both paths when given). ``softcap``, ``sinks``: the
+    layer's logit soft cap and ``[num_heads]`` sink logits — the torch path only so far (the Triton
+    kernels raise ``NotImplementedError``).
 
     On the Triton path, whole-page selectors with one page per KV block (the vLLM backend's
     layout) and no ``indices_out`` take the compacted route (:func:`compacted_route`): each head's
@@ -281,7 +285,14 @@ def sparse_decode(
     triton_path = uses_triton(query, force_triton)
     if not triton_path and indices_out is None:
         # the reference fuses selection and attention (its selection logits are the attention logits)
-        return _into(out, reference.sparse_decode(query, cache, block_table, seq_lens, attended, scale, params))
+        return _into(out, reference.sparse_decode(query, cache, block_table, seq_lens, attended, scale, params,
+                                                  softcap, sinks))
+    if softcap or sinks is not None:
+        if triton_path:
+            raise NotImplementedError("sparse_decode: the Triton kernels take no logit soft cap or sinks yet")
+        idx = select_topk(query, cache, block_table, seq_lens, attended, scale, params, out=indices_out,
+                          capacity=capacity, max_seq_len=max_seq_len, force_triton=False)
+        return _into(out, reference.sparse_attention(query, cache, block_table, idx, scale, softcap, sinks))
     if triton_path and indices_out is None and compacted_route(params, cache):
         return _compacted_decode(query, cache, block_table, seq_lens, attended, scale, params, out=out,
                                  capacity=capacity, max_seq_len=max_seq_len, num_splits=num_splits)

@@ -51,6 +51,20 @@ __all__ = [
 _NEG_INF = float("-inf")
 
 
+def _softmax(logits: torch.Tensor, softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the last dim of ``[B, S, G, L]`` float32 logits (``-inf`` where masked), with a
+    layer's logit soft cap (``softcap · tanh(logit / softcap)``, 0: none; Gemma 2) and sinks
+    (``[S * G]`` per-head logits, ``None``: none; gpt-oss): one more term in the denominator,
+    attached to no value."""
+    if softcap:  # masked logits stay -inf (the cap would lift them to -softcap)
+        logits = torch.where(torch.isneginf(logits), logits, softcap * torch.tanh(logits / softcap))
+    if sinks is None:
+        return torch.softmax(logits, dim=-1)
+    b, s, g, _ = logits.shape
+    sink = sinks.float().view(1, s, g, 1).expand(b, s, g, 1)
+    return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+
+
 # --------------------------------------------------------------------------------------
 # 1. KV write
 # --------------------------------------------------------------------------------------
@@ -336,6 +350,8 @@ def sparse_attention(
     block_table: torch.Tensor,
     indices: torch.Tensor,
     scale: float,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of one decode query per request over selected positions only.
 
@@ -343,6 +359,7 @@ def sparse_attention(
         query: ``[B, num_heads, head_size]``.
         indices: ``[B, S, L]`` positions from :func:`select_topk` (``-1`` = skip), with
             ``S = num_kv_heads`` (the group shares the set) or ``S = num_heads``.
+        softcap, sinks: the layer's logit soft cap and ``[num_heads]`` sink logits (:func:`_softmax`).
     Returns:
         ``[B, num_heads, head_size]`` in ``query.dtype``.
     """
@@ -354,7 +371,7 @@ def sparse_attention(
     g = num_heads // s
     logits = torch.einsum("bsgd,bsld->bsgl", query.float().view(b, s, g, d), k) * scale
     logits = logits.masked_fill((indices < 0)[:, :, None, :], _NEG_INF)
-    p = torch.softmax(logits, dim=-1)
+    p = _softmax(logits, softcap, sinks)
     v = v.masked_fill((indices < 0)[..., None], 0.0)
     return torch.einsum("bsgl,bsld->bsgd", p, v).reshape(b, num_heads, d).to(query.dtype)
 
@@ -367,13 +384,16 @@ def sparse_decode(
     attended: torch.Tensor,
     scale: float,
     params: SelectParams,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`select_topk` then :func:`sparse_attention`, fused: the scores computed for the
-    selection are reused as the attention logits. Returns ``[B, num_heads, head_size]``."""
+    selection are reused as the attention logits (before the soft cap, which keeps their order).
+    ``softcap``, ``sinks``: as :func:`sparse_attention`. Returns ``[B, num_heads, head_size]``."""
     pos, keep, logits, v = _select(query, cache, block_table, seq_lens, attended, scale, params)
     if logits is None:
-        return sparse_attention(query, cache, block_table, torch.where(keep, pos, -1), scale)
+        return sparse_attention(query, cache, block_table, torch.where(keep, pos, -1), scale, softcap, sinks)
     b, num_heads, d = query.shape
     v = v.float().masked_fill(~keep[..., None], 0.0)
-    p = torch.softmax(logits.masked_fill(~keep[:, :, None, :], _NEG_INF), dim=-1)  # [B, S, G, W]
+    p = _softmax(logits.masked_fill(~keep[:, :, None, :], _NEG_INF), softcap, sinks)  # [B, S, G, W]
     return torch.matmul(p, v).reshape(b, num_heads, d).to(query.dtype)

@@ -50,3 +50,17 @@ def example_package(tmp_path, monkeypatch):
     for name in ("keydiff", "scissorhands"):
         registry._REGISTRY.unregister(name)
         selectors._REGISTRY.unregister(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(model_cache_dir):
+    from vllm_sparse.assets.models import prepare_model
+
+    return prepare_model("tiny-gemma3", model_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_dir(model_cache_dir):
+    from vllm_sparse.assets.models import prepare_model
+
+    return prepare_model("tiny-gemma2", model_cache_dir)

@@ -54,7 +54,7 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout, SlidingWindowSpec
 
 from vllm_sparse import cpu_attention, stats
 from vllm_sparse.config import DEFAULT_RESELECT_EVERY, SparseConfig
@@ -158,6 +158,17 @@ class SparseAttentionBackend(AttentionBackend):
         return (KVCacheLayout.LBHNC,)
 
     @classmethod
+    def supports_sliding_window(cls) -> bool:
+        """Sliding-window layers attend exactly their window, densely, through vLLM's CPU op (the CUDA
+        route refuses them by name when the layer is built)."""
+        return True
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        """Attention sinks (gpt-oss) go to vLLM's CPU op, the sparse decode included (CUDA: refused by name)."""
+        return True
+
+    @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 
@@ -173,6 +184,11 @@ class SparseAttentionBackend(AttentionBackend):
         if cls.process_config is None:
             raise RuntimeError("vllm-sparse: KV-cache spec requested before any attention layer was built")
         bs, page_size = spec.block_size, cls.process_config.page_size
+        if isinstance(spec, SlidingWindowSpec) and bs == 1:
+            # vLLM's probe of a sliding-window layer's bytes per token: it then builds the layer's spec
+            # itself (without this hook) and pads its page to the full-attention layers' page, whose
+            # extra rows then hold the page summaries (SparseAttentionImpl._cache)
+            return spec
         if bs != page_size:
             raise ValueError(
                 f"vllm-sparse needs the KV block size to equal its page_size={page_size} (one page per block); "
@@ -223,6 +239,28 @@ def _cpu_isa(config: SparseConfig, block_size: int, dtype: torch.dtype, head_siz
     return cpu_attention.cpu_isa(block_size, dtype, head_size, amx_ok=fused_only)
 
 
+def _sparse_layers(vllm_config: VllmConfig, layer_names=None) -> dict:
+    """The model's attention layers served by this backend (of ``layer_names`` only, if given)."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+
+    layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+    return {name: layer for name, layer in layers.items() if isinstance(layer.impl, SparseAttentionImpl)}
+
+
+def _layer_windows(vllm_config: VllmConfig, layer_names) -> set[int | None]:
+    """The sliding windows of a KV-cache group's layers (``None``: a full-attention layer)."""
+    return {layer.impl.sliding_window for layer in _sparse_layers(vllm_config, layer_names).values()}
+
+
+def _first_full_layer(vllm_config: VllmConfig) -> str | None:
+    """The first full-attention layer of the model (by layer index), whose group records the step's sparsity."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    full = [name for name, layer in _sparse_layers(vllm_config).items() if layer.impl.sliding_window is None]
+    return min(full, key=extract_layer_index, default=None)
+
+
 class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
     # Decode-step index buffers are not yet fixed-capacity on this path: no CUDA graphs.
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
@@ -234,6 +272,15 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
         self._init_reorder_batch_threshold(1)
         self.spec = kv_cache_spec
         self.num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+        windows = _layer_windows(vllm_config, layer_names)
+        #: every layer of this group has a sliding window (vLLM's hybrid KV-cache manager gives them
+        #: their own group): the group attends its window densely and plans no sparse decode
+        self.windowed = bool(windows) and None not in windows
+        #: some do: they need the whole batch's dense metadata (the hybrid manager is off)
+        self.some_windowed = any(w is not None for w in windows)
+        self.window = windows.pop() if self.windowed and len(windows) == 1 else -1
+        #: the one builder of a step that records its sparsity (the group of the first full-attention layer)
+        self.records_stats = _first_full_layer(vllm_config) in layer_names
         self.dtype = kv_cache_spec.dtype
         self.cpu = not cuda_route(device.type == "cpu")  # the CPU route (vLLM's CPU op, the fused decode)
         self.isa = _cpu_isa(self.config, kv_cache_spec.block_size, self.dtype, kv_cache_spec.head_size) if self.cpu else None
@@ -242,13 +289,13 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
                              "AMX-packed" if self.isa == "amx" else "key-transposed")
         #: the fused CPU decode serves kv_head-granular quest; the rest run the torch reference
         #: blocks each request frees (``evict``); the builder compacts block tables to the live ones
-        self.evict_rule = self.config.eviction_rule(kv_cache_spec.block_size)
+        self.evict_rule = None if self.some_windowed else self.config.eviction_rule(kv_cache_spec.block_size)
         if self.evict_rule is not None:
             from vllm_sparse.eviction import check_engine_config
 
             check_engine_config(vllm_config)
         self.params = params = self.config.select_params
-        self.cpu_fused_decode = self.cpu and params.selector.cpu_fused and not params.per_query_head
+        self.cpu_fused_decode = self.cpu and params.selector.cpu_fused and not params.per_query_head and not self.windowed
         #: reselect_every > 1 on the fused CPU path: the one owner of the reuse state (the last decode
         #: batch and each layer's kept selection), handed to the layers in the metadata
         self.reuse = (cpu_attention.SelectionReuse(self.config.reselect_every)
@@ -283,7 +330,7 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
         if num_decode_tokens != num_decodes:  # zero-length padded requests: take the general path
             num_decodes = num_decode_tokens = 0
         attended, capacity, dense, cpu_decode = None, 0, True, None
-        if num_decodes:
+        if num_decodes and not self.windowed:
             seq = cm.seq_lens[:num_decodes]
             attended = torch.minimum(cfg.attended(context[:num_decodes]), seq.long())  # budget by true length
             dense = bool((attended >= seq).all()) and not cfg.force_sparse
@@ -303,13 +350,14 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
                 attended_total = cpu_decode.attended_tokens  # what the op reads (kept selections may hold a page more)
             if cpu_decode is None and self.reuse is not None:
                 self.reuse.reset()  # the layers' selections of this step are not the next step's
-            stats.record_step(num_decodes, attended_total, int(context[:num_decodes].sum()))
+            if self.records_stats:
+                stats.record_step(num_decodes, attended_total, int(context[:num_decodes].sum()))
         prefill_md = dense_md = None
         if self.cpu:  # dense part of the batch: everything when decode is dense, else the prefills
             first = 0 if dense else num_decodes
             if first < cm.num_reqs:
                 prefill_md = self._cpu_metadata(cm, first)
-            if not dense and cfg.dense_layers:
+            if not dense and (cfg.dense_layers or self.some_windowed):
                 dense_md = self._cpu_metadata(cm, 0)
         return SparseAttentionMetadata(
             num_actual_tokens=cm.num_actual_tokens,
@@ -335,7 +383,7 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
         """vLLM CPU op's scheduler metadata for requests ``first:`` of the batch, all dense."""
         return cpu_attention.scheduler_metadata(
             cm.seq_lens[first:], cm.query_start_loc[first:] - cm.query_start_loc[first], self.num_heads,
-            self.spec.num_kv_heads, self.spec.head_size, self.dtype, self.isa)
+            self.spec.num_kv_heads, self.spec.head_size, self.dtype, self.isa, self.window)
 
 
 class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
@@ -353,14 +401,20 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         kv_sharing_target_layer_name: str | None = None,
         **kwargs,
     ) -> None:
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        self.cpu = not cuda_route(on_cpu)  # the CPU route: vLLM's CPU key layout and op
+        sinks = kwargs.get("sinks")
         unsupported = {
             "alibi_slopes": alibi_slopes is not None,
-            "sliding_window": sliding_window is not None,
-            "logits_soft_cap": bool(logits_soft_cap),
-            "attention sinks": kwargs.get("sinks") is not None,
             f"attn_type={attn_type}": attn_type != AttentionType.DECODER,
             f"kv_cache_dtype={kv_cache_dtype}": kv_cache_dtype not in SparseAttentionBackend.supported_kv_cache_dtypes,
         }
+        if not self.cpu:  # the Triton kernels have neither windows, nor soft caps, nor sinks yet
+            unsupported.update({"sliding_window on GPUs": sliding_window is not None,
+                                "logits_soft_cap on GPUs": bool(logits_soft_cap),
+                                "attention sinks on GPUs": sinks is not None})
         bad = [name for name, hit in unsupported.items() if hit]
         if bad:
             raise NotImplementedError(
@@ -376,16 +430,41 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         self.num_kv_heads = num_kv_heads
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.config = _sparse_config()
-        from vllm.platforms import current_platform
-
-        on_cpu = current_platform.is_cpu()
-        self.cpu = not cuda_route(on_cpu)  # the CPU route: vLLM's CPU key layout and op
+        #: a sliding-window layer attends exactly its window, densely (vLLM frees the blocks behind it)
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = float(logits_soft_cap or 0.0)
+        self.sinks = sinks  # the layer's parameter: its values are loaded after this constructor
+        self._softmax: cpu_attention.Softmax | None = None
+        if self.config.evict is not None and sliding_window is not None:
+            raise ValueError(f"vllm_sparse setting evict={self.config.evict!r} cannot be used with a model that has "
+                             "sliding-window layers (not supported yet); drop evict (null) for this model")
         if on_cpu:
             tune_malloc()
         self._views: tuple[int, PagedKVCache] | None = None
         self._dense_layer: bool | None = None  # below dense_layers (known at the first forward)
         # the eviction policy object (scorer of the merges, kind of per-token state); None without evict
         self._evict_policy = self.config.evict_policy
+
+    def reconfigure(self, config: SparseConfig) -> None:
+        """Take new settings in a running engine (``benchmarks/ablation.py``: every setting decoded from
+        the same prefill). Only the selection may change: ``page_size`` and ``evict`` fix the cache's
+        layout, so a change of either is refused (``ValueError``)."""
+        if config.page_size != self.config.page_size or config.evict != self.config.evict:
+            raise ValueError(f"page_size and evict fix the KV cache's layout: {self.config.page_size}/"
+                             f"{self.config.evict!r} cannot become {config.page_size}/{config.evict!r} in a running engine")
+        self.config, self._evict_policy, self._dense_layer = config, config.evict_policy, None
+
+    @property
+    def softmax(self) -> "cpu_attention.Softmax":
+        """The window, soft cap and sinks vLLM's CPU op takes (built at the first forward: the sinks
+        are a weight, loaded after the constructor, cast to float32 as vLLM's CPU backend does)."""
+        if self._softmax is None:
+            sinks = self.sinks
+            if sinks is not None and sinks.dtype not in (torch.bfloat16, torch.float32):
+                sinks = sinks.float()
+            self._softmax = cpu_attention.Softmax(-1 if self.sliding_window is None else int(self.sliding_window),
+                                                  self.logits_soft_cap, sinks)
+        return self._softmax
 
     def _is_dense_layer(self, layer: AttentionLayer) -> bool:
         if self._dense_layer is None:
@@ -400,6 +479,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         key = kv_cache.data_ptr()
         if self._views is None or self._views[0] != key:
             rows = _score_rows(self.config, self.head_size, kv_cache.dtype, self.config.page_size)  # block = page
+            kv_cache = self._full_page_view(kv_cache, rows)
             amx = self.cpu and _cpu_isa(self.config, self.config.page_size, kv_cache.dtype, self.head_size) == "amx"
             cache = PagedKVCache.from_raw(kv_cache, self.num_kv_heads, self.config.page_size,
                                           key_transposed=self.cpu and not amx, score_rows=rows, amx=amx)
@@ -407,6 +487,25 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
                 huge_pages(kv_cache)  # sparse reads hop between blocks: spare them the TLB misses
             self._views = (key, cache)
         return self._views[1]
+
+    def _full_page_view(self, kv_cache: torch.Tensor, score_rows: int) -> torch.Tensor:
+        """A sliding-window layer's cache in the plugin's layout.
+
+        vLLM sizes a sliding-window layer's page itself (``block_size`` K/V rows per head slot, no
+        summary rows) and pads it to the full-attention layers' page, whose layout is this plugin's
+        (``block_size + block_size / page_size`` rows per head slot). The padded page holds exactly
+        that many bytes, so it is viewed in the same layout: every layer then writes and reads its
+        cache alike (the window's layers simply never consult their page summaries)."""
+        nb, slots, states, c = kv_cache.shape
+        page = self.config.page_size
+        full = page + summary_states(page, page) + score_rows
+        if states == full:
+            return kv_cache
+        if self.sliding_window is None or states != page or kv_cache.stride(0) != slots * full * c:
+            raise ValueError(f"vllm-sparse: the KV cache of a layer has {states} rows of {slots} head slots and "
+                             f"block stride {kv_cache.stride(0)}; expected {full} rows (page_size={page} tokens "
+                             "plus the page summaries), or a sliding-window layer's page padded to that")
+        return kv_cache.as_strided((nb, slots, full, c), (kv_cache.stride(0), full * c, c, 1))
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if self.kv_sharing_target_layer_name is not None:
@@ -440,18 +539,18 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             return output
         md = attn_metadata
         cache = self._cache(kv_cache)
-        dense_layer = self.config.dense_layers > 0 and self._is_dense_layer(layer)
+        dense_layer = self.sliding_window is not None or (self.config.dense_layers > 0 and self._is_dense_layer(layer))
         if self.cpu:
             self._forward_cpu(layer, query, cache, md, output, dense_layer)
         else:
             self._forward_cuda(query, cache, md, output, dense_layer)
-        if cache.token_scores is not None and self.kv_sharing_target_layer_name is None:
+        if cache.token_scores is not None and self.kv_sharing_target_layer_name is None and self.sliding_window is None:
             from vllm_sparse.eviction import update_token_state
 
             n = md.num_actual_tokens
             update_token_state(query[:n], cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
                                self._evict_policy)
-        if md.evict_merge is not None and self.kv_sharing_target_layer_name is None:
+        if md.evict_merge is not None and self.kv_sharing_target_layer_name is None and self.sliding_window is None:
             self._merge_evicted(cache, md.evict_merge)
         return output
 
@@ -488,29 +587,33 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
     def _forward_cpu(self, layer: AttentionLayer, query: torch.Tensor, cache: PagedKVCache, md: SparseAttentionMetadata,
                      output: torch.Tensor, dense_layer: bool) -> torch.Tensor:
         """vLLM's CPU op for the dense part of the batch; sparse decodes fused (quest) or by the reference."""
-        cfg = self.config
+        cfg, softmax = self.config, self.softmax
         nd, ndt, n = md.num_decodes, md.num_decode_tokens, md.num_actual_tokens
         if dense_layer and md.cpu_dense_metadata is not None:
             cpu_attention.attention(query[:n], cache, md.block_table, md.seq_lens, md.query_start_loc,
-                                    md.cpu_dense_metadata, self.scale, output[:n])
+                                    md.cpu_dense_metadata, self.scale, output[:n], softmax)
             return output
+        if self.sliding_window is not None and nd and not md.decode_is_dense:
+            raise RuntimeError(f"{layer.layer_name}: a sliding-window layer got a sparse decode plan without the "
+                               "batch's dense metadata")
         if nd and not md.decode_is_dense:
             q = query[:ndt]
             if md.cpu_decode is not None:
                 reuse, name = md.cpu_reuse, layer.layer_name
                 kept = cpu_attention.sparse_decode(q, cache, md.cpu_decode, self.scale, output[:ndt],
                                                    reuse.kept(name) if reuse is not None else None,
-                                                   cfg.reselect_similarity)
+                                                   cfg.reselect_similarity, softmax)
                 if reuse is not None:  # a later step may keep this selection's rows
                     reuse.keep(name, kept)
             else:
                 output[:ndt] = ops.sparse_decode(q, cache, md.block_table[:nd], md.seq_lens[:nd], md.decode_attended,
-                                                 self.scale, cfg.select_params)
+                                                 self.scale, cfg.select_params, softcap=softmax.softcap,
+                                                 sinks=softmax.sinks)
             first, t0 = nd, ndt
         else:
             first, t0 = 0, 0
         if n > t0:
             cpu_attention.attention(query[t0:n], cache, md.block_table[first:], md.seq_lens[first:],
                                     md.query_start_loc[first:] - t0, md.cpu_prefill_metadata, self.scale,
-                                    output[t0:n])
+                                    output[t0:n], softmax)
         return output

@@ -33,6 +33,7 @@ with ``selection="quest"`` and ``page_size == block_size``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ from vllm_sparse.kernels import PagedKVCache, cpu_ext
 from vllm_sparse.kernels.selection import forced_page_range, page_counts, quest_attended
 from vllm_sparse.kernels.selectors import SelectParams
 
-__all__ = ["cpu_isa", "cache_isa", "OpShape", "DecodePlan", "ReusePlan", "GrownPages", "KeptSelection", "ReuseBatch",
+__all__ = ["cpu_isa", "cache_isa", "Softmax", "OpShape", "DecodePlan", "ReusePlan", "GrownPages", "KeptSelection", "ReuseBatch",
            "SelectionReuse", "plan_decode", "plan_reuse", "scheduler_metadata", "write_kv", "attention", "select_pages",
            "sparse_decode"]
 
@@ -78,13 +79,15 @@ def cache_isa(cache: PagedKVCache) -> str:
 
 
 def scheduler_metadata(seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_heads: int, num_kv_heads: int,
-                       head_size: int, dtype: torch.dtype, isa: str) -> torch.Tensor:
-    """vLLM's CPU attention work split for one batch (built once per step)."""
+                       head_size: int, dtype: torch.dtype, isa: str, window: int = -1) -> torch.Tensor:
+    """vLLM's CPU attention work split for one batch (built once per step); ``window``: the sliding
+    window every layer that uses it attends (-1: none; a layer with a window may still use a split
+    planned without one, only less tightly)."""
     if isa == "amx":
         _amx_ready()
     return vllm_ops.cpu_attn_get_scheduler_metadata(
         num_reqs=seq_lens.shape[0], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
-        seq_lens=seq_lens, dtype=dtype, query_start_loc=query_start_loc, causal=True, sliding_window_size=-1,
+        seq_lens=seq_lens, dtype=dtype, query_start_loc=query_start_loc, causal=True, sliding_window_size=window,
         isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
     )
 
@@ -372,18 +375,39 @@ def _summary_offset(cache: PagedKVCache) -> int:
     return 2 * cache.block_size * cache.head_size
 
 
+@dataclass(frozen=True)
+class Softmax:
+    """A layer's attention options besides the scale, as vLLM's CPU op takes them.
+
+    Attributes:
+        window: attend only the last ``window`` positions (the query's own included); -1: all.
+        softcap: logits become ``softcap · tanh(logit / softcap)`` (Gemma 2); 0: none.
+        sinks: ``[num_heads]`` float32 per-head sink logits (gpt-oss): an extra term ``exp(sink)`` in
+            each softmax's denominator, attached to no value; ``None``: none.
+    """
+
+    window: int = -1
+    softcap: float = 0.0
+    sinks: torch.Tensor | None = None
+
+
+PLAIN = Softmax()
+
+
 def attention(query: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
-              query_start_loc: torch.Tensor, metadata: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+              query_start_loc: torch.Tensor, metadata: torch.Tensor, scale: float, out: torch.Tensor,
+              softmax: Softmax = PLAIN) -> None:
     """Dense causal paged attention (prefill, chunked prefill, dense decode) with vLLM's CPU op.
 
     Args:
         query, out: ``[num_tokens, num_heads, head_size]``; the rest as vLLM's ``CommonAttentionMetadata``.
+        softmax: the layer's sliding window, logit soft cap and sinks.
     """
     key_cache, value_cache = cache.kernel_blocks
     vllm_ops.cpu_attention_with_kv_cache(
         query=query, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=query_start_loc,
-        seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
-        block_table=block_table, softcap=0.0, scheduler_metadata=metadata, s_aux=None,
+        seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=softmax.window,
+        block_table=block_table, softcap=softmax.softcap, scheduler_metadata=metadata, s_aux=softmax.sinks,
     )
 
 
@@ -445,26 +469,42 @@ def select_or_reuse(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, 
 
 
 def sparse_decode(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, scale: float,
-                  out: torch.Tensor, prev: KeptSelection | None = None, min_similarity: float = 0.0) -> KeptSelection:
+                  out: torch.Tensor, prev: KeptSelection | None = None, min_similarity: float = 0.0,
+                  softmax: Softmax = PLAIN) -> KeptSelection:
     """Page-selected sparse decode (``quest`` / ``exact_pages``) through vLLM's CPU op.
 
     Args:
         query: ``[B, num_heads, head_size]`` in the cache dtype; out: the same shape, written in place.
         prev, min_similarity: this layer's :func:`sparse_decode` result of the previous step and the
             ``reselect_similarity`` gate (``reselect_every``; see :func:`select_or_reuse`).
+        softmax: the layer's logit soft cap and sinks (a windowed layer attends its window densely,
+            never through here). The cap is monotonic, so the pages ranked by ``q·k`` are the pages
+            ranked by the capped logits.
 
     Returns:
         The selection attended (:class:`KeptSelection`): the next step's ``prev``.
     """
+    if softmax.window >= 0:
+        raise ValueError("sparse_decode: a layer with a sliding window attends its window densely (attention())")
     b, num_heads, d = query.shape
     h = cache.num_kv_heads
     table, qref = select_or_reuse(query, cache, plan, prev, min_similarity)
     key_cache, value_cache = cache.head_blocks
     g = num_heads // h
-    vllm_ops.cpu_attention_with_kv_cache(
-        query=query.reshape(b * h, g, d), key_cache=key_cache, value_cache=value_cache,
-        output=out.view(b * h, g, d), query_start_loc=plan.query_start_loc, seq_lens=plan.seq_lens, scale=scale,
-        causal=True, alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0.0,
-        scheduler_metadata=plan.metadata, s_aux=None,
-    )
+    op = functools.partial(vllm_ops.cpu_attention_with_kv_cache, key_cache=key_cache, value_cache=value_cache,
+                           scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, softcap=softmax.softcap)
+    if softmax.sinks is None or h == 1:
+        op(query=query.reshape(b * h, g, d), output=out.view(b * h, g, d), query_start_loc=plan.query_start_loc,
+           seq_lens=plan.seq_lens, block_table=table, scheduler_metadata=plan.metadata, s_aux=softmax.sinks)
+    else:  # the op takes one sink per head of a sequence: one call per KV head, with its group's sinks
+        lens = plan.seq_lens[::h].contiguous()  # a request's KV heads attend as many tokens each
+        qsl = plan.query_start_loc[: b + 1]
+        metadata = _metadata(lens, qsl, plan.op)
+        q, o = query.view(b, h, g, d), out.view(b, h, g, d)
+        for kv in range(h):
+            part = torch.empty(b, g, d, dtype=out.dtype)
+            op(query=q[:, kv].contiguous(), output=part, query_start_loc=qsl, seq_lens=lens,
+               block_table=table[kv::h].contiguous(), scheduler_metadata=metadata,
+               s_aux=softmax.sinks[kv * g:(kv + 1) * g].contiguous())
+            o[:, kv] = part
     return KeptSelection(plan.uid, table, qref)

@@ -76,15 +76,6 @@ def _variant(src, dst, **config_changes):
     return dst
 
 
-def test_unsupported_models_are_refused_at_start_up(tiny_llama_dir, tmp_path):
-    # sliding-window attention (a Mistral-style config) is not something this backend does
-    swa = _variant(tiny_llama_dir, tmp_path / "swa", architectures=["MistralForCausalLM"], model_type="mistral",
-                   sliding_window=64)
-    with pytest.raises(ValueError, match="sliding window not supported"):
-        with make_llm(swa):
-            pass
-
-
 def _cache_tokens(llm) -> int:
     """Tokens vLLM says its KV cache holds (blocks × block size), as it logs 'KV cache size'."""
     cache = llm.llm_engine.vllm_config.cache_config

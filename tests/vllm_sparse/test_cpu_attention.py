@@ -531,3 +531,66 @@ def test_reselect_similarity_reselects_the_heads_whose_query_moved():
     q2.view(2 * hkv, g * d)[0] = turned(40)
     _, _, k2, _, f2 = step(seq + 2, q2, s1, k1)
     assert torch.equal(k2.table[0], f2[0]) and torch.equal(k2.table[3], k0.table[3])
+
+
+def naive_softmax_attention(q, k, v, scale, positions, qpos, window=-1, softcap=0.0, sinks=None):
+    """float64 attention of one query head over ``positions`` of its keys, with a sliding window
+    (the last ``window`` positions up to ``qpos``), a logit soft cap and a sink logit."""
+    pos = positions[(positions <= qpos) & ((window < 0) | (positions > qpos - window))]
+    logits = (k[pos].double() @ q.double()) * scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    if sinks is not None:
+        logits = torch.cat([logits, sinks.double().view(1)])
+    p = torch.softmax(logits, 0)
+    return p[: len(pos)] @ v[pos].double()
+
+
+@pytest.mark.parametrize("hkv, group", [(1, 4), (2, 3), (3, 1)])
+def test_soft_cap_and_sinks_in_the_fused_decode_equal_the_reference(hkv, group):
+    """The sparse decode with a layer's soft cap and sinks (one op call per KV head when there are
+    sinks and several KV heads) equals the reference; at full budget both equal plain float64 attention."""
+    lens, d, bs = [700, 90, 333], 64, 16
+    cache, bt, keys, values = make_cache(lens, hkv, d, bs, torch.float32)
+    seq, nh = torch.tensor(lens), hkv * group
+    q = 3 * torch.randn(len(lens), nh, d)  # logits of several units: the cap bends them
+    softcap, sinks = 2.5, torch.randn(nh)
+    softmax = C.Softmax(softcap=softcap, sinks=sinks)
+    for attended in (torch.tensor([150, 90, 100]), seq.clone()):
+        p = plan(cache, bt, seq, attended, nh)
+        out = torch.full_like(q, float("nan"))
+        C.sparse_decode(q, cache, p, 0.125, out, softmax=softmax)
+        params = P(sink_tokens=SINK, local_window=WINDOW, selection="quest")
+        ref = R.sparse_decode(q, cache, bt, seq, attended, 0.125, params, softcap, sinks)
+        assert rel_err(out, ref) < RTOL[torch.float32]
+        plain = R.sparse_decode(q, cache, bt, seq, attended, 0.125, params)
+        assert rel_err(plain, ref) > 100 * RTOL[torch.float32]  # the cap and sinks do change the result
+    naive = torch.stack([torch.stack([naive_softmax_attention(q[r, h], keys[r][:, h // group], values[r][:, h // group],
+                                                               0.125, torch.arange(n), n - 1, softcap=softcap,
+                                                               sinks=sinks[h]) for h in range(nh)])
+                         for r, n in enumerate(lens)])
+    assert rel_err(out, naive) < RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("window", [1, 40, 64])
+def test_sliding_window_soft_cap_and_sinks_in_dense_attention(window):
+    """vLLM's op through the plugin's attention() with a layer's window, cap and sinks: chunked
+    prefill and decode rows equal float64 attention over the last ``window`` positions."""
+    lens, hkv, g, d, bs = [300, 77, 129], 2, 3, 64, 16
+    cache, bt, keys, values = make_cache(lens, hkv, d, bs, torch.float32)
+    q_lens = [50, 77, 1]
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = 3 * torch.randn(int(qsl[-1]), hkv * g, d)
+    seq = torch.tensor(lens, dtype=torch.int32)
+    sinks = torch.randn(hkv * g)
+    softmax = C.Softmax(window=window, softcap=4.0, sinks=sinks)
+    md = C.scheduler_metadata(seq, qsl, hkv * g, hkv, d, torch.float32, C.cpu_isa(bs), window)
+    out = torch.empty_like(q)
+    C.attention(q, cache, bt, seq, qsl, md, 0.125, out, softmax)
+    for r, n in enumerate(lens):
+        for i in range(q_lens[r]):
+            row, qpos = int(qsl[r]) + i, n - q_lens[r] + i
+            want = torch.stack([naive_softmax_attention(q[row, h], keys[r][:, h // g], values[r][:, h // g], 0.125,
+                                                        torch.arange(n), qpos, window, 4.0, sinks[h])
+                                for h in range(hkv * g)])
+            assert rel_err(out[row], want) < 1e-4, (r, i)

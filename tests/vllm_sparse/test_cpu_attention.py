@@ -594,3 +594,23 @@ def test_sliding_window_soft_cap_and_sinks_in_dense_attention(window):
                                                         torch.arange(n), qpos, window, 4.0, sinks[h])
                                 for h in range(hkv * g)])
             assert rel_err(out[row], want) < 1e-4, (r, i)
+    ref = R.paged_attention(q, cache, bt, seq, qsl, 0.125, window, 4.0, sinks)  # the oracle has them too
+    assert rel_err(out, ref) < RTOL[torch.float32]
+    assert rel_err(R.paged_attention(q, cache, bt, seq, qsl, 0.125), ref) > 100 * RTOL[torch.float32]
+
+
+def test_reference_dense_decode_with_window_soft_cap_and_sinks():
+    """The oracle's decode with a layer's window, cap and sinks equals vLLM's op and float64 attention."""
+    lens, hkv, g, d, bs = [300, 77, 129], 2, 3, 64, 16
+    cache, bt, keys, values = make_cache(lens, hkv, d, bs, torch.float32)
+    q = 3 * torch.randn(len(lens), hkv * g, d)
+    seq, sinks = torch.tensor(lens, dtype=torch.int32), torch.randn(hkv * g)
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32)
+    out = torch.empty_like(q)
+    md = C.scheduler_metadata(seq, qsl, hkv * g, hkv, d, torch.float32, C.cpu_isa(bs), 40)
+    C.attention(q, cache, bt, seq, qsl, md, 0.125, out, C.Softmax(40, 4.0, sinks))
+    ref = R.dense_decode(q, cache, bt, seq, 0.125, window=40, softcap=4.0, sinks=sinks)
+    naive = torch.stack([torch.stack([naive_softmax_attention(q[r, h], keys[r][:, h // g], values[r][:, h // g], 0.125,
+                                                               torch.arange(n), n - 1, 40, 4.0, sinks[h])
+                                      for h in range(hkv * g)]) for r, n in enumerate(lens)])
+    assert rel_err(ref, naive) < RTOL[torch.float32] and rel_err(out, naive) < 1e-4

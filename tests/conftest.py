@@ -7,6 +7,12 @@ The cache is ``$VLLM_SPARSE_CACHE`` or ``~/.cache/vllm-sparse/models`` (see
 import pytest
 
 
+def _prepared(name, cache_dir):
+    from vllm_sparse.assets.models import prepare_model
+
+    return prepare_model(name, cache_dir)
+
+
 @pytest.fixture(scope="session")
 def model_cache_dir():
     from vllm_sparse.assets.models import cache_root
@@ -16,16 +22,12 @@ def model_cache_dir():
 
 @pytest.fixture(scope="session")
 def smollm2_dir(model_cache_dir):
-    from vllm_sparse.assets.models import prepare_model
-
-    return prepare_model("smollm2", model_cache_dir)
+    return _prepared("smollm2", model_cache_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(model_cache_dir):
-    from vllm_sparse.assets.models import prepare_model
-
-    return prepare_model("tiny-llama", model_cache_dir)
+    return _prepared("tiny-llama", model_cache_dir)
 
 
 @pytest.fixture
@@ -54,13 +56,9 @@ def example_package(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_gemma3_dir(model_cache_dir):
-    from vllm_sparse.assets.models import prepare_model
-
-    return prepare_model("tiny-gemma3", model_cache_dir)
+    return _prepared("tiny-gemma3", model_cache_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_gemma2_dir(model_cache_dir):
-    from vllm_sparse.assets.models import prepare_model
-
-    return prepare_model("tiny-gemma2", model_cache_dir)
+    return _prepared("tiny-gemma2", model_cache_dir)

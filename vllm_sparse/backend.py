@@ -541,18 +541,19 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             return output
         md = attn_metadata
         cache = self._cache(kv_cache)
+        # a windowed layer is dense (its window): evict is refused with windows, so no eviction state below
         dense_layer = self.sliding_window is not None or (self.config.dense_layers > 0 and self._is_dense_layer(layer))
         if self.cpu:
             self._forward_cpu(layer, query, cache, md, output, dense_layer)
         else:
             self._forward_cuda(query, cache, md, output, dense_layer)
-        if cache.token_scores is not None and self.kv_sharing_target_layer_name is None and self.sliding_window is None:
+        if cache.token_scores is not None and self.kv_sharing_target_layer_name is None:
             from vllm_sparse.eviction import update_token_state
 
             n = md.num_actual_tokens
             update_token_state(query[:n], cache, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
                                self._evict_policy)
-        if md.evict_merge is not None and self.kv_sharing_target_layer_name is None and self.sliding_window is None:
+        if md.evict_merge is not None and self.kv_sharing_target_layer_name is None:
             self._merge_evicted(cache, md.evict_merge)
         return output
 
@@ -594,9 +595,6 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             cpu_attention.attention(query[:n], cache, md.block_table, md.seq_lens, md.query_start_loc,
                                     md.cpu_dense_metadata, self.scale, output[:n], softmax)
             return output
-        if self.sliding_window is not None and nd and not md.decode_is_dense:
-            raise RuntimeError(f"{layer.layer_name}: a sliding-window layer got a sparse decode plan without the "
-                               "batch's dense metadata")
         if nd and not md.decode_is_dense:
             q = query[:ndt]
             if md.cpu_decode is not None:

@@ -185,6 +185,9 @@ class DecodePlan:
     uid: int = dataclasses.field(default_factory=lambda: next(_PLAN_IDS))
     reuse: ReusePlan | None = None
     extra: torch.Tensor | None = None
+    #: the op's work split for one KV head's sequences (a layer with sinks and several KV heads calls
+    #: the op per KV head): built by the first such layer of the step, shared by the rest
+    kv_head_metadata: torch.Tensor | None = None
 
 
 _PLAN_IDS = itertools.count()
@@ -286,6 +289,7 @@ def _add_pages(plan: DecodePlan, extra: torch.Tensor) -> None:
         plan.refresh = _candidates(plan.count, plan.refresh_factor, plan.num_pages)
     plan.seq_lens = (plan.seq_lens + (extra * plan.block_size).to(torch.int32).repeat_interleave(h)).contiguous()
     plan.metadata = _metadata(plan.seq_lens, plan.query_start_loc, plan.op)
+    plan.kv_head_metadata = None
     plan.attended_tokens = int(plan.seq_lens.sum()) // h
     plan.width = int(plan.count.max())
 
@@ -499,7 +503,9 @@ def sparse_decode(query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, sc
     else:  # the op takes one sink per head of a sequence: one call per KV head, with its group's sinks
         lens = plan.seq_lens[::h].contiguous()  # a request's KV heads attend as many tokens each
         qsl = plan.query_start_loc[: b + 1]
-        metadata = _metadata(lens, qsl, plan.op)
+        if plan.kv_head_metadata is None:
+            plan.kv_head_metadata = _metadata(lens, qsl, plan.op)
+        metadata = plan.kv_head_metadata
         q, o = query.view(b, h, g, d), out.view(b, h, g, d)
         for kv in range(h):
             part = torch.empty(b, g, d, dtype=out.dtype)

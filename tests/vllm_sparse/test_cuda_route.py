@@ -268,3 +268,11 @@ def test_small_budget_cuda_route_attends_the_reference_selection(tiny_llama_dir,
     assert all(c["sparse"] for c in checks), checks  # a fraction of every context: the selection matters
     assert all(c["same"] for c in checks), [c for c in checks if not c["same"]]
     assert max(c["err"] for c in checks) < TOLERANCE[dtype], checks
+
+
+def test_the_cuda_route_refuses_windows_and_soft_caps_by_name(tiny_gemma2_dir, emulate_cuda):
+    """The Triton kernels have no sliding window or logit soft cap yet: a model with them stops at
+    start-up naming both, instead of attending past its window."""
+    with pytest.raises(NotImplementedError, match=r"sliding_window on GPUs, logits_soft_cap on GPUs"):
+        with make_llm(tiny_gemma2_dir, max_model_len=1024, dtype="float32"):
+            pass

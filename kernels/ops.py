@@ -97,6 +97,9 @@ def paged_attention(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     force_triton: bool | None = None,
+    window: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense causal attention of a (chunked-)prefill/decode batch (:func:`.reference.paged_attention`).
 
@@ -108,6 +111,8 @@ def paged_attention(
         max_query_len: host bound of the query lengths (``1`` = every request decodes one
             token); ``None`` reads it from ``query_start_loc`` (sync).
         max_seq_len: host bound of ``seq_lens`` (decode split count); ``None``: sync.
+        window, softcap, sinks: the layer's sliding window (``-1``: none), logit soft cap (``0``:
+            none) and ``[num_heads]`` sink logits (``None``: none), as the reference takes them.
     Returns:
         ``[num_tokens, num_heads, head_size]`` (``out`` when given).
     """
@@ -115,8 +120,10 @@ def paged_attention(
         from .triton_paged_attn import paged_attention_triton
 
         return paged_attention_triton(query, cache, block_table, seq_lens, query_start_loc, scale,
-                                      out=out, max_query_len=max_query_len, max_seq_len=max_seq_len)
-    res = reference.paged_attention(query, cache, block_table, seq_lens, query_start_loc, scale)
+                                      out=out, max_query_len=max_query_len, max_seq_len=max_seq_len,
+                                      window=window, softcap=softcap, sinks=sinks)
+    res = reference.paged_attention(query, cache, block_table, seq_lens, query_start_loc, scale, window, softcap,
+                                    sinks)
     return _into(out, res)
 
 
@@ -131,6 +138,9 @@ def dense_decode(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     force_triton: bool | None = None,
+    window: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense single-token decode (:func:`.reference.dense_decode`).
 
@@ -139,13 +149,15 @@ def dense_decode(
         out: optional ``[>= B, num_heads, head_size]``; rows ``:B`` are written.
         max_seq_len: host bound of ``seq_lens`` for the split count (``None``: sync).
         num_splits: split-K factor (``None``: fill the device).
+        window, softcap, sinks: as :func:`paged_attention`.
     """
     if uses_triton(query, force_triton):
         from .triton_sparse_attn import dense_decode_triton
 
-        return dense_decode_triton(query, cache, block_table, seq_lens, scale, out=out,
-                                   num_splits=num_splits, max_seq_len=max_seq_len)
-    return reference.dense_decode(query, cache, block_table, seq_lens, scale, out=out)
+        return dense_decode_triton(query, cache, block_table, seq_lens, scale, out=out, num_splits=num_splits,
+                                   max_seq_len=max_seq_len, window=window, softcap=softcap, sinks=sinks)
+    return reference.dense_decode(query, cache, block_table, seq_lens, scale, out=out, window=window,
+                                  softcap=softcap, sinks=sinks)
 
 
 def table_decode(
@@ -159,6 +171,8 @@ def table_decode(
     max_len: int | None = None,
     num_splits: int | None = None,
     force_triton: bool | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode over one block table per (request, selection head) (:func:`.reference.table_decode`).
 
@@ -167,13 +181,14 @@ def table_decode(
             :func:`.selection.compact_pages`).
         out: optional ``[B, num_heads, head_size]`` output.
         max_len: host bound of ``lens`` for the split count (``None``: ``W * block_size``).
+        softcap, sinks: as :func:`paged_attention`.
     """
     if uses_triton(query, force_triton):
         from .triton_sparse_attn import table_decode_triton
 
         return table_decode_triton(query, cache, tables, lens, scale, out=out, num_splits=num_splits,
-                                   max_len=max_len)
-    return _into(out, reference.table_decode(query, cache, tables, lens, scale))
+                                   max_len=max_len, softcap=softcap, sinks=sinks)
+    return _into(out, reference.table_decode(query, cache, tables, lens, scale, softcap, sinks))
 
 
 def select_topk(
@@ -234,6 +249,8 @@ def sparse_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     force_triton: bool | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention over the selected positions only (:func:`.reference.sparse_attention`).
 
@@ -242,12 +259,14 @@ def sparse_attention(
         indices: ``[B, S, L]`` int positions (``-1`` = skip), ``S`` = ``num_kv_heads`` or ``num_heads``.
         out: optional ``[B, num_heads, head_size]`` output.
         num_splits: split-K factor (``None``: fill the device; static given static shapes).
+        softcap, sinks: as :func:`paged_attention`.
     """
     if uses_triton(query, force_triton):
         from .triton_sparse_attn import sparse_attention_triton
 
-        return sparse_attention_triton(query, cache, block_table, indices, scale, out=out, num_splits=num_splits)
-    return _into(out, reference.sparse_attention(query, cache, block_table, indices, scale))
+        return sparse_attention_triton(query, cache, block_table, indices, scale, out=out, num_splits=num_splits,
+                                       softcap=softcap, sinks=sinks)
+    return _into(out, reference.sparse_attention(query, cache, block_table, indices, scale, softcap, sinks))
 
 
 def sparse_decode(
@@ -272,8 +291,8 @@ def sparse_decode(
 
     Args: as :func:`select_topk` and :func:`sparse_attention`; ``indices_out`` is the
     ``[B, S, capacity]`` index buffer (filled on both paths when given). ``softcap``, ``sinks``: the
-    layer's logit soft cap and ``[num_heads]`` sink logits — the torch path only so far (the Triton
-    kernels raise ``NotImplementedError``).
+    layer's logit soft cap and ``[num_heads]`` sink logits; they change the softmax, not the selection
+    (the cap keeps the order of the logits).
 
     On the Triton path, whole-page selectors with one page per KV block (the vLLM backend's
     layout) and no ``indices_out`` take the compacted route (:func:`compacted_route`): each head's
@@ -287,19 +306,14 @@ def sparse_decode(
         # the reference fuses selection and attention (its selection logits are the attention logits)
         return _into(out, reference.sparse_decode(query, cache, block_table, seq_lens, attended, scale, params,
                                                   softcap, sinks))
-    if softcap or sinks is not None:
-        if triton_path:
-            raise NotImplementedError("sparse_decode: the Triton kernels take no logit soft cap or sinks yet")
-        idx = select_topk(query, cache, block_table, seq_lens, attended, scale, params, out=indices_out,
-                          capacity=capacity, max_seq_len=max_seq_len, force_triton=False)
-        return _into(out, reference.sparse_attention(query, cache, block_table, idx, scale, softcap, sinks))
     if triton_path and indices_out is None and compacted_route(params, cache):
         return _compacted_decode(query, cache, block_table, seq_lens, attended, scale, params, out=out,
-                                 capacity=capacity, max_seq_len=max_seq_len, num_splits=num_splits)
+                                 capacity=capacity, max_seq_len=max_seq_len, num_splits=num_splits,
+                                 softcap=softcap, sinks=sinks)
     idx = select_topk(query, cache, block_table, seq_lens, attended, scale, params, out=indices_out,
                       capacity=capacity, max_seq_len=max_seq_len, force_triton=force_triton)
     return sparse_attention(query, cache, block_table, idx, scale, out=out, num_splits=num_splits,
-                            force_triton=force_triton)
+                            force_triton=force_triton, softcap=softcap, sinks=sinks)
 
 
 def compacted_route(params: SelectParams, cache: PagedKVCache) -> bool:
@@ -310,7 +324,7 @@ def compacted_route(params: SelectParams, cache: PagedKVCache) -> bool:
 
 
 def _compacted_decode(query, cache, block_table, seq_lens, attended, scale, params, *, out, capacity, max_seq_len,
-                      num_splits) -> torch.Tensor:
+                      num_splits, softcap, sinks) -> torch.Tensor:
     """Whole-page sparse decode: the chosen pages, sorted, are each head's block table; the dense
     split-K kernel walks them (contiguous page rows, no position list)."""
     from .triton_select import select_tables_triton
@@ -323,7 +337,7 @@ def _compacted_decode(query, cache, block_table, seq_lens, attended, scale, para
     tables, lens = select_tables_triton(query, cache, block_table, seq_lens, attended, scale, params,
                                         capacity=capacity, max_seq_len=max_seq_len)
     return table_decode(query, cache, tables, lens, scale, out=out, max_len=tables.shape[-1] * cache.page_size,
-                        num_splits=num_splits, force_triton=True)
+                        num_splits=num_splits, force_triton=True, softcap=softcap, sinks=sinks)
 
 
 def _into(out: torch.Tensor | None, res: torch.Tensor) -> torch.Tensor:

@@ -241,6 +241,8 @@ def table_decode(
     tables: torch.Tensor,
     lens: torch.Tensor,
     scale: float,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Single-token decode where each (request, selection head) attends the first ``lens[b, s]``
     tokens of its own block table ``tables[b, s]`` — whole-page sparse decode over compacted
@@ -250,6 +252,7 @@ def table_decode(
         query: ``[B, num_heads, head_size]``.
         tables: ``[B, S, W]`` block ids, ``S = num_kv_heads`` (the GQA group shares the row) or
             ``num_heads``; lens: ``[B, S]`` int.
+        softcap, sinks: as :func:`sparse_attention`.
     Returns:
         ``[B, num_heads, head_size]`` in ``query.dtype``.
     """
@@ -263,7 +266,7 @@ def table_decode(
     v = cache.value_cache[blk, pos % bs, kv_head].float()
     invalid = pos >= lens.long()[..., None]  # [B, S, N]
     logits = torch.einsum("bsgd,bsnd->bsgn", query.float().view(b, s, num_heads // s, d), k) * scale
-    p = torch.softmax(logits.masked_fill(invalid[:, :, None, :], _NEG_INF), dim=-1)
+    p = _softmax(logits.masked_fill(invalid[:, :, None, :], _NEG_INF), softcap, sinks)
     v = v.masked_fill(invalid[..., None], 0.0)  # rows past a row's length may hold anything
     return torch.einsum("bsgn,bsnd->bsgd", p, v).reshape(b, num_heads, d).to(query.dtype)
 

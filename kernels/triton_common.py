@@ -11,7 +11,8 @@ import triton.language as tl
 
 from .layout import PagedKVCache
 
-__all__ = ["INTERPRET", "LOG2E", "dot", "paged_slots", "load_rows", "softmax_step", "math_mode", "check_query"]
+__all__ = ["INTERPRET", "LOG2E", "dot", "paged_slots", "load_rows", "soft_cap", "start_with_sinks", "softmax_step",
+           "math_mode", "check_query", "check_sinks"]
 
 #: the Triton interpreter (``TRITON_INTERPRET=1``); read when the kernels are decorated, as Triton itself does
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -45,6 +46,24 @@ def load_rows(ptr, blk, off, head, d, mask, stride_b, stride_t, stride_h, stride
 
 
 @triton.jit
+def soft_cap(s, cap):
+    """``cap · tanh(s / cap)``: a layer's logit soft cap (Gemma 2), in any unit as long as ``s`` and
+    ``cap`` share it (log2 units: both times ``log2(e)``). ``tanh`` through ``exp2``: finite for
+    every finite logit; ``-inf`` becomes ``-cap``, so mask after capping."""
+    return cap - 2.0 * cap / (tl.exp2(s * (2.8853900817779268 / cap)) + 1.0)  # 2·log2(e) / cap
+
+
+@triton.jit
+def start_with_sinks(m_i, l_i, sinks_ptr, heads, mask, take):
+    """The online softmax's running ``(max, sum)`` before any key, with each row's sink logit
+    (``sinks[heads]``, natural units; gpt-oss) as one more term of the denominator, attached to no
+    value, where ``mask & take`` (a split-K decode takes it in one split only)."""
+    sink = tl.load(sinks_ptr + heads, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
+    take = mask & take
+    return tl.where(take, sink, m_i), tl.where(take, l_i + 1.0, l_i)
+
+
+@triton.jit
 def softmax_step(m_i, l_i, acc, s, v, IEEE: tl.constexpr, USE_DOT: tl.constexpr):
     """One online-softmax update with logits ``s`` ``[M, TILE]`` (log2 units, ``-inf`` = masked)
     and values ``v`` ``[TILE, BLOCK_D]``; returns the new ``(m_i, l_i, acc)``."""
@@ -65,6 +84,12 @@ def math_mode(query: torch.Tensor, cache: PagedKVCache) -> tuple[bool, bool]:
     the cache's), and run dots as exact fp32 (no tf32) when the operands are fp32."""
     upcast = INTERPRET or query.dtype != cache.dtype
     return upcast, upcast or cache.dtype == torch.float32
+
+
+def check_sinks(sinks: torch.Tensor | None, num_heads: int) -> None:
+    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != num_heads or sinks.stride(0) != 1):
+        raise ValueError(f"sinks must be a contiguous [num_heads={num_heads}] tensor; got shape "
+                         f"{tuple(sinks.shape)}, strides {sinks.stride()}")
 
 
 def check_query(query: torch.Tensor, cache: PagedKVCache) -> tuple[int, int, int]:

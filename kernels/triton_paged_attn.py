@@ -2,14 +2,17 @@
 
 Semantics of :func:`.reference.paged_attention`: request ``b`` owns query rows
 ``query_start_loc[b]:query_start_loc[b+1]``, the *last* ``q_len`` positions of its
-``seq_lens[b]`` tokens; row ``i`` attends positions ``0 .. seq_lens[b] - q_len + i``.
+``seq_lens[b]`` tokens; row ``i`` attends positions ``0 .. seq_lens[b] - q_len + i`` — with a
+sliding window only the last ``window`` of them — with the layer's logit soft cap and sinks.
 
 One program takes ``BLOCK_Q`` consecutive query tokens of one request and the whole GQA
 group of one KV head (``BLOCK_M = BLOCK_Q * next_pow2(group)`` rows), so every K/V tile is
 read once per group, and runs an fp32 online softmax over the causal key range. The grid
 is the static upper bound ``num_tokens // BLOCK_Q + B`` of query blocks (as vLLM's unified
 attention does): each program finds its request by binary search over
-``query_start_loc`` and exits if it has no rows, so no host sync is needed.
+``query_start_loc`` and exits if it has no rows, so no host sync is needed. With a window, a
+program starts at the first key its first row attends: key tiles wholly behind the window are
+neither read nor computed (vLLM may have freed their blocks).
 All-decode batches (every ``q_len == 1``) go to the split-K decode kernel instead.
 """
 
@@ -21,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .layout import PagedKVCache
-from .triton_common import INTERPRET, LOG2E, check_query, dot, load_rows, math_mode, paged_slots, softmax_step
+from .triton_common import (INTERPRET, LOG2E, check_query, check_sinks, dot, load_rows, math_mode, paged_slots,
+                            soft_cap, softmax_step, start_with_sinks)
 from .triton_sparse_attn import dense_decode_triton
 
 __all__ = ["paged_attention_triton"]
@@ -52,9 +56,12 @@ def _paged_prefill_kernel(
     block_table_ptr,  # [B, max_blocks] int
     seq_lens_ptr,  # [B] int
     query_start_loc_ptr,  # [B + 1] int
+    sinks_ptr,  # [num_heads] sink logits (HAS_SINKS)
     out_ptr,  # [num_tokens, num_heads, head_size]
     # -- sizes / scalars -----------------------------------------------------------
     scale_log2e,
+    softcap_log2e,  # logit soft cap * log2(e) (HAS_SOFTCAP)
+    window,  # attend the last `window` positions only (the row's own included); <= 0: all
     num_reqs,
     q_per_kv,  # num_heads // num_kv_heads
     # -- strides -------------------------------------------------------------------
@@ -72,6 +79,8 @@ def _paged_prefill_kernel(
     TILE_N: tl.constexpr,  # keys per loop step
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * BLOCK_GP
     q_block = tl.program_id(0)
@@ -103,13 +112,17 @@ def _paged_prefill_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
-    # keys needed by the block's last row
+    # keys from the block's first row's window to its last row's position
+    span = tl.where(window > 0, window, n)  # keys a row attends at most (n: all)
+    kv_start = tl.maximum(n - q_len + local * BLOCK_Q - span + 1, 0)
     kv_end = tl.minimum(n, n - q_len + (local + 1) * BLOCK_Q)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:
+        m_i, l_i = start_with_sinks(m_i, l_i, sinks_ptr, head, row_valid, True)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_off = tl.arange(0, TILE_N)
-    for t in range(0, kv_end, TILE_N):
+    for t in range(kv_start, kv_end, TILE_N):
         pos = t + n_off
         valid = pos < kv_end
         blk, off = paged_slots(block_table_ptr, b, stride_btb, stride_btn, pos, valid, BLOCK_SIZE)
@@ -120,7 +133,9 @@ def _paged_prefill_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = dot(q, tl.trans(k), IEEE) * scale_log2e  # [BLOCK_M, TILE_N]
-        allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        if HAS_SOFTCAP:
+            s = soft_cap(s, softcap_log2e)
+        allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - span)
         s = tl.where(allowed, s, float("-inf"))
         m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, v, IEEE, True)
 
@@ -142,6 +157,9 @@ def paged_attention_triton(
     out: torch.Tensor | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    window: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense causal paged attention (see :func:`.reference.paged_attention`).
 
@@ -155,6 +173,10 @@ def paged_attention_triton(
             request and routes to the split-K decode kernel. ``None``: read from
             ``query_start_loc`` (a device sync).
         max_seq_len: host bound of ``seq_lens`` for the decode split count (``None``: sync).
+        window: a row attends only the last ``window`` positions up to its own (``-1``: all); the
+            keys behind every row's window are never read.
+        softcap: the layer's logit soft cap (``0``: none).
+        sinks: optional ``[num_heads]`` per-head sink logits (any float dtype).
     Returns:
         ``out``; rows past ``query_start_loc[-1]`` are left untouched.
     """
@@ -162,6 +184,7 @@ def paged_attention_triton(
         raise ValueError(f"query must be [num_tokens, num_heads, head_size]; got {tuple(query.shape)}")
     num_tokens, num_heads, d = query.shape
     check_query(query, cache)
+    check_sinks(sinks, num_heads)
     num_reqs = seq_lens.shape[0]
     if query_start_loc.shape[0] != num_reqs + 1:
         raise ValueError(
@@ -178,8 +201,8 @@ def paged_attention_triton(
         all_decode = max_query_len == 1 and int(q_lens.min()) == 1
     if all_decode and num_tokens >= num_reqs:
         # one query per request: request b's row is query_start_loc[b] = b
-        dense_decode_triton(query[:num_reqs], cache, block_table, seq_lens, scale,
-                            out=out[:num_reqs], max_seq_len=max_seq_len)
+        dense_decode_triton(query[:num_reqs], cache, block_table, seq_lens, scale, out=out[:num_reqs],
+                            max_seq_len=max_seq_len, window=window, softcap=softcap, sinks=sinks)
         return out
 
     q_per_kv = num_heads // cache.num_kv_heads
@@ -195,12 +218,12 @@ def paged_attention_triton(
     kc, vc = cache.key_cache, cache.value_cache
     grid = (num_tokens // block_q + num_reqs, cache.num_kv_heads)
     _paged_prefill_kernel[grid](
-        query, kc, vc, block_table, seq_lens, query_start_loc, out,
-        scale * LOG2E, num_reqs, q_per_kv,
+        query, kc, vc, block_table, seq_lens, query_start_loc, sinks if sinks is not None else query, out,
+        scale * LOG2E, float(softcap or 0.0) * LOG2E, int(window), num_reqs, q_per_kv,
         *query.stride(), *kc.stride(), *vc.stride(), *block_table.stride(), *out.stride(),
         BLOCK_SIZE=cache.block_size, HEAD_SIZE=d, BLOCK_D=triton.next_power_of_2(d),
         BLOCK_GP=block_gp, BLOCK_Q=block_q, TILE_N=tile_n,
-        UPCAST=upcast, IEEE=ieee,
+        UPCAST=upcast, IEEE=ieee, HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
         num_warps=4,
     )
     return out

@@ -17,6 +17,10 @@ program runs an fp32 online softmax over its split and, when there is more than 
 writes a partial ``(acc, max, sum)`` that :func:`_merge_splits_kernel` combines. Semantics
 are those of :func:`.reference.sparse_attention` / :func:`.reference.dense_decode`, except
 that a row with no valid position at all returns zeros (the reference returns NaN).
+
+A layer's logit soft cap is applied to every logit before the softmax; its sinks (one logit per
+query head, attached to no value) start the first split's running ``(max, sum)``, so the merge
+counts each exactly once. Dense decode with a sliding window walks only the window's positions.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import triton
 import triton.language as tl
 
 from .layout import PagedKVCache
-from .triton_common import INTERPRET, LOG2E, check_query, dot, load_rows, math_mode, paged_slots, softmax_step
+from .triton_common import (INTERPRET, LOG2E, check_query, check_sinks, dot, load_rows, math_mode, paged_slots,
+                            soft_cap, softmax_step, start_with_sinks)
 
 __all__ = ["sparse_attention_triton", "dense_decode_triton", "table_decode_triton", "decode_num_splits"]
 
@@ -43,11 +48,14 @@ def _split_decode_kernel(
     block_table_ptr,  # [B, max_blocks] int, or [B, S, max_blocks]: one table per selection head
     idx_ptr,  # [B, S, L] int positions (USE_INDICES), -1 = skip
     seq_lens_ptr,  # [B] int, or [B, S] (dense mode: positions 0 .. len-1 of the row's table)
+    sinks_ptr,  # [num_heads] sink logits (HAS_SINKS)
     out_ptr,  # [B, num_heads, head_size]            (written when NUM_SPLITS == 1)
     acc_ptr,  # [B, num_heads, NUM_SPLITS, head_size] fp32 partial numerators
     ml_ptr,  # [B, num_heads, NUM_SPLITS, 2] fp32 (running max in log2 units, running sum)
     # -- sizes / scalars -----------------------------------------------------------
     scale_log2e,  # softmax scale * log2(e)
+    softcap_log2e,  # logit soft cap * log2(e) (HAS_SOFTCAP)
+    window,  # dense mode: attend the last `window` positions only; <= 0: all
     num_slots,  # L (sparse mode)
     rows_per_sel,  # G: query heads that share one index row (num_heads // S)
     q_per_kv,  # num_heads // num_kv_heads
@@ -72,6 +80,8 @@ def _split_decode_kernel(
     USE_DOT: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 right after loads (interpreter: bf16 math is broken there)
     IEEE: tl.constexpr,  # fp32 dot without tf32
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     sel = tl.program_id(1).to(tl.int64)
@@ -93,17 +103,21 @@ def _split_decode_kernel(
     if UPCAST or not USE_DOT:
         q = q.to(tl.float32)
 
-    # Contiguous range of slots this split covers.
+    # Contiguous range of slots this split covers: of [first, length), first > 0 only with a window.
     if USE_INDICES:
         length = num_slots
+        first = 0
     else:
         length = tl.load(seq_lens_ptr + b * stride_slb + sel * stride_sls).to(tl.int32)
-    split_len = tl.cdiv(length, NUM_SPLITS)
-    start = split * split_len
+        first = tl.maximum(length - tl.where(window > 0, window, length), 0)
+    split_len = tl.cdiv(length - first, NUM_SPLITS)
+    start = first + split * split_len
     end = tl.minimum(length, start + split_len)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
+    if HAS_SINKS:  # one term per head in the whole softmax: the first split's
+        m_i, l_i = start_with_sinks(m_i, l_i, sinks_ptr, heads, g_mask, split == 0)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     n_off = tl.arange(0, TILE_N)
     for t in range(start, end, TILE_N):
@@ -130,7 +144,10 @@ def _split_decode_kernel(
             s = dot(q, tl.trans(k), IEEE)
         else:
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
-        s = tl.where(valid[None, :], s * scale_log2e, float("-inf"))
+        s = s * scale_log2e
+        if HAS_SOFTCAP:
+            s = soft_cap(s, softcap_log2e)
+        s = tl.where(valid[None, :], s, float("-inf"))
         m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, v, IEEE, USE_DOT)
 
     row_mask = g_mask[:, None] & d_mask[None, :]
@@ -232,9 +249,11 @@ def decode_num_splits(rows: int, length: int, device: torch.device, tile_n: int 
 
 
 def _launch(
-    query, cache, block_table, scale, out, num_splits, *, indices=None, seq_lens=None, length: int
+    query, cache, block_table, scale, out, num_splits, *, indices=None, seq_lens=None, length: int,
+    window: int = -1, softcap: float = 0.0, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     b, num_heads, d = query.shape
+    check_sinks(sinks, num_heads)
     hkv = cache.num_kv_heads
     per_head = block_table.dim() == 3  # [B, S, max_blocks]: every selection head has its own table
     s = indices.shape[1] if indices is not None else block_table.shape[1] if per_head else hkv
@@ -264,14 +283,14 @@ def _launch(
     sl_strides = (0, 0) if seq_lens is None else (*seq_lens.stride(), 0)[:2]
     kc, vc = cache.key_cache, cache.value_cache
     _split_decode_kernel[(b, s, num_splits)](
-        query, kc, vc, block_table, idx, sl, out, acc, ml,
-        scale * LOG2E, length, rows_per_sel, q_per_kv,
+        query, kc, vc, block_table, idx, sl, sinks if sinks is not None else query, out, acc, ml,
+        scale * LOG2E, float(softcap or 0.0) * LOG2E, int(window), length, rows_per_sel, q_per_kv,
         *query.stride(), *kc.stride(), *vc.stride(), *bt_strides, *sl_strides,
         *(idx.stride() if indices is not None else (0, 0, 0)),
         *out.stride(), *acc.stride()[:3], *ml.stride()[:3],
         BLOCK_SIZE=cache.block_size, HEAD_SIZE=d, BLOCK_D=block_d, BLOCK_G=block_g, TILE_N=tile_n,
         NUM_SPLITS=num_splits, USE_INDICES=indices is not None, USE_DOT=use_dot,
-        UPCAST=upcast, IEEE=ieee,
+        UPCAST=upcast, IEEE=ieee, HAS_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
         num_warps=4,
     )
     if num_splits > 1:
@@ -294,6 +313,8 @@ def sparse_attention_triton(
     scale: float,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of one query per request over ``indices`` (see :func:`.reference.sparse_attention`).
 
@@ -304,6 +325,8 @@ def sparse_attention_triton(
             ``S = num_kv_heads`` or ``S = num_heads``.
         out: optional ``[B, num_heads, head_size]`` output (any float dtype, any strides).
         num_splits: split-K factor (``None``: fill the device).
+        softcap: the layer's logit soft cap (``0``: none).
+        sinks: optional ``[num_heads]`` per-head sink logits (any float dtype).
     Returns:
         ``out``: ``[B, num_heads, head_size]``. Graph-safe given static shapes and ``num_splits``.
     """
@@ -313,7 +336,8 @@ def sparse_attention_triton(
             f"indices must be [B={b}, S, L] with S in (num_kv_heads={cache.num_kv_heads}, "
             f"num_heads={num_heads}); got {tuple(indices.shape)}"
         )
-    return _launch(query, cache, block_table, scale, out, num_splits, indices=indices, length=indices.shape[2])
+    return _launch(query, cache, block_table, scale, out, num_splits, indices=indices, length=indices.shape[2],
+                   softcap=softcap, sinks=sinks)
 
 
 def dense_decode_triton(
@@ -325,6 +349,9 @@ def dense_decode_triton(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
+    window: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense decode over positions ``0..seq_lens[b]-1`` (see :func:`.reference.dense_decode`).
 
@@ -334,18 +361,22 @@ def dense_decode_triton(
         out: optional ``[>= B, num_heads, head_size]`` output; rows ``:B`` are written.
         max_seq_len: host upper bound of ``seq_lens`` used only to choose ``num_splits``
             (``None``: read from ``seq_lens``, a device sync).
+        window: attend only the last ``window`` positions (the query's own included); ``-1``: all.
+            Only those are read (blocks behind the window may be freed).
+        softcap, sinks: as :func:`sparse_attention_triton`.
     """
     b, _, _ = check_query(query, cache)
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max()) if b else 1
-        num_splits = decode_num_splits(b * cache.num_kv_heads, max_seq_len, query.device,
+        length = min(max_seq_len, window) if window > 0 else max_seq_len
+        num_splits = decode_num_splits(b * cache.num_kv_heads, length, query.device,
                                        _tile_n(math_mode(query, cache)[1]))
+    kw = dict(seq_lens=seq_lens, length=0, window=window, softcap=softcap, sinks=sinks)
     if out is not None:
-        out_view = out[:b]
-        _launch(query, cache, block_table, scale, out_view, num_splits, seq_lens=seq_lens, length=0)
+        _launch(query, cache, block_table, scale, out[:b], num_splits, **kw)
         return out
-    return _launch(query, cache, block_table, scale, None, num_splits, seq_lens=seq_lens, length=0)
+    return _launch(query, cache, block_table, scale, None, num_splits, **kw)
 
 
 def table_decode_triton(
@@ -357,6 +388,8 @@ def table_decode_triton(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_len: int | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode where each (request, selection head) attends positions ``0 .. lens[b, s] - 1`` of its own
     block table ``tables[b, s]`` (see :func:`.reference.table_decode`): whole-page sparse decode over
@@ -369,6 +402,7 @@ def table_decode_triton(
         lens: ``[B, S]`` int tokens each row attends (all its blocks whole but the last).
         out: optional ``[B, num_heads, head_size]`` output.
         max_len: host bound ``>= max(lens)`` for the split count (``None``: ``W * block_size``).
+        softcap, sinks: as :func:`sparse_attention_triton`.
     Returns:
         ``out``. Graph-safe given static shapes and ``num_splits``.
     """
@@ -382,4 +416,5 @@ def table_decode_triton(
         length = max_len if max_len is not None else tables.shape[2] * cache.block_size
         num_splits = decode_num_splits(b * tables.shape[1], length, query.device,
                                        _tile_n(math_mode(query, cache)[1]))
-    return _launch(query, cache, tables, scale, out, num_splits, seq_lens=lens, length=0)
+    return _launch(query, cache, tables, scale, out, num_splits, seq_lens=lens, length=0, softcap=softcap,
+                   sinks=sinks)

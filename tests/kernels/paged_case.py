@@ -61,6 +61,29 @@ def make_case(lens, num_heads, num_kv_heads, head_size, block_size, page_size, d
     return PagedCase(cache, bt, torch.tensor(lens, device=device), keys, values, num_heads)
 
 
+def random_indices(lens, s, width, device="cpu") -> torch.Tensor:
+    """``[B, S, width]`` random distinct positions of each request, ``-1`` scattered anywhere (not sorted);
+    a short request gets every position (a budget >= its context)."""
+    idx = torch.full((len(lens), s, width), -1, dtype=torch.long)
+    for b, n in enumerate(lens):
+        m = min(n, width - 3)
+        for h in range(s):
+            idx[b, h, torch.randperm(width)[:m]] = torch.randperm(n)[:m]
+    return idx.to(device)
+
+
+def random_pages(lens, s, page_size, device="cpu") -> torch.Tensor:
+    """``[B, S, max_pages]`` a random non-empty set of each request's pages per row, in random order,
+    ``-1`` padded (the partial last page among the candidates)."""
+    num_pages = [-(-n // page_size) for n in lens]
+    pages = torch.full((len(lens), s, max(num_pages)), -1, dtype=torch.long)
+    for b, m in enumerate(num_pages):
+        for h in range(s):
+            chosen = torch.randperm(m)[: torch.randint(1, m + 1, ()).item()]
+            pages[b, h, : len(chosen)] = chosen
+    return pages.to(device)
+
+
 def naive_attention(q, k, v, q_pos, scale):
     """Unpaged float64 attention of rows ``q`` [T, H, D] at positions ``q_pos`` over ``k``/``v`` [n, Hkv, D] (causal)."""
     g = q.shape[1] // k.shape[1]

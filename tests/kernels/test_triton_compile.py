@@ -117,6 +117,15 @@ def main() -> int:
                 for qlen in (3, 100):  # small and large query blocks
                     paged_attention_triton(torch.randn(2 * qlen, h, d).to(dtype), c, bt, seq_lens,
                                            torch.tensor([0, qlen, 2 * qlen]), 0.1, max_query_len=qlen)
+                # a layer's window, soft cap and sinks (Gemma 2/3, gpt-oss)
+                sinks = torch.randn(h)
+                paged_attention_triton(torch.randn(200, h, d).to(dtype), c, bt, seq_lens, torch.tensor([0, 100, 200]),
+                                       0.1, max_query_len=100, window=64, softcap=30.0, sinks=sinks)
+                dense_decode_triton(q, c, bt, seq_lens, 0.1, num_splits=4, window=1, softcap=30.0, sinks=sinks)  # 1: specialised
+                sparse_attention_triton(q, c, bt, torch.randint(0, 300, (b, hkv, 96)), 0.1, num_splits=1,
+                                        softcap=30.0, sinks=sinks)
+                table_decode_triton(q, c, bt[:, None, :8].expand(b, hkv, 8).contiguous(),
+                                    torch.full((b, hkv), 100, dtype=torch.int32), 0.1, num_splits=2, sinks=sinks)
                 if dtype == torch.float32 and d == 64:
                     continue
                 if dtype == torch.bfloat16 and d == 128:  # an fp32 query over a bf16 cache: upcast path

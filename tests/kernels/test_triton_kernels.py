@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from paged_case import make_case  # noqa: E402
+from paged_case import make_case, random_indices, random_pages  # noqa: E402
 from vllm_sparse.kernels import PagedKVCache, ops  # noqa: E402
 from vllm_sparse.kernels import reference as R  # noqa: E402
 from vllm_sparse.kernels.selection import compact_pages, page_positions, quest_attended  # noqa: E402
@@ -301,16 +301,6 @@ def test_recent_selection_is_sinks_plus_most_recent(granularity):
 # --------------------------------------------------------------------------------------
 # sparse attention
 # --------------------------------------------------------------------------------------
-def _random_indices(lens, s, width, device):
-    """[B, S, width] random distinct positions, -1 scattered anywhere (not sorted)."""
-    idx = torch.full((len(lens), s, width), -1, dtype=torch.long)
-    for b, n in enumerate(lens):
-        m = min(n, width - 3)  # short requests: every position (budget >= context)
-        for h in range(s):
-            idx[b, h, torch.randperm(width)[:m]] = torch.randperm(n)[:m]
-    return idx.to(device)
-
-
 @pytest.mark.parametrize("window, factor", [(0, None), (20, None), (20, 2.5), (0, 3.3), (37, 1.0)])
 def test_ranked_pages_kernel_is_the_torch_cut_and_compaction(window, factor):
     """:func:`ranked_pages_triton` (one launch) against the torch ops it replaces on the whole-page
@@ -371,7 +361,7 @@ def test_sparse_attention(num_heads, num_kv_heads, head_size, dtype, shared, num
     lens = [1, 45, 130]
     c = case(lens, num_heads, num_kv_heads, head_size, 16, 8, dtype)
     s = num_kv_heads if shared else num_heads
-    idx = _random_indices(lens, s, 48, DEV)
+    idx = random_indices(lens, s, 48, DEV)
     q = torch.randn(len(lens), num_heads, head_size, device=DEV).to(dtype)
     out = ops.sparse_attention(q, c.cache, c.block_table, idx.to(torch.int32), 0.125,
                                out=nan_like(q.shape, dtype), num_splits=num_splits, **FORCE)
@@ -412,13 +402,7 @@ def test_table_decode(num_heads, num_kv_heads, head_size, dtype, shared, num_spl
     lens, bs = [1, 45, 130], 16
     c = case(lens, num_heads, num_kv_heads, head_size, bs, bs, dtype)
     s = num_kv_heads if shared else num_heads
-    num_pages = [-(-n // bs) for n in lens]
-    pages = torch.full((3, s, max(num_pages)), -1, dtype=torch.long)
-    for b, m in enumerate(num_pages):
-        for h in range(s):
-            chosen = torch.randperm(m)[: torch.randint(1, m + 1, ()).item()]
-            pages[b, h, : len(chosen)] = chosen
-    pages = pages.to(DEV)
+    pages = random_pages(lens, s, bs, DEV)
     tables, tlens = compact_pages(pages, c.block_table, c.seq_lens, bs)
     q = torch.randn(len(lens), num_heads, head_size, device=DEV).to(dtype)
     out = ops.table_decode(q, c.cache, tables, tlens, 0.125, out=nan_like(q.shape, dtype), num_splits=num_splits,

@@ -159,13 +159,13 @@ class SparseAttentionBackend(AttentionBackend):
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
-        """Sliding-window layers attend exactly their window, densely, through vLLM's CPU op (the CUDA
-        route refuses them by name when the layer is built)."""
+        """Sliding-window layers attend exactly their window, densely: through vLLM's CPU op, or on the
+        CUDA route through the Triton kernels (which read only the window's blocks)."""
         return True
 
     @classmethod
     def supports_sink(cls) -> bool:
-        """Attention sinks (gpt-oss) go to vLLM's CPU op, the sparse decode included (CUDA: refused by name)."""
+        """Attention sinks (gpt-oss) go to vLLM's CPU op or the Triton kernels, the sparse decode included."""
         return True
 
     @classmethod
@@ -411,10 +411,6 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             f"attn_type={attn_type}": attn_type != AttentionType.DECODER,
             f"kv_cache_dtype={kv_cache_dtype}": kv_cache_dtype not in SparseAttentionBackend.supported_kv_cache_dtypes,
         }
-        if not self.cpu:  # the Triton kernels have neither windows, nor soft caps, nor sinks yet
-            unsupported.update({"sliding_window on GPUs": sliding_window is not None,
-                                "logits_soft_cap on GPUs": bool(logits_soft_cap),
-                                "attention sinks on GPUs": sinks is not None})
         bad = [name for name, hit in unsupported.items() if hit]
         if bad:
             raise NotImplementedError(
@@ -458,8 +454,9 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
 
     @property
     def softmax(self) -> "cpu_attention.Softmax":
-        """The window, soft cap and sinks vLLM's CPU op takes (built at the first forward: the sinks
-        are a weight, loaded after the constructor, cast to float32 as vLLM's CPU backend does)."""
+        """The window, soft cap and sinks vLLM's CPU op and the Triton kernels take (built at the first
+        forward: the sinks are a weight, loaded after the constructor, cast to float32 as vLLM's CPU
+        backend does)."""
         if self._softmax is None:
             sinks = self.sinks
             if sinks is not None and sinks.dtype not in (torch.bfloat16, torch.float32):
@@ -566,24 +563,28 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
 
     def _forward_cuda(self, query: torch.Tensor, cache: PagedKVCache, md: SparseAttentionMetadata,
                       output: torch.Tensor, dense_layer: bool) -> torch.Tensor:
-        """The Triton kernels: sparse (or dense) decode for the decodes, dense causal attention for the rest.
+        """The Triton kernels: sparse (or dense) decode for the decodes, dense causal attention for the rest,
+        with the layer's window (a windowed layer is a dense one: it attends its window), soft cap and sinks.
         ``force_triton``: the same kernels on CPU tensors under the test-only switch (module docstring)."""
         nd, ndt, n = md.num_decodes, md.num_decode_tokens, md.num_actual_tokens
+        sm = self.softmax
         if nd:
             q = query[:ndt]
             seq, bt = md.seq_lens[:nd], md.block_table[:nd]
             if md.decode_is_dense or dense_layer:
                 output[:ndt] = ops.dense_decode(q, cache, bt, seq, self.scale, max_seq_len=md.max_seq_len,
-                                                force_triton=True)
+                                                force_triton=True, window=sm.window, softcap=sm.softcap,
+                                                sinks=sm.sinks)
             else:
                 output[:ndt] = ops.sparse_decode(q, cache, bt, seq, md.decode_attended, self.scale, self.params,
                                                  capacity=md.decode_capacity, max_seq_len=md.max_seq_len,
-                                                 force_triton=True)
+                                                 force_triton=True, softcap=sm.softcap, sinks=sm.sinks)
         if n > ndt:
             qsl = md.query_start_loc[nd:] - ndt
             output[ndt:n] = ops.paged_attention(query[ndt:n], cache, md.block_table[nd:], md.seq_lens[nd:],
                                                 qsl, self.scale, max_query_len=md.max_query_len,
-                                                max_seq_len=md.max_seq_len, force_triton=True)
+                                                max_seq_len=md.max_seq_len, force_triton=True, window=sm.window,
+                                                softcap=sm.softcap, sinks=sm.sinks)
         return output
 
     def _forward_cpu(self, layer: AttentionLayer, query: torch.Tensor, cache: PagedKVCache, md: SparseAttentionMetadata,

@@ -270,9 +270,49 @@ def test_small_budget_cuda_route_attends_the_reference_selection(tiny_llama_dir,
     assert max(c["err"] for c in checks) < TOLERANCE[dtype], checks
 
 
-def test_the_cuda_route_refuses_windows_and_soft_caps_by_name(tiny_gemma2_dir, emulate_cuda):
-    """The Triton kernels have no sliding window or logit soft cap yet: a model with them stops at
-    start-up naming both, instead of attending past its window."""
-    with pytest.raises(NotImplementedError, match=r"sliding_window on GPUs, logits_soft_cap on GPUs"):
-        with make_llm(tiny_gemma2_dir, max_model_len=1024, dtype="float32"):
-            pass
+def _softmax_options(_, *args, window=-1, softcap=0.0, sinks=None, **kwargs):
+    return window, softcap, sinks is not None
+
+
+def _tokens_and_logprobs(outputs):
+    return [[(t, d[t].logprob) for t, d in zip(o.token_ids, o.logprobs)] for o in outputs]
+
+
+@pytest.mark.parametrize("arch, softcap", [("gemma2", 2.0), ("gemma3", 0.0)])
+def test_windowed_and_soft_capped_models_on_the_cuda_route(request, emulate_cuda, route_spy, arch, softcap):
+    """Gemma 2 (every other layer a 64-token window, logits capped at 2.0) and Gemma 3 (4 windowed
+    layers of 6) on the CUDA route: at full budget (``force_sparse``) stock's greedy tokens and
+    log-probabilities (float32), a prompt twice the window long, with the windowed layers attending
+    exactly their window (prefill and dense decode) and the full layers decoding sparsely over
+    compacted tables, every call with the layer's cap; at a small budget the full layers' decode
+    really is sparse (a fraction of the context, counted once per step)."""
+    from vllm.inputs import TokensPrompt
+
+    from vllm_sparse import stats
+    from vllm_sparse.kernels import ops
+
+    model = request.getfixturevalue(f"tiny_{arch}_dir")
+    for name in ("paged_attention", "dense_decode", "sparse_decode"):
+        route_spy.wrap(ops, name, _softmax_options, key=f"options.{name}")
+    prompts = [TokensPrompt(prompt_token_ids=essay_ids(model, n, start=i * 1000)) for i, n in enumerate((5, 130))]
+    engine = dict(dtype="float32", max_model_len=256)
+    stock = _tokens_and_logprobs(generate_once(model, prompts, backend="stock", max_tokens=4, logprobs=0, **engine))
+    full = {"alpha": 1.0, "k": 1.0, "dense_below": 0, "force_sparse": True}
+    got = _tokens_and_logprobs(generate_once(model, prompts, sparse=full, max_tokens=4, logprobs=0, **engine))
+    assert [[t for t, _ in o] for o in got] == [[t for t, _ in o] for o in stock]
+    for ours, theirs in zip(got, stock):
+        assert [lp for _, lp in ours] == pytest.approx([lp for _, lp in theirs], abs=1e-4)
+    _route_ran(route_spy)
+    calls = route_spy.calls
+    assert set(calls["options.paged_attention"]) == {(-1, softcap, False), (64, softcap, False)}
+    assert set(calls["options.dense_decode"]) == {(64, softcap, False)}  # only the windowed layers decode densely
+    assert set(calls["options.sparse_decode"]) == {(-1, softcap, False)}
+
+    small = {"dense_below": 0, "min_budget": 32, "k": 1.0, "alpha": 0.5, "page_size": 16, "sink_tokens": 4,
+             "local_window": 16}
+    before = stats.snapshot()
+    outs = generate_once(model, prompts, sparse=small, max_tokens=4, **engine)
+    after = stats.snapshot()
+    assert all(len(o.token_ids) == 4 for o in outs)
+    attended = after["attended_tokens"] - before["attended_tokens"]
+    assert 0 < attended < 0.75 * (after["context_tokens"] - before["context_tokens"])

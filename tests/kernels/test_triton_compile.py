@@ -121,7 +121,8 @@ def main() -> int:
                 sinks = torch.randn(h)
                 paged_attention_triton(torch.randn(200, h, d).to(dtype), c, bt, seq_lens, torch.tensor([0, 100, 200]),
                                        0.1, max_query_len=100, window=64, softcap=30.0, sinks=sinks)
-                dense_decode_triton(q, c, bt, seq_lens, 0.1, num_splits=4, window=1, softcap=30.0, sinks=sinks)  # 1: specialised
+                # window=1: Triton specialises an int argument equal to 1 as a constant
+                dense_decode_triton(q, c, bt, seq_lens, 0.1, num_splits=4, window=1, softcap=30.0, sinks=sinks)
                 sparse_attention_triton(q, c, bt, torch.randint(0, 300, (b, hkv, 96)), 0.1, num_splits=1,
                                         softcap=30.0, sinks=sinks)
                 table_decode_triton(q, c, bt[:, None, :8].expand(b, hkv, 8).contiguous(),

@@ -186,14 +186,18 @@ def run_case(model: str, settings: dict | None, context: int, batch: int, decode
 
 
 def run_shared(model: str, settings: dict | None, context: int, batches: list[int], decode_tokens: int, seed: int,
-               dtype: str = "bfloat16", compiled: bool = False, prompt_kind: str = "random") -> dict[int, dict]:
+               dtype: str = "bfloat16", compiled: bool = False, prompt_kind: str = "random",
+               profile: Path | None = None) -> dict[int, dict]:
     """Every batch size of one context on one engine, the prompt prefilled once (``--shared-prefill``).
 
     One prompt of ``context`` tokens is prefilled, less its last two tokens, into vLLM's prefix cache
     (timed: the prefill). Then, for each batch size, ``batch`` requests of that prompt find its full
     blocks cached, compute their last 2-33 tokens, and decode: each request its own sequence over
     the shared prompt blocks, the attention work of ``batch`` separate sequences. What this cannot
-    show: a batch of *different* prompts reads ``batch`` times as much distinct KV memory."""
+    show: a batch of *different* prompts reads ``batch`` times as much distinct KV memory.
+
+    ``profile``: afterwards, ``torch.profiler`` over 8 more decode steps of the largest batch; the
+    ops' self CPU time, largest first, is written to that file (where the step's time goes)."""
     import statistics
 
     import torch
@@ -229,6 +233,17 @@ def run_shared(model: str, settings: dict | None, context: int, batches: list[in
             rows[b] = dict(context=context, batch=b, wall_s=wall, decode_steps_timed=len(timer.decode_steps),
                            step_ms=1e3 * step, step_mean_ms=1e3 * statistics.fmean(timer.decode_steps),
                            prefill_s=prefill)
+        if profile is not None:
+            b = max(batches)
+            llm.generate([TokensPrompt(prompt_token_ids=ids)] * b, SamplingParams(max_tokens=2, temperature=0.0),
+                         use_tqdm=False)  # the shared tail computed again outside the profile
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                llm.generate([TokensPrompt(prompt_token_ids=ids)] * b,
+                             SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True), use_tqdm=False)
+            profile.parent.mkdir(parents=True, exist_ok=True)
+            profile.write_text(f"context {context}, batch {b}, {settings if settings is not None else 'stock'}: "
+                               "one step of the shared tail + 8 decode steps\n"
+                               + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     finally:
         del llm
         gc.collect()
@@ -348,12 +363,17 @@ def main() -> None:
     ap.add_argument("--shared-prefill", action="store_true",
                     help="one engine per (backend, context), prefix caching on: the context's prompt prefilled once "
                          "and every batch size decodes copies of it (see run_shared); makes 16k-32k grids affordable")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and an estimate of its duration, then exit")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --shared-prefill: profile 8 decode steps of the largest batch per (backend, context) "
+                         "after the timed ones (torch.profiler; ops by self CPU time, into --out)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan, then exit")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     ap.add_argument("--name", default="decode_throughput", help="stem of the JSON/PNG written under --out")
     args = ap.parse_args()
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; dtype {args.dtype}", flush=True)
 
+    if args.profile and not args.shared_prefill:
+        raise SystemExit("--profile needs --shared-prefill (it profiles the shared-prefill engines)")
     from vllm_sparse.assets.models import resolve_model
 
     try:
@@ -389,7 +409,8 @@ def main() -> None:
                 for name, settings in list(backends.items())[:: -1 if k % 2 else 1]:
                     print(f"  {name}: {settings if settings is not None else 'vLLM stock backend'}", flush=True)
                     rows = run_shared(args.model, settings, n, args.batches, args.decode_tokens, args.seed,
-                                      dtype=args.dtype, compiled=args.compiled, prompt_kind=args.prompts)
+                                      dtype=args.dtype, compiled=args.compiled, prompt_kind=args.prompts,
+                                      profile=args.out / f"{args.name}_profile_{name}_{n}.txt" if args.profile else None)
                     rnd[name].update({(n, b): row for b, row in rows.items()})
                 continue
             for b in args.batches:

@@ -53,9 +53,9 @@ def steps(samples: int) -> list[Step]:
     return [
         Step("decode", "decode_throughput.py",
              ("--model", "smollm2-32k", "--contexts", "256", "4096", "8192", "16384", "32000", "--batches", "1", "4",
-              "8", "--backends", "stock", "sparse={}", "--shared-prefill", "--prompts", "essays",
+              "8", "--backends", "stock", "sparse={}", "--shared-prefill", "--profile", "--prompts", "essays",
               "--name", "decode_long"),
-             75, "decode step, stock vs sparse, 4k-32k x batch 1/4/8, log-log slopes"),
+             75, "decode step, stock vs sparse, 4k-32k x batch 1/4/8, log-log slopes, op profiles"),
         Step("kv-capacity", "throughput.py",
              ("--model", "gemma3-270m", "--input-lens", "1024", "--num-prompts", "4", "--output-len", "32",
               "--latency-iters", "0", "--max-model-len", "32768", "--backends", "stock", "sparse={}"),

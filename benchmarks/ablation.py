@@ -25,7 +25,14 @@ the table gives the fraction of answers stated (RULER's score for multi-answer t
 difference from the reference with the standard error of that difference, and how many outputs
 are identical to the reference's::
 
+Beside the named settings, ``quest``, ``streaming`` and ``topk`` are those selection policies at the
+default ``ntopk``'s average budget over the run's prompts (the other rules at the same cost).
+``--model`` takes an asset's name; a model without a chat template (``gemma3-270m``, a base model)
+gets plain completion prompts::
+
     python benchmarks/ablation.py                                   # 4 tasks × 4k/7.5k × 20 samples, the ablation set
+    python benchmarks/ablation.py --model gemma3-270m --lengths 16384 --tasks single multi_key --samples 6 \
+        --settings default quest streaming                          # long context (make bench-long)
     python benchmarks/ablation.py --lengths 4096 --samples 8 --settings default 'mine={"rescore_dims": 0}'
 """
 

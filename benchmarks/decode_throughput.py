@@ -25,6 +25,17 @@ The engines run eager (``enforce_eager``, this project's convention since the fi
 once by dynamo and compiled by inductor's C++ backend, attention (stock's and the plugin's) an
 opaque op inside it — a smaller non-attention share of the step for both.
 
+**Long contexts** (``make bench-long``): prefilling a 32k prompt takes minutes per prompt on a
+2-core CPU, so ``--shared-prefill`` gives each (backend, context) one engine with prefix caching,
+prefills the context's prompt once, and decodes every ``--batches`` size from copies of it
+(:func:`run_shared`). With three or more contexts, the smallest at most 512 tokens, the script fits
+the log-log slope of the step time against the context, and of its attention part (the step less
+the step at the smallest context: the model's other work), per backend and batch, prints them and
+plots ``<name>_loglog.png`` (:func:`fit_slopes`). ``--profile`` writes where a step's time goes::
+
+    python benchmarks/decode_throughput.py --model smollm2-32k --contexts 256 4096 8192 16384 32000 \
+        --batches 1 4 8 --backends stock "sparse={}" --shared-prefill --profile --prompts essays
+
 Backends are given as ``name=SETTINGS_JSON`` (``stock`` is vLLM's own backend); default:
 ``stock``, ``sparse`` (the default settings) and ``token`` (``selection=token``).
 

@@ -36,7 +36,8 @@ For every setting — ``dense`` (vLLM's stock backend, no ``attention_backend``)
 ``ntopk`` at several (α, k), and ``topk`` / ``quest`` / ``streaming`` (selection) /
 ``streaming-evict`` / ``snapkv-evict`` / ``h2o-evict`` at the *same average budget* as the
 default ``ntopk`` (k=12, α=0.5) over this run's prompts (``benchmarks/policies.py::settings_for``)
-— one in-process ``vllm.LLM`` (greedy, bf16, ``enforce_eager``, 8192 tokens, prefix caching off;
+— one in-process ``vllm.LLM`` (greedy, bf16, ``enforce_eager``, ``max_model_len`` the longest prompt's
+(at least 8192), prefix caching off;
 prefill in 512-token chunks with eviction, whole prompts otherwise: :func:`chunk_for`)
 generates every task's prompts in one call. The attended fraction is the
 plugin's own decode counters (``vllm_sparse.stats``) over that call: tokens attended / tokens of

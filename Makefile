@@ -27,7 +27,7 @@ BENCH_ARGS ?=
 # vLLM on the CPU platform needs an explicit KV-cache size (GiB); see README.
 export VLLM_CPU_KVCACHE_SPACE ?= 4
 
-.PHONY: venv assets lint-imports test bench demo serve ray-serve clean
+.PHONY: venv assets lint-imports test bench bench-long demo serve ray-serve clean
 
 venv: $(STAMP)
 
@@ -73,6 +73,15 @@ bench: assets
 	$(PY) benchmarks/throughput.py --quick --out $(BENCH_OUT) $(BENCH_ARGS)
 	$(PY) benchmarks/approx_error.py --no-progress --out $(BENCH_OUT) $(BENCH_ARGS)
 	$(PY) benchmarks/serve_load.py --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# The long-context suite (benchmarks/long_context.py): decode stock vs sparse at 4k-32k x batch 1/4/8 on
+# smollm2-32k with log-log slopes, KV capacity and 16k/32k quality on gemma3-270m, smollm2-32k's own
+# quality. It prints its plan and each step's expected duration first: about 4.5 hours on a 2-core AVX2
+# machine (fp32). BENCH_ARGS=--dry-run checks every step's settings; BENCH_ARGS="--steps decode" picks steps.
+bench-long: assets
+	$(PY) -m vllm_sparse.assets.models prepare smollm2-32k
+	$(PY) -m vllm_sparse.assets.models prepare gemma3-270m
+	$(PY) benchmarks/long_context.py --out $(BENCH_OUT)-long $(BENCH_ARGS)
 
 # The main job: OpenAI-compatible server, default model, sparse attention on.
 serve: assets

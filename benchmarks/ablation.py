@@ -25,7 +25,14 @@ the table gives the fraction of answers stated (RULER's score for multi-answer t
 difference from the reference with the standard error of that difference, and how many outputs
 are identical to the reference's::
 
+Beside the named settings, ``quest``, ``streaming`` and ``topk`` are those selection policies at the
+default ``ntopk``'s average budget over the run's prompts (the other rules at the same cost).
+``--model`` takes an asset's name; a model without a chat template (``gemma3-270m``, a base model)
+gets plain completion prompts::
+
     python benchmarks/ablation.py                                   # 4 tasks × 4k/7.5k × 20 samples, the ablation set
+    python benchmarks/ablation.py --model gemma3-270m --lengths 16384 --tasks single multi_key --samples 6 \
+        --settings default quest streaming                          # long context (make bench-long)
     python benchmarks/ablation.py --lengths 4096 --samples 8 --settings default 'mine={"rescore_dims": 0}'
 """
 
@@ -46,6 +53,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "6")
 
 TASKS = ("multi_value", "multi_query", "single", "multi_key")
 REFERENCE = "dense"
+#: selection policies at the default's average budget over the run's prompts (quality.py's rule)
+BUDGETED = ("quest", "streaming", "topk")
 #: one approximation at a time, then combinations; the reference first
 SETTINGS = {
     "dense": {"policy": "dense"},
@@ -69,9 +78,10 @@ def _sibling(name: str):
     return sys.modules["_bench_quality"] if name == "quality" else sys.modules["_bench_quality"]._bench(name)
 
 
-def build_cases(tok, tasks, lengths, samples: int, seed: int):
+def build_cases(tok, tasks, lengths, samples: int, seed: int, chat: bool = True):
     """``samples`` cases per (task, length); ``single`` spreads its needle over ``samples`` depths
-    (one per equal slice of [0, 1], jittered)."""
+    (one per equal slice of [0, 1], jittered). ``chat``: the chat template (a base model has none:
+    plain completion prompts)."""
     q = _sibling("quality")
     rng, out = random.Random(seed), []
     for t, task in enumerate(tasks):
@@ -79,12 +89,20 @@ def build_cases(tok, tasks, lengths, samples: int, seed: int):
         for length in lengths:
             if task == "single":
                 depths = [(i + rng.random()) / samples for i in range(samples)]
-                out += q.single_needle(tok, [length], depths, seed=s + length)
+                out += q.single_needle(tok, [length], depths, seed=s + length, chat=chat)
             else:
                 maker = dict(multi_value=q.multi_value, multi_query=q.multi_query, multi_key=q.multi_key,
                              multi_needle=q.multi_needle, vt=q.variable_tracking)[task]
-                out += maker(tok, [length], per_length=samples, seed=s + length)
+                out += maker(tok, [length], per_length=samples, seed=s + length, chat=chat)
     return out
+
+
+def resolve(settings: dict[str, dict | str], cases) -> dict[str, dict]:
+    """Settings named after a budgeted policy of ``quality.py`` (``quest``, ``streaming``, ``topk``)
+    become that policy at the default ``ntopk``'s average budget over ``cases`` (same cost, other rule)."""
+    q = _sibling("quality")
+    budget = q.average_budget(cases)
+    return {name: q.settings_of(s, budget) if isinstance(s, str) else s for name, s in settings.items()}
 
 
 def apply_settings(worker, settings: dict) -> str:
@@ -132,7 +150,9 @@ def run(model: str, cases, settings: dict[str, dict], group: int, dtype: str, pa
     tok = AutoTokenizer.from_pretrained(model)
     ids = [tok(c.prompt, add_special_tokens=False).input_ids for c in cases]
     first = next(iter(settings.values()))
-    llm = LLM(model=model, max_model_len=8192, enforce_eager=True, dtype=dtype, seed=0,
+    # room for the longest prompt and its answer (the model's own limit still applies)
+    max_len = max(8192, max(len(x) + c.max_tokens for x, c in zip(ids, cases)) + 16)
+    llm = LLM(model=model, max_model_len=max_len, enforce_eager=True, dtype=dtype, seed=0,
               enable_prefix_caching=True, max_num_batched_tokens=8192, attention_backend="CUSTOM",
               additional_config={"vllm_sparse": {**first, "page_size": page_size}})
     out = {name: dict(outputs=[None] * len(cases), attended=0, context=0, decode_s=0.0) for name in settings}
@@ -230,7 +250,8 @@ def format_tables(cases, rows, reference) -> str:
     return "\n".join(lines)
 
 
-def parse_settings(names) -> dict[str, dict]:
+def parse_settings(names) -> dict[str, dict | str]:
+    """Named settings, ``NAME=JSON``, or a budgeted policy's name (resolved by :func:`resolve`)."""
     out = {}
     for name in names:
         if "=" in name:
@@ -238,9 +259,26 @@ def parse_settings(names) -> dict[str, dict]:
             out[label] = json.loads(js or "{}")
         elif name in SETTINGS:
             out[name] = SETTINGS[name]
+        elif name in BUDGETED:
+            out[name] = name
         else:
-            raise SystemExit(f"--settings {name!r}: one of {list(SETTINGS)} or NAME=JSON")
+            raise SystemExit(f"--settings {name!r}: one of {list(SETTINGS)}, {list(BUDGETED)} (at the default's "
+                             "budget) or NAME=JSON")
     return out
+
+
+def check(settings: dict[str, dict], page_size: int) -> None:
+    """A bad setting, or one that needs its own engine, stops the run before the engine starts."""
+    from vllm_sparse.config import SparseConfig
+
+    for name, s in settings.items():
+        try:
+            cfg = SparseConfig.from_dict({**s, "page_size": page_size})
+        except ValueError as e:
+            raise SystemExit(f"setting {name}: {e}") from None
+        if cfg.evict or "page_size" in s:
+            raise SystemExit(f"setting {name}: evict and page_size fix the cache layout, which the settings of one "
+                             "engine share (--page-size sets it; benchmarks/quality.py runs eviction)")
 
 
 def main(argv=None) -> dict:
@@ -256,33 +294,33 @@ def main(argv=None) -> dict:
     ap.add_argument("--group", type=int, default=8, help="prompts prefilled together and kept cached (default %(default)s)")
     ap.add_argument("--page-size", type=int, default=32, help="the engine's page size (default %(default)s)")
     ap.add_argument("--seed", type=int, help="default: a fresh random seed (printed)")
-    ap.add_argument("--model", help="model directory (default: the prepared SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", help="model directory or asset name, e.g. gemma3-270m (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--dtype", default=model_dtype(), help="model dtype (default here: %(default)s)")
+    ap.add_argument("--dry-run", action="store_true", help="build the cases, check every setting, print the plan, exit")
     args = ap.parse_args(argv)
-    settings = parse_settings([REFERENCE] + [s for s in args.settings if s != REFERENCE])
-    from vllm_sparse.config import SparseConfig
-
-    for name, s in settings.items():  # a bad setting stops here, before the engine starts
-        try:
-            cfg = SparseConfig.from_dict({**s, "page_size": args.page_size})
-        except ValueError as e:
-            raise SystemExit(f"setting {name}: {e}") from None
-        if cfg.evict or "page_size" in s:
-            raise SystemExit(f"setting {name}: evict and page_size fix the cache layout, which the settings of one "
-                             "engine share (--page-size sets it; benchmarks/quality.py runs eviction)")
+    named = parse_settings([REFERENCE] + [s for s in args.settings if s != REFERENCE])
+    check({name: s for name, s in named.items() if isinstance(s, dict)}, args.page_size)  # before any model work
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     commit = _sibling("serve_load").git_commit()  # the code that runs, read before the engine starts
     print(f"seed {seed}, commit {commit}", flush=True)
     from transformers import AutoTokenizer
 
-    from vllm_sparse.assets.models import prepare_model
+    from vllm_sparse.assets import data
 
-    model = args.model or str(prepare_model("smollm2"))
-    cases = build_cases(AutoTokenizer.from_pretrained(model), args.tasks, args.lengths, args.samples, seed)
-    print(f"{len(cases)} cases × {len(settings)} settings: {list(settings)}", flush=True)
-    q, t0 = _sibling("quality"), time.perf_counter()
+    q = _sibling("quality")
+    model = q.model_dir(args.model)
+    tok = AutoTokenizer.from_pretrained(model)
+    chat = data._has_chat_template(tok)
+    cases = build_cases(tok, args.tasks, args.lengths, args.samples, seed, chat)
+    settings = resolve(named, cases)
+    check(settings, args.page_size)
+    print(f"ablation: {len(cases)} cases × {len(settings)} settings: {settings} ({'chat' if chat else 'completion'} "
+          f"prompts, {sum(c.context_tokens for c in cases):,} context tokens, each prefilled once)", flush=True)
+    if args.dry_run:
+        return dict(settings=settings, cases=len(cases))
+    t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(seed=seed, model=model, dtype=args.dtype, page_size=args.page_size, group=args.group,
+    meta = dict(seed=seed, model=model, chat=chat, dtype=args.dtype, page_size=args.page_size, group=args.group,
                 samples=args.samples, reference=REFERENCE, settings=settings, cpus=os.cpu_count(),
                 machine=q._cpu_model(), commit=commit)
 

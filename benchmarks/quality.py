@@ -36,7 +36,8 @@ For every setting — ``dense`` (vLLM's stock backend, no ``attention_backend``)
 ``ntopk`` at several (α, k), and ``topk`` / ``quest`` / ``streaming`` (selection) /
 ``streaming-evict`` / ``snapkv-evict`` / ``h2o-evict`` at the *same average budget* as the
 default ``ntopk`` (k=12, α=0.5) over this run's prompts (``benchmarks/policies.py::settings_for``)
-— one in-process ``vllm.LLM`` (greedy, bf16, ``enforce_eager``, 8192 tokens, prefix caching off;
+— one in-process ``vllm.LLM`` (greedy, bf16, ``enforce_eager``, ``max_model_len`` the longest prompt's
+(at least 8192), prefix caching off;
 prefill in 512-token chunks with eviction, whole prompts otherwise: :func:`chunk_for`)
 generates every task's prompts in one call. The attended fraction is the
 plugin's own decode counters (``vllm_sparse.stats``) over that call: tokens attended / tokens of
@@ -315,7 +316,9 @@ def run(model: str, settings: dict | None, cases, chunk: int | None = None, dtyp
 
     from vllm_sparse import stats
 
-    kw = dict(model=model, max_model_len=8192, enforce_eager=True, dtype=dtype, seed=0,
+    # room for the longest prompt and its answer (at least SmolLM2's 8192; the model's own limit applies)
+    kw = dict(model=model, max_model_len=max(8192, max(c.context_tokens + c.max_tokens for c in cases) + 256),
+              enforce_eager=True, dtype=dtype, seed=0,
               enable_prefix_caching=False, max_num_batched_tokens=chunk_for(settings, chunk))
     if settings is not None:
         kw.update(attention_backend="CUSTOM", additional_config={"vllm_sparse": settings})
@@ -404,6 +407,16 @@ def plot(rows, tasks, out: Path) -> list[Path]:
     return paths
 
 
+def model_dir(name: str | None) -> str:
+    """``--model``: a model directory or an asset's name (:func:`vllm_sparse.assets.models.resolve_model`)."""
+    from vllm_sparse.assets.models import resolve_model
+
+    try:
+        return resolve_model(name)
+    except ValueError as e:
+        raise SystemExit(f"--model: {e}") from None
+
+
 def _cpu_model() -> str:
     return _bench("decode_throughput").cpu_model()
 
@@ -422,10 +435,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--per-length", type=int, help="cases per length of the other tasks")
     ap.add_argument("--seed", type=int, help="default: a fresh random seed (printed)")
     fmt = ap.add_mutually_exclusive_group()
-    fmt.add_argument("--chat", dest="chat", action="store_true", default=True, help="chat template (default)")
-    fmt.add_argument("--completion", dest="chat", action="store_false", help="plain completion prompts")
+    fmt.add_argument("--chat", dest="chat", action="store_true", default=None,
+                     help="chat template (the default when the model's tokenizer has one)")
+    fmt.add_argument("--completion", dest="chat", action="store_false",
+                     help="plain completion prompts (the default for a base model, e.g. gemma3-270m)")
     ap.add_argument("--chunk", type=int, help="max_num_batched_tokens (default: 512 with eviction, else 8192)")
-    ap.add_argument("--model", help="model directory (default: the prepared SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", help="model directory or asset name, e.g. gemma3-270m (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--dtype", default=model_dtype(), help="model dtype (default here: %(default)s; see cpu_tuning.py)")
     ap.add_argument("--dry-run", action="store_true", help="build the cases, check every setting, print the plan, exit")
     args = ap.parse_args(argv)
@@ -436,10 +451,10 @@ def main(argv=None) -> dict:
     print(f"seed {seed}", flush=True)
     from transformers import AutoTokenizer
 
-    from vllm_sparse.assets.models import prepare_model
-
-    model = args.model or str(prepare_model("smollm2"))
+    model = model_dir(args.model)
     tok = AutoTokenizer.from_pretrained(model)
+    if args.chat is None:
+        args.chat = data._has_chat_template(tok)
     t0 = time.perf_counter()
     cases = build(tok, seed, args.chat, pick("lengths"), pick("depths"), pick("task_lengths"), pick("per_length"),
                   args.tasks)

@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     from vllm_sparse.cpu_tuning import model_dtype
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="model directory (default: the prepared SmolLM2)")
+    ap.add_argument("--model", default=None,
+                    help="model directory or asset name, e.g. gemma3-270m, smollm2-32k (default: SmolLM2-135M)")
     ap.add_argument("--input-lens", type=int, nargs="+", default=None)
     ap.add_argument("--output-len", type=int, default=None)
     ap.add_argument("--num-prompts", type=int, default=None)
@@ -206,11 +207,12 @@ def main(argv=None) -> int:
         a.engine_arg.append("--enforce-eager")  # CPU: no graph capture
     if a.gpu and a.model is None:
         raise SystemExit("--gpu needs --model: a model whose context holds the 128k preset (SmolLM2 holds 8k)")
-    model = a.model
-    if model is None:
-        from vllm_sparse.assets.models import model_path
+    from vllm_sparse.assets.models import resolve_model
 
-        model = str(model_path("smollm2"))
+    try:
+        model = resolve_model(a.model)
+    except ValueError as e:
+        raise SystemExit(f"--model: {e}") from None
     backends = [parse_backend(s) for s in a.backends]
     from vllm_sparse.config import SparseConfig
 

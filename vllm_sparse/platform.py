@@ -52,7 +52,27 @@ class SparseCpuPlatform(CpuPlatform):
         if reasons:
             raise ValueError(
                 f"Selected backend {selected_backend} ({backend_cls.__name__}) is not valid for this "
-                f"configuration. Reason: {reasons}"
+                f"configuration. Reason: {reasons}. {cls._per_kind_fix(attn_selector_config, num_heads)}"
             )
         logger.info_once("Using %s backend (vllm-sparse).", selected_backend)
         return AttentionBackendEnum.CUSTOM.get_path()
+
+    @classmethod
+    def _per_kind_fix(cls, attn_selector_config, num_heads) -> str:
+        """The layer kind the plugin refused, and the setting that keeps that kind on vLLM's own backend."""
+        from vllm.v1.attention.selector import get_attn_spec_kind
+
+        c = attn_selector_config
+        kind = get_attn_spec_kind(use_mla=c.use_mla, has_sliding_window=c.has_sliding_window, attn_type=c.attn_type)
+        path = super().get_attn_backend_cls(None, c, num_heads)
+        stock = next((b.name for b in AttentionBackendEnum if b.name != "CUSTOM" and _path(b) == path), path)
+        return (f"These are {kind.value} layers: keep them on vLLM's backend and the others on vllm-sparse with "
+                f"--attention-config '{{\"backend\": \"CUSTOM\", \"backend_per_kind\": {{\"{kind.value}\": "
+                f"\"{stock}\"}}}}' (AttentionConfig.backend_per_kind), or drop --attention-backend CUSTOM.")
+
+
+def _path(backend: AttentionBackendEnum) -> str | None:
+    try:
+        return backend.get_path()
+    except ValueError:  # an unregistered CUSTOM slot
+        return None

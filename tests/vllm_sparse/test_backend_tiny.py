@@ -104,6 +104,27 @@ def test_block_size_other_than_page_size_is_refused_at_start_up(tiny_llama_dir):
             pass
 
 
+def test_a_layer_kind_the_plugin_cannot_serve_is_refused_with_the_fix(tmp_path, tiny_llama_dir):
+    """An encoder-only model (a tiny random BERT) stops at start-up: the error names the layer kind and
+    the ``backend_per_kind`` setting that keeps that kind on vLLM's backend — and that setting serves."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=128, max_position_embeddings=256)).save_pretrained(tmp_path)
+    kw = dict(runner="pooling", max_model_len=128)
+    with pytest.raises(ValueError, match=r"ENCODER_ONLY not supported.*encoder_only_attention layers.*"
+                                         r'"backend_per_kind": \{"encoder_only_attention": "CPU_ATTN"\}') as err:
+        with make_llm(tmp_path, **kw):
+            pass
+    fix = json.loads(str(err.value).split("--attention-config '")[1].split("'")[0])
+    with make_llm(tmp_path, backend="stock", attention_config=fix, **kw) as llm:
+        assert len(llm.embed(["hello world"])[0].outputs.embedding) == 128
+
+
 def test_dense_layers_and_quest_run_in_vllm(tiny_llama_dir, stock_outputs):
     """dense_layers=2 keeps both layers of the tiny model dense: stock's tokens even at a tiny budget."""
     settings = {"dense_below": 0, "min_budget": 68, "k": 1.0, "selection": "quest", "dense_layers": 2}

@@ -134,6 +134,17 @@ def _lock(root: Path, name: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def resolve_model(name: str | None, cache_dir: str | os.PathLike | None = None) -> str:
+    """A model directory as given, or an asset's name (built on first use); ``None``: ``smollm2``.
+    What the benchmarks' ``--model`` takes."""
+    if name is not None and (Path(name).is_dir() or os.sep in name):
+        return name
+    name = name or "smollm2"
+    if name not in MODELS:
+        raise ValueError(f"model {name!r}: a model directory or one of the assets {list(MODELS)}")
+    return str(prepare_model(name, cache_dir))
+
+
 def prepare_model(name: str, cache_dir: str | os.PathLike | None = None, check: bool = False) -> Path:
     """Build ``name`` into the cache unless a verified copy is there; return its directory."""
     target = model_path(name, cache_dir)

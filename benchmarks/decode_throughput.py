@@ -102,6 +102,7 @@ class StepTimer:
         self.decode_steps: list[float] = []
         self.prefill_s = 0.0  # steps that carried prompt tokens
         self.batch = 0
+        self.after_step = None  # called after every engine step (e.g. a profiler's step())
         last = {}
         schedule, step = core.scheduler.schedule, core.step_fn
 
@@ -119,6 +120,8 @@ class StepTimer:
                 self.decode_steps.append(dt)
             elif so is not None and any(v > 1 for v in so.num_scheduled_tokens.values()):
                 self.prefill_s += dt
+            if self.after_step is not None:
+                self.after_step()
             return result
 
         core.scheduler.schedule, core.step_fn = timed_schedule, timed_step
@@ -207,8 +210,9 @@ def run_shared(model: str, settings: dict | None, context: int, batches: list[in
     the shared prompt blocks, the attention work of ``batch`` separate sequences. What this cannot
     show: a batch of *different* prompts reads ``batch`` times as much distinct KV memory.
 
-    ``profile``: afterwards, ``torch.profiler`` over 8 more decode steps of the largest batch; the
-    ops' self CPU time, largest first, is written to that file (where the step's time goes)."""
+    ``profile``: afterwards, ``torch.profiler`` over 8 more decode steps of the largest batch (not
+    the requests' first step, which computes their tails); the ops' self CPU time, largest first,
+    is written to that file (where a decode step's time goes)."""
     import statistics
 
     import torch
@@ -245,15 +249,20 @@ def run_shared(model: str, settings: dict | None, context: int, batches: list[in
                            step_ms=1e3 * step, step_mean_ms=1e3 * statistics.fmean(timer.decode_steps),
                            prefill_s=prefill)
         if profile is not None:
+            # engine steps: the requests' tails (a prefill step, not profiled), one decode step of warm-up,
+            # then 8 decode steps profiled
             b = max(batches)
-            llm.generate([TokensPrompt(prompt_token_ids=ids)] * b, SamplingParams(max_tokens=2, temperature=0.0),
-                         use_tqdm=False)  # the shared tail computed again outside the profile
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                llm.generate([TokensPrompt(prompt_token_ids=ids)] * b,
-                             SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True), use_tqdm=False)
+            sched = torch.profiler.schedule(wait=1, warmup=1, active=8, repeat=1)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], schedule=sched) as prof:
+                timer.after_step = prof.step
+                try:
+                    llm.generate([TokensPrompt(prompt_token_ids=ids)] * b,
+                                 SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), use_tqdm=False)
+                finally:
+                    timer.after_step = None
             profile.parent.mkdir(parents=True, exist_ok=True)
             profile.write_text(f"context {context}, batch {b}, {settings if settings is not None else 'stock'}: "
-                               "one step of the shared tail + 8 decode steps\n"
+                               f"8 decode steps (median step {rows[b]['step_ms']:.1f} ms in the timed run)\n"
                                + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     finally:
         del llm

@@ -31,11 +31,11 @@ def test_slopes_recover_the_growth_of_the_attention_part():
 @pytest.mark.vllm
 def test_shared_prefill_grid_runs_stock_and_sparse_and_plots(tiny_llama_dir, tmp_path, monkeypatch):
     """A small grid on the tiny Llama, each context prefilled once per engine, every batch decoding
-    from it: rows for every (context, batch), ratios to stock, slopes, the log-log plot."""
+    from it: rows for every (context, batch), ratios to stock, slopes, the log-log plot, the op profiles."""
     monkeypatch.setattr("sys.argv", [
         "decode_throughput.py", "--model", str(tiny_llama_dir), "--contexts", "64", "512", "1024", "--batches", "1",
         "3", "--decode-tokens", "6", "--backends", "stock", 'sparse={"dense_below": 0, "min_budget": 68, "k": 1}',
-        "--shared-prefill", "--out", str(tmp_path), "--name", "grid"])
+        "--shared-prefill", "--profile", "--out", str(tmp_path), "--name", "grid"])
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     d.main()
     res = json.loads((tmp_path / "grid.json").read_text())
@@ -49,6 +49,12 @@ def test_shared_prefill_grid_runs_stock_and_sparse_and_plots(tiny_llama_dir, tmp
         assert set(res["results"][name]["slopes"]) == {"1", "3"}
     assert all(r["speedup_vs_stock"] > 0 for r in res["results"]["sparse"]["rows"])
     assert (tmp_path / "grid_loglog.png").stat().st_size > 0
+    # the profiles: 8 decode steps of the largest batch and nothing else — 16 attention calls (2 layers × 8)
+    for name in ("stock", "sparse"):
+        text = (tmp_path / f"grid_profile_{name}_1024.txt").read_text()
+        assert text.startswith("context 1024, batch 3") and "8 decode steps" in text
+        (line,) = [x for x in text.splitlines() if "vllm::unified_attention_with_output" in x]
+        assert line.split()[-1] == "16"
 
 
 def test_bench_long_prints_its_plan_and_checks_its_steps(capfd):

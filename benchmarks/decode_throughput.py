@@ -418,6 +418,7 @@ def main() -> None:
           f"{' (shared prefill)' if args.shared_prefill else ''}; model {args.model}", flush=True)
     if args.dry_run:
         return
+    commit = _git_commit()  # the code that runs, read before the engines start
     if "stock-thp" in backends and not os.access(THP, os.W_OK):
         raise SystemExit(f"backend stock-thp sets {THP} during its runs: it needs write access (root)")
     rounds = []
@@ -468,7 +469,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(model=args.model, dtype=args.dtype, machine=cpu_model(), cpus=os.cpu_count(),
-                shared_prefill=args.shared_prefill, commit=_git_commit(),
+                shared_prefill=args.shared_prefill, commit=commit,
                 decode_tokens=args.decode_tokens, rounds=args.rounds, compiled=args.compiled, prompts=args.prompts,
                 method="median engine-step time over pure full-batch decode steps, in-process engine, prefix caching "
                        "off, one engine per (backend, case), backends of a case back to back (order reversed in odd "

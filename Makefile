@@ -76,7 +76,7 @@ bench: assets
 
 # The long-context suite (benchmarks/long_context.py): decode stock vs sparse at 4k-32k x batch 1/4/8 on
 # smollm2-32k with log-log slopes, KV capacity and 16k/32k quality on gemma3-270m, smollm2-32k's own
-# quality. It prints its plan and each step's expected duration first: about 4.5 hours on a 2-core AVX2
+# quality. It prints its plan and each step's expected duration first: about 4.3 hours on a 2-core AVX2
 # machine (fp32). BENCH_ARGS=--dry-run checks every step's settings; BENCH_ARGS="--steps decode" picks steps.
 bench-long: assets
 	$(PY) -m vllm_sparse.assets.models prepare smollm2-32k

@@ -21,7 +21,7 @@ The plan printed first gives each step's command and its expected duration on a 
 prints what each step took. ``--dry-run`` prints the plan and checks every step's settings
 (each script's own ``--dry-run``) without running an engine; ``--steps`` picks steps::
 
-    python benchmarks/long_context.py --out benchmarks/out/long             # everything, ~4.5 h on 2 cores
+    python benchmarks/long_context.py --out benchmarks/out/long             # everything, ~4.3 h on 2 cores
     python benchmarks/long_context.py --steps decode kv-capacity --dry-run
 """
 
@@ -55,21 +55,21 @@ def steps(samples: int) -> list[Step]:
              ("--model", "smollm2-32k", "--contexts", "256", "4096", "8192", "16384", "32000", "--batches", "1", "4",
               "8", "--backends", "stock", "sparse={}", "--shared-prefill", "--profile", "--prompts", "essays",
               "--name", "decode_long"),
-             75, "decode step, stock vs sparse, 4k-32k x batch 1/4/8, log-log slopes, op profiles"),
+             50, "decode step, stock vs sparse, 4k-32k x batch 1/4/8, log-log slopes, op profiles"),
         Step("kv-capacity", "throughput.py",
              ("--model", "gemma3-270m", "--input-lens", "1024", "--num-prompts", "4", "--output-len", "32",
               "--latency-iters", "0", "--max-model-len", "32768", "--backends", "stock", "sparse={}"),
-             3, "KV capacity of gemma3-270m at max_model_len 32768, stock vs sparse"),
+             4, "KV capacity of gemma3-270m at max_model_len 32768, stock vs sparse"),
         Step("quality-16k", "ablation.py",
              ("--model", "gemma3-270m", "--lengths", "16384", *quality, "--settings", "default", "quest", "streaming"),
-             30, "gemma3-270m at 16k: dense / defaults / quest / streaming"),
+             25, "gemma3-270m at 16k: dense / defaults / quest / streaming"),
         Step("quality-32k", "ablation.py",
              ("--model", "gemma3-270m", "--lengths", "32000", *quality, "--settings", "default", "quest", "streaming"),
-             75, "gemma3-270m at 32k: dense / defaults / quest / streaming"),
+             70, "gemma3-270m at 32k: dense / defaults / quest / streaming"),
         Step("smollm2-32k", "ablation.py",
              ("--model", "smollm2-32k", "--lengths", "8192", "16384", "32000", "--tasks", "single", "multi_key",
               "--samples", str(max(2, samples // 2)), "--group", "2", "--settings", "default"),
-             90, "smollm2-32k's own dense quality at 8k/16k/32k, defaults beside"),
+             110, "smollm2-32k's own dense quality at 8k/16k/32k, defaults beside"),
     ]
 
 

@@ -307,8 +307,10 @@ def main(argv=None) -> dict:
 
     from vllm_sparse.assets import data
 
+    from vllm_sparse.assets.models import model_option
+
     q = _sibling("quality")
-    model = q.model_dir(args.model)
+    model = model_option(args.model)
     tok = AutoTokenizer.from_pretrained(model)
     chat = data._has_chat_template(tok)
     cases = build_cases(tok, args.tasks, args.lengths, args.samples, seed, chat)

@@ -150,6 +150,33 @@ def prompt_ids(kind: str, tokenizer, context: int, batch: int, gen) -> list[list
     return [list(ids[s: s + context]) for s in starts]
 
 
+def _engine(model: str, settings: dict | None, context: int, decode_tokens: int, seed: int, dtype: str,
+            compiled: bool, prefix_caching: bool, batched_tokens: int):
+    """An in-process ``vllm.LLM`` for one case: stock (``settings`` None) or the plugin with ``settings``."""
+    from vllm import LLM
+
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        raise SystemExit("run with VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine must run in-process to be timed)")
+    kw = dict(model=model, enforce_eager=not compiled, max_model_len=context + decode_tokens + 16, dtype=dtype,
+              enable_prefix_caching=prefix_caching, seed=seed, max_num_batched_tokens=batched_tokens)
+    if settings is not None:
+        kw.update(attention_backend="CUSTOM", additional_config={"vllm_sparse": settings})
+    return LLM(**kw)
+
+
+def _decode_row(timer: StepTimer, context: int, batch: int, wall: float, prefill_s: float, note: str) -> dict:
+    """One case's row from the timed steps (median and mean of the pure decode steps), printed."""
+    import statistics
+
+    if not timer.decode_steps:
+        raise RuntimeError(f"no pure decode step of batch {batch} was seen; raise --decode-tokens")
+    step = statistics.median(timer.decode_steps)
+    print(f"    context {context:6d} batch {batch:3d}: {len(timer.decode_steps)} decode steps, median "
+          f"{1e3 * step:8.1f} ms ({wall:.0f} s{note})", flush=True)
+    return dict(context=context, batch=batch, wall_s=wall, decode_steps_timed=len(timer.decode_steps),
+                step_ms=1e3 * step, step_mean_ms=1e3 * statistics.fmean(timer.decode_steps), prefill_s=prefill_s)
+
+
 def run_case(model: str, settings: dict | None, context: int, batch: int, decode_tokens: int, seed: int,
              huge_pages: bool = False, dtype: str = "bfloat16", compiled: bool = False,
              prompt_kind: str = "random") -> dict:
@@ -163,20 +190,12 @@ def run_case(model: str, settings: dict | None, context: int, batch: int, decode
                             prompt_kind=prompt_kind)
         finally:
             thp_mode(before)
-    import statistics
-
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
-        raise SystemExit("run with VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine must run in-process to be timed)")
     # one scheduler step may take every prompt whole, so all requests start decoding together
-    kw = dict(model=model, enforce_eager=not compiled, max_model_len=context + decode_tokens + 16, dtype=dtype,
-              enable_prefix_caching=False, seed=seed, max_num_batched_tokens=context * batch + 64)
-    if settings is not None:
-        kw.update(attention_backend="CUSTOM", additional_config={"vllm_sparse": settings})
-    llm = LLM(**kw)
+    llm = _engine(model, settings, context, decode_tokens, seed, dtype, compiled, False, context * batch + 64)
     try:
         timer = StepTimer(llm)
         gen = torch.Generator().manual_seed(seed + 7919 * context + batch)  # same prompts for every backend
@@ -190,13 +209,7 @@ def run_case(model: str, settings: dict | None, context: int, batch: int, decode
     finally:
         del llm
         gc.collect()
-    if not timer.decode_steps:
-        raise RuntimeError(f"no pure decode step of batch {batch} was seen; raise --decode-tokens")
-    step = statistics.median(timer.decode_steps)
-    print(f"    context {context:6d} batch {batch:3d}: {len(timer.decode_steps)} decode steps, median "
-          f"{1e3 * step:8.1f} ms ({wall:.0f} s in all)", flush=True)
-    return dict(context=context, batch=batch, wall_s=wall, decode_steps_timed=len(timer.decode_steps),
-                step_ms=1e3 * step, step_mean_ms=1e3 * statistics.fmean(timer.decode_steps), prefill_s=timer.prefill_s)
+    return _decode_row(timer, context, batch, wall, timer.prefill_s, " in all")
 
 
 def run_shared(model: str, settings: dict | None, context: int, batches: list[int], decode_tokens: int, seed: int,
@@ -213,19 +226,12 @@ def run_shared(model: str, settings: dict | None, context: int, batches: list[in
     ``profile``: afterwards, ``torch.profiler`` over 8 more decode steps of the largest batch (not
     the requests' first step, which computes their tails); the ops' self CPU time, largest first,
     is written to that file (where a decode step's time goes)."""
-    import statistics
-
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
-        raise SystemExit("run with VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine must run in-process to be timed)")
-    kw = dict(model=model, enforce_eager=not compiled, max_model_len=context + decode_tokens + 16, dtype=dtype,
-              enable_prefix_caching=True, seed=seed, max_num_batched_tokens=max(context, 64 * max(batches)) + 64)
-    if settings is not None:
-        kw.update(attention_backend="CUSTOM", additional_config={"vllm_sparse": settings})
-    llm = LLM(**kw)
+    llm = _engine(model, settings, context, decode_tokens, seed, dtype, compiled, True,
+                  max(context, 64 * max(batches)) + 64)
     rows = {}
     try:
         timer = StepTimer(llm)
@@ -240,14 +246,7 @@ def run_shared(model: str, settings: dict | None, context: int, batches: list[in
             t = time.perf_counter()
             llm.generate([TokensPrompt(prompt_token_ids=ids)] * b, sp, use_tqdm=False)
             wall = time.perf_counter() - t
-            if not timer.decode_steps:
-                raise RuntimeError(f"no pure decode step of batch {b} was seen; raise --decode-tokens")
-            step = statistics.median(timer.decode_steps)
-            print(f"    context {context:6d} batch {b:3d}: {len(timer.decode_steps)} decode steps, median "
-                  f"{1e3 * step:8.1f} ms ({wall:.0f} s; shared prefill {prefill:.0f} s)", flush=True)
-            rows[b] = dict(context=context, batch=b, wall_s=wall, decode_steps_timed=len(timer.decode_steps),
-                           step_ms=1e3 * step, step_mean_ms=1e3 * statistics.fmean(timer.decode_steps),
-                           prefill_s=prefill)
+            rows[b] = _decode_row(timer, context, b, wall, prefill, f"; shared prefill {prefill:.0f} s")
         if profile is not None:
             # engine steps: the requests' tails (a prefill step, not profiled), one decode step of warm-up,
             # then 8 decode steps profiled
@@ -394,12 +393,9 @@ def main() -> None:
 
     if args.profile and not args.shared_prefill:
         raise SystemExit("--profile needs --shared-prefill (it profiles the shared-prefill engines)")
-    from vllm_sparse.assets.models import resolve_model
+    from vllm_sparse.assets.models import model_option
 
-    try:
-        args.model = resolve_model(args.model)
-    except ValueError as e:
-        raise SystemExit(f"--model: {e}") from None
+    args.model = model_option(args.model)
     backends = dict(parse_backend(spec) for spec in args.backends)
     from vllm_sparse.config import SparseConfig
 

@@ -407,16 +407,6 @@ def plot(rows, tasks, out: Path) -> list[Path]:
     return paths
 
 
-def model_dir(name: str | None) -> str:
-    """``--model``: a model directory or an asset's name (:func:`vllm_sparse.assets.models.resolve_model`)."""
-    from vllm_sparse.assets.models import resolve_model
-
-    try:
-        return resolve_model(name)
-    except ValueError as e:
-        raise SystemExit(f"--model: {e}") from None
-
-
 def _cpu_model() -> str:
     return _bench("decode_throughput").cpu_model()
 
@@ -451,7 +441,9 @@ def main(argv=None) -> dict:
     print(f"seed {seed}", flush=True)
     from transformers import AutoTokenizer
 
-    model = model_dir(args.model)
+    from vllm_sparse.assets.models import model_option
+
+    model = model_option(args.model)
     tok = AutoTokenizer.from_pretrained(model)
     if args.chat is None:
         args.chat = data._has_chat_template(tok)

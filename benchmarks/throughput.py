@@ -207,12 +207,9 @@ def main(argv=None) -> int:
         a.engine_arg.append("--enforce-eager")  # CPU: no graph capture
     if a.gpu and a.model is None:
         raise SystemExit("--gpu needs --model: a model whose context holds the 128k preset (SmolLM2 holds 8k)")
-    from vllm_sparse.assets.models import resolve_model
+    from vllm_sparse.assets.models import model_option
 
-    try:
-        model = resolve_model(a.model)
-    except ValueError as e:
-        raise SystemExit(f"--model: {e}") from None
+    model = model_option(a.model)
     backends = [parse_backend(s) for s in a.backends]
     from vllm_sparse.config import SparseConfig
 

@@ -67,4 +67,10 @@ def test_bench_long_prints_its_plan_and_checks_its_steps(capfd):
     assert "--shared-prefill" in out and "smollm2-32k" in out
     plan = long_context.steps(4)
     assert [s.name for s in plan] == ["decode", "kv-capacity", "quality-16k", "quality-32k", "smollm2-32k"]
-    assert all(s.minutes > 0 for s in plan) and "4" in long_context.steps(4)[2].args
+    assert all(s.minutes > 0 for s in plan)
+
+    def samples(step):
+        return step.args[step.args.index("--samples") + 1]
+
+    assert samples(plan[2]) == samples(plan[3]) == "4" and samples(plan[4]) == "2"  # smollm2-32k: half
+    assert samples(long_context.steps(6)[2]) == "6"

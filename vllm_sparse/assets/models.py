@@ -145,6 +145,14 @@ def resolve_model(name: str | None, cache_dir: str | os.PathLike | None = None) 
     return str(prepare_model(name, cache_dir))
 
 
+def model_option(name: str | None) -> str:
+    """:func:`resolve_model` for a command line's ``--model``: a bad name stops it with the choices."""
+    try:
+        return resolve_model(name)
+    except ValueError as e:
+        raise SystemExit(f"--model: {e}") from None
+
+
 def prepare_model(name: str, cache_dir: str | os.PathLike | None = None, check: bool = False) -> Path:
     """Build ``name`` into the cache unless a verified copy is there; return its directory."""
     target = model_path(name, cache_dir)
